@@ -1,0 +1,1 @@
+"""BreakHis CNN toolkit: data, fast loader, models, training loop, metrics and runs."""

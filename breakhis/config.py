@@ -1,0 +1,242 @@
+"""The training config: one typed dataclass; the command-line flags are generated from it.
+
+Precedence, everywhere: dataclass defaults < preset / config file / tune BASE < flags
+(< a tune SPACE sample). `config.json` in every run is this dataclass, resolved.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _f(default, help: str, **kw):
+    """A config field with its help text (unit or meaning)."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda d=tuple(default): d, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data ---
+    data: str = _f("data/BreaKHis_v1", "root of the BreaKHis tree (BreaKHis_v1, its parent, or the Kaggle mirror)")
+    task: str = _f("binary", "binary (benign/malignant) or subtype (8 classes)", choices=("binary", "subtype"))
+    magnification: str = _f("all", "40, 100, 200, 400 or all; applied after the patient split", choices=("all", "40", "100", "200", "400"))
+    split: str = _f("60:10:30", "train:val:test percentages of images, split by patient")
+    split_seed: int = _f(0, "seed of the patient split (kept across --seeds unless --resplit)")
+    group: str = _f("patient", "split unit: patient folder, or accession (slide ids that differ only in letter suffix)", choices=("patient", "accession"))
+    fold: int = _f(0, "official fold 1..5 from Folds.csv / mkfold (0: use --split)")
+    split_file: str = _f("", "reuse a split manifest (split.json) instead of drawing one")
+    skip_bad: bool = _f(False, "skip unreadable images (recorded in the manifest) instead of failing")
+    # --- fast data path ---
+    image_size: int = _f(224, "model input side, pixels")
+    cache_size: str = _f("", "cached field size HxW in pixels (empty: chosen from --image-size, aspect kept)")
+    cache_dir: str = _f("", "decode cache folder (empty: ~/.cache/breakhis)")
+    device_cache_gb: float = _f(8.0, "keep the uint8 cache on the GPU when it fits in this many GiB, else stream from pinned memory")
+    batch_size: int = _f(32, "images per training batch")
+    drop_last: bool = _f(True, "drop the last partial training batch (fixed shapes for compile)")
+    balanced_sampling: bool = _f(False, "draw training classes equally")
+    augment: bool = _f(True, "training augmentation on the device (off: centre view, as in evaluation)")
+    crop_scale: tuple[float, ...] = _f((0.35, 1.0), "random resized crop: area fraction range of the field")
+    crop_ratio: tuple[float, ...] = _f((0.75, 1.3333), "random resized crop: aspect ratio range")
+    dihedral: bool = _f(True, "random flips and 90-degree rotations (8 dihedral views)")
+    color_jitter: float = _f(0.2, "brightness/contrast/saturation jitter strength (hue: a quarter of it); 0 off")
+    stain_jitter: float = _f(0.05, "H&E stain jitter strength in HED space; 0 off")
+    # --- model ---
+    backbone: str = _f("resnet152", "torchvision backbone (see breakhis.models.BACKBONES)")
+    pretrained: bool = _f(True, "start from torchvision's ImageNet weights (cached in TORCH_HOME)")
+    weights: str = _f("", "backbone weights from a local .safetensors or .pth state dict")
+    head: tuple[int, ...] = _f((1000,), "hidden sizes of the head, e.g. 1000,512,128; 'none' for one linear layer")
+    dropout: tuple[float, ...] = _f((0.5, 0.5), "dropout rates, one before each linear layer of the head from the first on")
+    freeze: bool = _f(False, "freeze the backbone (weights and BatchNorm statistics): only the head trains")
+    unfreeze_at: int = _f(0, "epoch at which a frozen backbone starts training (0: never)")
+    # --- optimisation ---
+    epochs: int = _f(60, "training epochs")
+    optimizer: str = _f("adamw", "adam, adamw or sgd")
+    lr: float = _f(1e-4, "learning rate (peak for onecycle)")
+    weight_decay: float = _f(0.01, "weight decay")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "SGD with Nesterov momentum")
+    scheduler: str = _f("multistep", "none, step, multistep, exponential, cosine, onecycle or plateau")
+    step_size: int = _f(10, "step: epochs between decays")
+    milestones: tuple[int, ...] = _f((10, 30, 50), "multistep: epochs at which lr is multiplied by gamma")
+    gamma: float = _f(0.1, "decay factor of step, multistep and exponential")
+    pct_start: float = _f(0.3, "onecycle: fraction of steps spent rising")
+    plateau_patience: int = _f(5, "plateau: epochs without val-loss improvement before decaying")
+    plateau_factor: float = _f(0.1, "plateau: decay factor")
+    min_lr: float = _f(0.0, "cosine and plateau: lower bound of lr")
+    warmup_epochs: int = _f(0, "linear warmup epochs before the scheduler takes over")
+    class_weights: tuple[float, ...] = _f((0.5, 0.8), "cross-entropy class weights, one per class ('none' for equal)")
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    # --- loop ---
+    select: str = _f("val_acc", "checkpoint selection metric", choices=("val_acc", "val_loss", "val_recall", "val_auroc", "val_f1"))
+    patience: int = _f(0, "stop after this many epochs without improvement of --select (0: off)")
+    seed: int = _f(0, "seed of initialisation, sampling and augmentation")
+    # --- speed ---
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = _f("auto", "mixed precision: auto (bf16 if supported, else fp16; off on CPU), bf16, fp16 or off", choices=("auto", "bf16", "fp16", "off"))
+    channels_last: bool = _f(True, "channels-last memory format")
+    compile: bool = _f(False, "torch.compile the model")
+    compile_mode: str = _f("default", "torch.compile mode", choices=("default", "reduce-overhead", "max-autotune"))
+    workers: int = _f(0, "processes decoding the cache (0: one per core)")
+
+    # ------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return 8 if self.task == "subtype" else 2
+
+    def split_ratio(self) -> tuple[int, int, int]:
+        """The --split value as three whole percentages summing to 100."""
+        parts = self.split.replace("/", ":").split(":")
+        try:
+            r = tuple(int(p) for p in parts)
+        except ValueError:
+            r = ()
+        if len(r) != 3 or sum(r) != 100 or min(r) < 0 or r[0] == 0 or r[2] == 0:
+            raise UserError(f"--split {self.split!r}: give three whole percentages train:val:test summing to 100, e.g. 70:10:20 or 60:10:30")
+        return r  # type: ignore[return-value]
+
+    def validate(self) -> "TrainConfig":
+        """Check values that do not need a registry; raise UserError in the user's words."""
+        self.split_ratio()
+        if self.lr <= 0:
+            raise UserError(f"--lr {self.lr}: the learning rate must be positive")
+        if self.epochs < 1:
+            raise UserError(f"--epochs {self.epochs}: must be at least 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.image_size < 16:
+            raise UserError(f"--image-size {self.image_size}: must be at least 16 pixels")
+        if self.class_weights:
+            if len(self.class_weights) != self.num_classes:
+                raise UserError(f"--class-weights has {len(self.class_weights)} values; the {self.task} task has "
+                                f"{self.num_classes} classes: give one positive weight per class, e.g. 0.5,0.8")
+            if min(self.class_weights) <= 0:
+                raise UserError(f"--class-weights {self.class_weights}: weights must be positive")
+        if len(self.dropout) > len(self.head) + 1:
+            raise UserError(f"--dropout has {len(self.dropout)} rates but the head has only {len(self.head) + 1} linear "
+                            f"layer(s) (--head {','.join(map(str, self.head)) or 'none'}): give at most one rate per linear layer")
+        if any(not 0 <= d < 1 for d in self.dropout):
+            raise UserError(f"--dropout {self.dropout}: rates must lie in [0, 1)")
+        if any(h < 1 for h in self.head):
+            raise UserError(f"--head {self.head}: hidden sizes must be positive")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError(f"--crop-scale {self.crop_scale}: give two area fractions lo,hi with 0 < lo <= hi <= 1")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise UserError(f"--crop-ratio {self.crop_ratio}: give two aspect ratios lo,hi with 0 < lo <= hi")
+        if not 0 <= self.fold <= 5:
+            raise UserError(f"--fold {self.fold}: official folds are 1..5 (0: use --split)")
+        if self.cache_size:
+            parse_hw(self.cache_size, "--cache-size")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def parse_hw(text: str, flag: str) -> tuple[int, int]:
+    """'256x389' -> (256, 389)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise UserError(f"{flag} {text!r}: give the size as HxW in pixels, e.g. 256x389")
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a value from a flag, a JSON file or a search space to the field's type."""
+    if key not in FIELDS:
+        raise UserError(f"unknown setting {key!r}; valid settings: {', '.join(FIELDS)}")
+    hint = _HINTS[key]
+    name = flag_name(key)
+    try:
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            if isinstance(value, str):
+                value = [] if value.strip().lower() in ("none", "") else [v for v in value.split(",") if v.strip()]
+            elif isinstance(value, (int, float)):
+                value = [value]
+            out = tuple(item(v) for v in value)
+            if item is int and any(float(v) != int(float(v)) for v in value):
+                raise ValueError
+            return out
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if hint is int and isinstance(value, float) and value != int(value):
+            raise ValueError
+        value = hint(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} {value!r}: expected {getattr(hint, '__name__', hint)}") from None
+    choices = FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; unset flags stay absent, so precedence stays with the caller."""
+    group = parser.add_argument_group("training config (defaults < preset/config file < these flags)")
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_ = f"{f.metadata['help']} (default: {shown if shown != '' else 'none'})"
+        if _HINTS[f.name] is bool:
+            group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_)
+        else:
+            group.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, metavar="V", help=help_)
+
+
+def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The config fields that were given on the command line, converted."""
+    return {k: coerce(k, v) for k, v in vars(ns).items() if k in FIELDS}
+
+
+def make_config(*layers: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Apply override layers in order (later wins) to the defaults and validate."""
+    cfg = base or TrainConfig()
+    for layer in layers:
+        cfg = dataclasses.replace(cfg, **{k: coerce(k, v) for k, v in layer.items()})
+    return cfg.validate()
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a config.json (a run's, or tune's best.json: its "config" entry if present)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} not found")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {p} is not valid JSON: {e}") from None
+    if isinstance(d, dict) and isinstance(d.get("config"), dict):
+        d = d["config"]
+    if not isinstance(d, dict):
+        raise UserError(f"config file {p}: expected a JSON object of settings")
+    for k in d:
+        if k not in FIELDS:
+            raise UserError(f"config file {p}: unknown setting {k!r}; valid settings: {', '.join(FIELDS)}")
+    return d
