@@ -1,0 +1,111 @@
+"""Terminal output: rich progress bars for training and rich tables of metrics."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fmt_ci(value, ci) -> str:
+    """'0.898 [0.861, 0.930]'."""
+    if not ci or ci[0] is None:
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+class TrainProgress:
+    """Two bars (epochs, batches of the current epoch) and one summary line per epoch."""
+
+    def __init__(self, epochs: int, batches: int, enabled: bool = True):
+        self.enabled = enabled
+        self.epochs, self.n_batches = epochs, batches
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                                 disable=not enabled)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.epoch_task = self.progress.add_task("epochs", total=self.epochs)
+        self.batch_task = self.progress.add_task("batches", total=self.n_batches)
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def skip_to(self, epoch: int) -> None:
+        self.progress.update(self.epoch_task, completed=epoch)
+
+    def batches(self, loader: Iterable) -> Iterator:
+        self.progress.reset(self.batch_task, total=self.n_batches)
+        for b in loader:
+            yield b
+            self.progress.advance(self.batch_task)
+
+    def epoch_done(self, row: dict, select: str) -> None:
+        self.progress.advance(self.epoch_task)
+        if self.enabled:
+            star = " [bold green]*best[/]" if row.get("is_best") else ""
+            console.print(
+                f"epoch {row['epoch']:>3}  lr {row['lr']:.2e}  train loss {fmt(row['train_loss'])} "
+                f"acc {fmt(row['train_acc'])}  val loss {fmt(row['val_loss'])} acc {fmt(row['val_acc'])} "
+                f"recall {fmt(row['val_recall'])} auroc {fmt(row['val_auroc'])}  "
+                f"{row['img_s']:.0f} img/s  {row['seconds']:.1f}s{star}", highlight=False)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            console.print(text)
+
+
+ROWS = [("accuracy", "Test accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("precision", "Precision"),
+        ("recall", "Recall (sensitivity)"), ("specificity", "Specificity"), ("f1", "F1"), ("auroc", "AUROC"),
+        ("aucpr", "AUCPR"), ("patient_recognition_rate", "Patient recognition rate"),
+        ("patient_accuracy", "Patient accuracy")]
+
+
+def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Evaluation") -> Table:
+    """The "Model Evaluation" table of one run: figures with 95% intervals (bootstrap over patients)."""
+    m = metrics.get(split) or {}
+    t = Table(title=title, title_style="bold")
+    t.add_column("metric")
+    t.add_column(f"{split} value [95% CI, bootstrap over patients]", justify="right")
+    if metrics.get("best_val_acc") is not None:
+        t.add_row("Best valid accuracy", fmt(metrics["best_val_acc"]) +
+                  (f" (epoch {metrics['best_epoch']})" if metrics.get("best_epoch") else ""))
+    ci = m.get("ci") or {}
+    for key, label in ROWS:
+        if key in m:
+            name = label.replace("Test", split.capitalize()) if key == "accuracy" else label
+            t.add_row(name, fmt_ci(m[key], ci.get(key)))
+    if "macro_f1" in m:
+        t.add_row(f"{split.capitalize()} accuracy", fmt(m.get("accuracy")))
+        t.add_row("Macro F1", fmt(m["macro_f1"]))
+    if "threshold" in m:
+        t.add_row("Threshold", fmt(m["threshold"]))
+    if "n" in m:
+        t.add_row("Images / patients", f"{m['n']} / {m.get('n_patients', '–')}")
+    return t
+
+
+def breakdown_table(by: dict, title: str) -> Table:
+    """Per-group figures (magnification, subtype, patient)."""
+    t = Table(title=title, title_style="bold")
+    t.add_column("group")
+    keys = ["n", "accuracy", "precision", "recall", "specificity", "f1", "auroc"]
+    for k in keys:
+        t.add_column(k, justify="right")
+    for g, m in by.items():
+        t.add_row(str(g), *[fmt(m.get(k)) for k in keys])
+    return t

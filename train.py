@@ -1,0 +1,118 @@
+"""Train one CNN on BreakHis and record it as a run folder under results/.
+
+    python train.py --demo                                   # synthetic tree, small model, ~1 min on a CPU
+    python train.py --data data/BreaKHis_v1                  # the logbook's best entry (resnet152, see README)
+    python train.py --backbone resnet152 --freeze            # only the head trains
+    python train.py --preset logbook:resnet50_frozen         # one named entry of experiments/logbook.py
+    python train.py --config results/tune/<name>/best.json   # retrain a tune result
+    python train.py --seeds 0,1,2 --backbone resnet50        # repeats on the same patient split
+    python train.py --resume results/<run>                   # continue an interrupted run
+
+Precedence: defaults < --demo / --preset / --config < flags. Every setting is a flag
+(see --help); config.json in the run folder holds the resolved settings.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from breakhis.config import add_flags, load_config_file, make_config, overrides_from_args
+from breakhis.errors import UserError, guard
+
+DEMO_DIR = Path("data/demo")
+# a small, fast model for the synthetic demo tree (CPU, about a minute)
+DEMO = {"data": str(DEMO_DIR / "BreaKHis_v1"), "backbone": "resnet18", "pretrained": False, "image_size": 64,
+        "batch_size": 32, "epochs": 6, "lr": 1e-3, "scheduler": "multistep", "milestones": (4,),
+        "head": (128,), "dropout": (0.2, 0.2), "class_weights": (0.5, 0.5)}
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", action="store_true", help="make the synthetic demo tree if missing and train on it")
+    ap.add_argument("--preset", help="named settings, e.g. logbook:resnet50_frozen (experiments/logbook.py)")
+    ap.add_argument("--config", help="settings from a JSON file (a run's config.json or tune's best.json)")
+    ap.add_argument("--name", help="run folder name under --results (default: time and backbone)")
+    ap.add_argument("--results", default="results", help="folder that holds run folders")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    ap.add_argument("--seeds", help="train once per seed, e.g. 0,1,2, on the same patient split")
+    ap.add_argument("--resplit", action="store_true", help="with --seeds: also redraw the patient split per seed")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_flags(ap)
+    return ap.parse_args(argv)
+
+
+def resolve(a) -> "TrainConfig":  # noqa: F821
+    layers = []
+    if a.demo:
+        layers.append(DEMO)
+    if a.preset:
+        from breakhis.tuning import load_preset
+
+        layers.append(load_preset(a.preset))
+    if a.config:
+        layers.append(load_config_file(a.config))
+    layers.append(overrides_from_args(a))
+    return make_config(*layers)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    from breakhis import fit as F
+    from breakhis import report, runs
+
+    # --- resume: the run's own config, nothing else ---
+    if a.resume:
+        run_dir = Path(a.resume)
+        if not runs.is_run(run_dir):
+            raise UserError(f"--resume {run_dir}: not a run folder (no config.json and split.json)")
+        status = (runs.read_json(run_dir / "status.json") or {}).get("status")
+        if status == "finished":
+            raise UserError(f"--resume {run_dir}: the run already finished; train a new one instead")
+        cfg = runs.load_config(run_dir)
+        metrics = F.fit(cfg, run_dir, resume=True, progress=not a.quiet)
+        report.console.print(report.evaluation_table(metrics))
+        report.console.print(f"run folder: {run_dir}")
+        return 0
+
+    # --- config ---
+    cfg = resolve(a)
+    if a.demo and not Path(cfg.data).exists():
+        from breakhis.demo import make_demo
+
+        make_demo(DEMO_DIR, patients=16, images_per_patient=16, size=(350, 230))
+        report.console.print(f"made the SYNTHETIC demo tree {DEMO_DIR / 'BreaKHis_v1'}")
+    seeds = [cfg.seed]
+    if a.seeds:
+        try:
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds {a.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+        if not seeds:
+            raise UserError("--seeds: give at least one seed")
+
+    # --- one run per seed ---
+    prep = None
+    for seed in seeds:
+        import dataclasses
+
+        run_cfg = dataclasses.replace(cfg, seed=seed, split_seed=seed if a.resplit else cfg.split_seed)
+        if prep is None or a.resplit:
+            prep = F.prepare_data(run_cfg, progress=not a.quiet)
+        name = a.name and (f"{a.name}-seed{seed}" if len(seeds) > 1 else a.name)
+        if not name and len(seeds) > 1:
+            name = None
+        run_dir = runs.new_run_dir(a.results, name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
+        report.console.print(f"run folder: {run_dir}")
+        try:
+            metrics = F.fit(run_cfg, run_dir, data=prep, progress=not a.quiet)
+        except KeyboardInterrupt:
+            print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
+                  file=sys.stderr)
+            return 130
+        report.console.print(report.evaluation_table(metrics, title=f"Model Evaluation: {run_dir.name}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(guard(main))
