@@ -236,6 +236,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         d = d["config"]
     if not isinstance(d, dict):
         raise UserError(f"config file {p}: expected a JSON object of settings")
+    d = {k: v for k, v in d.items() if not k.startswith("_")}  # a run's "_env" record is not a setting
     for k in d:
         if k not in FIELDS:
             raise UserError(f"config file {p}: unknown setting {k!r}; valid settings: {', '.join(FIELDS)}")
