@@ -1,0 +1,422 @@
+"""Image- and patient-level metrics, bootstrap intervals over patients, the paired test.
+
+Malignant is the positive class. An image counts as malignant when its probability
+p >= threshold (scikit-learn's `roc_curve` convention, so a threshold read off that curve
+reproduces its recall exactly). Formulas come from scikit-learn; the bootstrap recomputes
+the same formulas from per-patient counts so 1000 resamples take a fraction of a second.
+
+Intervals resample PATIENTS with replacement (all images of a drawn patient come along):
+images of one patient are not independent, so resampling images would give intervals
+that are too narrow.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+from .errors import UserError
+
+POSITIVE = 1  # malignant
+IMAGE_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr")
+PATIENT_KEYS = ("patient_recognition_rate", "patient_accuracy")
+CI_KEYS = IMAGE_KEYS + PATIENT_KEYS  # the scalar metrics that get intervals and the paired test
+THRESHOLD_FORMS = "a number in [0, 1] (e.g. 0.5), 'youden', or 'recall=R' with 0 < R <= 1 (e.g. recall=0.95)"
+
+
+def _binary(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert labels (N,) in {0, 1} and probabilities (N,) in [0, 1]."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 1 or y.shape != p.shape:
+        raise ValueError(f"y and p must be 1-D of the same length, got shapes {y.shape} and {p.shape}")
+    if y.size == 0:
+        raise ValueError("no samples")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y must hold 0 (benign) and 1 (malignant) only")
+    if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
+        raise ValueError("p must be probabilities in [0, 1]")
+    return y.astype(np.int64), p
+
+
+def _patient_index(patients, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted patient names (P,) and each image's patient index (N,)."""
+    patients = np.asarray(patients).astype(str)
+    if patients.shape != (n,):
+        raise ValueError(f"patients must have one entry per image ({n}), got shape {patients.shape}")
+    return np.unique(patients, return_inverse=True)
+
+
+def _div(a, b) -> np.ndarray:
+    """a / b, 0 where b == 0 (scikit-learn's zero_division=0)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+def binary_metrics(y, p, threshold: float = 0.5) -> dict:
+    """Image-level metrics of malignant probabilities p (N,) against labels y (N,).
+
+    auroc and aucpr (average precision) are nan when y holds only one class.
+    """
+    y, p = _binary(y, p)
+    pred = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, pred, labels=[0, 1]).ravel())
+    both = 0 < int(y.sum()) < y.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one class in y, both in pred: sklearn warns, result is defined
+        balanced = skm.balanced_accuracy_score(y, pred)
+    return {
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced),
+        "precision": float(skm.precision_score(y, pred, zero_division=0)),
+        "recall": float(skm.recall_score(y, pred, zero_division=0)),
+        "specificity": float(_div(tn, tn + fp)),
+        "f1": float(skm.f1_score(y, pred, zero_division=0)),
+        "auroc": float(skm.roc_auc_score(y, p)) if both else math.nan,
+        "aucpr": float(skm.average_precision_score(y, p)) if both else math.nan,
+        "confusion": [[tn, fp], [fn, tp]],
+        "n": int(y.size),
+        "threshold": float(threshold),
+    }
+
+
+def patient_metrics(y, p, patients, threshold: float = 0.5) -> dict:
+    """Patient-level figures.
+
+    patient_recognition_rate: mean over patients of the fraction of that patient's images
+    classified correctly (the BreakHis literature's PRR). patient_accuracy: each patient's
+    mean probability thresholded against its label (the majority of its image labels; in
+    BreakHis every patient has one class).
+    """
+    d = _prepare(y, p, patients, threshold)
+    return {
+        "patient_recognition_rate": float(d.fraction.mean()),
+        "patient_accuracy": float(d.patient_correct.mean()),
+        "n_patients": int(d.fraction.size),
+    }
+
+
+def multiclass_metrics(y, probs, class_names: Sequence[str]) -> dict:
+    """Subtype task: y (N,) class indices, probs (N, C) class probabilities; prediction = argmax.
+
+    macro_f1 averages over the classes present in y or the predictions (scikit-learn's
+    default); per_class lists every class, with support 0 for absent ones.
+    """
+    names = [str(c) for c in class_names]
+    y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1 or probs.shape != (y.size, len(names)) or y.size == 0:
+        raise ValueError(f"need y (N,) and probs (N, {len(names)}), got shapes {y.shape} and {probs.shape}")
+    if not np.isin(y, np.arange(len(names))).all():
+        raise ValueError(f"y must hold class indices 0..{len(names) - 1}")
+    y, pred, labels = y.astype(np.int64), probs.argmax(axis=1), np.arange(len(names))
+    prec, rec, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # predicted classes absent from y
+        balanced = skm.balanced_accuracy_score(y, pred)
+    return {
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "confusion": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        "per_class": {
+            n: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, n in enumerate(names)
+        },
+        "n": int(y.size),
+    }
+
+
+# ---------------------------------------------------------------- bootstrap over patients
+
+
+@dataclass
+class _Prepared:
+    """One prediction set reduced to what the resampled metrics need."""
+
+    counts: np.ndarray  # (P, 4) per-patient tp, fp, fn, tn at the threshold
+    fraction: np.ndarray  # (P,) fraction of each patient's images classified correctly
+    patient_correct: np.ndarray  # (P,) 1.0 where the patient's mean probability gives its label
+    patient_of_sorted: np.ndarray  # (N,) patient index of each image, images in ascending p
+    positive_sorted: np.ndarray  # (N,) bool, label of each image in ascending p
+    starts: np.ndarray  # (U,) first position of each distinct p value in the sorted order
+    members: list[np.ndarray]  # image indices of each patient
+
+
+def _prepare(y, p, patients, threshold: float) -> _Prepared:
+    y, p = _binary(y, p)
+    names, idx = _patient_index(patients, y.size)
+    n_pat = names.size
+    pred = p >= threshold
+    pos = y == POSITIVE
+
+    def per_patient(w):
+        return np.bincount(idx, weights=w.astype(np.float64), minlength=n_pat)
+
+    counts = np.stack([per_patient(pos & pred), per_patient(~pos & pred),
+                       per_patient(pos & ~pred), per_patient(~pos & ~pred)], axis=1)
+    size = np.bincount(idx, minlength=n_pat)
+    label = per_patient(y) / size >= 0.5
+    patient_pred = per_patient(p) / size >= threshold
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    return _Prepared(
+        counts=counts,
+        fraction=(counts[:, 0] + counts[:, 3]) / size,
+        patient_correct=(label == patient_pred).astype(np.float64),
+        patient_of_sorted=idx[order],
+        positive_sorted=pos[order],
+        starts=np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]]),
+        members=[np.flatnonzero(idx == j) for j in range(n_pat)],
+    )
+
+
+def _draws(n_patients: int, n_boot: int, seed: int) -> np.ndarray:
+    """(B, P) patient indices drawn with replacement; the same for a seed and patient count."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    return np.random.default_rng(seed).integers(0, n_patients, size=(n_boot, n_patients))
+
+
+def _multiplicity(draws: np.ndarray) -> np.ndarray:
+    """(B, P) how often each patient was drawn in each resample."""
+    b, n = draws.shape
+    flat = (draws + np.arange(b)[:, None] * n).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def _ranked(w: np.ndarray, d: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision (B,) with images weighted by their patient's multiplicity.
+
+    Equal to scikit-learn's roc_auc_score / average_precision_score on the resampled images
+    (tests check it); tied scores are grouped as scikit-learn groups them.
+    """
+    n_img = d.patient_of_sorted.size
+    chunk = max(1, 4_000_000 // n_img)  # bounds the (chunk, N) float64 work arrays to ~32 MB
+    auroc, aucpr = np.empty(w.shape[0]), np.empty(w.shape[0])
+    for s in range(0, w.shape[0], chunk):
+        wi = w[s:s + chunk][:, d.patient_of_sorted]  # (c, N) image weights, ascending p
+        wp = np.add.reduceat(wi * d.positive_sorted, d.starts, axis=1)  # (c, U) positive weight per distinct p
+        wn = np.add.reduceat(wi * ~d.positive_sorted, d.starts, axis=1)
+        n_pos, n_neg = wp.sum(axis=1), wn.sum(axis=1)
+        below = np.cumsum(wn, axis=1) - wn  # negative weight strictly below each distinct p
+        auroc[s:s + chunk] = _div((wp * (below + 0.5 * wn)).sum(axis=1), n_pos * n_neg)
+        wp_desc, wn_desc = wp[:, ::-1], wn[:, ::-1]
+        tp, fp = np.cumsum(wp_desc, axis=1), np.cumsum(wn_desc, axis=1)
+        aucpr[s:s + chunk] = _div((wp_desc * _div(tp, tp + fp)).sum(axis=1), n_pos)
+        undefined = (n_pos == 0) | (n_neg == 0)
+        auroc[s:s + chunk][undefined] = np.nan
+        aucpr[s:s + chunk][undefined] = np.nan
+    return auroc, aucpr
+
+
+def _stats(w: np.ndarray, d: _Prepared, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The CI_KEYS metrics (B,) for resamples given as patient multiplicities w (B, P)."""
+    tp, fp, fn, tn = (w @ d.counts).T
+    has_pos, has_neg = tp + fn > 0, tn + fp > 0
+    recall, specificity = _div(tp, tp + fn), _div(tn, tn + fp)
+    out = {
+        "accuracy": (tp + tn) / (tp + fp + fn + tn),
+        # balanced accuracy averages the recalls of the classes present in y, as sklearn does
+        "balanced_accuracy": np.where(has_pos & has_neg, (recall + specificity) / 2,
+                                      np.where(has_pos, recall, specificity)),
+        "precision": _div(tp, tp + fp),
+        "recall": recall,
+        "specificity": specificity,
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "patient_recognition_rate": w @ d.fraction / w.shape[1],
+        "patient_accuracy": w @ d.patient_correct / w.shape[1],
+    }
+    if "auroc" in keys or "aucpr" in keys:
+        out["auroc"], out["aucpr"] = _ranked(w, d)
+    return {k: out[k] for k in keys}
+
+
+def _interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    """Percentile interval, ignoring resamples where the metric is undefined (nan)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return (float(lo), float(hi))
+
+
+def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | None = None, n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05, threshold: float = 0.5) -> dict[str, tuple[float, float]]:
+    """Percentile intervals (1 - alpha) by resampling patients with replacement.
+
+    Default: every key of CI_KEYS, computed vectorised from per-patient counts. With fn,
+    fn(y, p) -> dict of scalars is called on each resample's images (slower); the draws
+    are the same for the same seed either way.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    d = _prepare(y, p, patients, threshold)
+    draws = _draws(len(d.members), n_boot, seed)
+    if fn is None:
+        dist = _stats(_multiplicity(draws), d, CI_KEYS)
+    else:
+        y, p = _binary(y, p)
+        rows = []
+        for row in draws:
+            sel = np.concatenate([d.members[j] for j in row])
+            rows.append(fn(y[sel], p[sel]))
+        keys = [k for k, v in rows[0].items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)]
+        dist = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
+    return {k: _interval(v, alpha) for k, v in dist.items()}
+
+
+def paired_bootstrap(y, p_a, p_b, patients, metric: str = "accuracy", n_boot: int = 2000, seed: int = 0,
+                     threshold: float = 0.5) -> dict:
+    """Is prediction set a better than b on the same test images? Patients resampled jointly.
+
+    diff = metric(a) - metric(b) on all images; ci: 95% percentile interval of the
+    resampled differences; p_value: two-sided, twice the smaller tail of the resampled
+    differences beyond 0 (add-one smoothed, capped at 1); significant: ci excludes 0.
+    """
+    if metric not in CI_KEYS:
+        raise UserError(f"unknown metric {metric!r} for the paired bootstrap; choose one of: {', '.join(CI_KEYS)}")
+    da, db = _prepare(y, p_a, patients, threshold), _prepare(y, p_b, patients, threshold)
+    ones = np.ones((1, len(da.members)))
+    diff = float(_stats(ones, da, [metric])[metric][0] - _stats(ones, db, [metric])[metric][0])
+    w = _multiplicity(_draws(len(da.members), n_boot, seed))
+    d = _stats(w, da, [metric])[metric] - _stats(w, db, [metric])[metric]
+    d = d[np.isfinite(d)]
+    lo, hi = _interval(d, 0.05)
+    if d.size:
+        tail = min((d <= 0).sum(), (d >= 0).sum())
+        p_value = min(1.0, 2 * (1 + tail) / (1 + d.size))
+    else:
+        p_value = math.nan
+    return {"metric": metric, "diff": diff, "ci": (lo, hi), "p_value": float(p_value),
+            "significant": bool(lo > 0 or hi < 0)}
+
+
+# ---------------------------------------------------------------- thresholds and summaries
+
+
+def _number(text: str, rule) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise UserError(f"bad threshold rule {rule!r}: use {THRESHOLD_FORMS}")
+    return v
+
+
+def choose_threshold(y_val, p_val, rule: str | float) -> float:
+    """The decision threshold from a rule, chosen on validation data.
+
+    '0.5' or any number in [0, 1]: that value. 'youden': the threshold maximising
+    tpr - fpr (the highest one on ties). 'recall=R': the highest threshold whose
+    recall on validation is >= R.
+    """
+    text = str(rule).strip().lower()
+    if text == "youden" or text.startswith("recall="):
+        target = 0.0
+        if text != "youden":
+            target = _number(text[len("recall="):], rule)
+            if not 0 < target <= 1:
+                raise UserError(f"bad threshold rule {rule!r}: recall must be in (0, 1]; use {THRESHOLD_FORMS}")
+        y, p = _binary(y_val, p_val)
+        n_pos = int(y.sum())
+        if n_pos == 0 or (text == "youden" and n_pos == y.size):
+            need = "both classes" if text == "youden" else "malignant images"
+            raise UserError(f"threshold rule {rule!r} needs {need} in the validation split; use a fixed threshold such as 0.5")
+        fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)  # thr descending, thr[0] = inf
+        if text == "youden":
+            k = 1 + int(np.argmax((tpr - fpr)[1:]))
+        else:
+            k = int(np.flatnonzero(tpr >= target - 1e-12)[0])
+        return float(thr[k])
+    value = _number(text, rule)
+    if not 0 <= value <= 1:
+        raise UserError(f"bad threshold rule {rule!r}: a fixed threshold must be in [0, 1]; use {THRESHOLD_FORMS}")
+    return value
+
+
+def _plain(v):
+    """A Python scalar from a numpy scalar (so dict keys sort and serialise)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def breakdown(y, p, keys, threshold: float = 0.5, patients=None) -> dict:
+    """Metrics per group value, e.g. keys = each image's magnification, subtype or patient.
+
+    Returns {value: binary_metrics (+ patient_metrics when patients are given)}, values
+    sorted; the groups' counts sum to the totals.
+    """
+    y, p = _binary(y, p)
+    keys = np.asarray(keys, dtype=object)
+    if keys.shape != y.shape:
+        raise ValueError(f"keys must have one entry per image ({y.size}), got shape {keys.shape}")
+    pats = None if patients is None else np.asarray(patients).astype(str)
+    plain = [_plain(k) for k in keys]
+    values = set(plain)
+    try:
+        values = sorted(values)
+    except TypeError:
+        values = sorted(values, key=str)
+    out = {}
+    for v in values:
+        m = np.array([k == v for k in plain])
+        out[v] = binary_metrics(y[m], p[m], threshold)
+        if pats is not None:
+            out[v].update(patient_metrics(y[m], p[m], pats[m], threshold))
+    return out
+
+
+def jsonable(obj: Any) -> Any:
+    """A copy fit for json.dumps: nan/inf -> None, numpy -> Python, tuples -> lists, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(_plain(k)): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in obj]
+    obj = _plain(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def summarize(y, p, patients, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+              groups: dict[str, Sequence] | None = None) -> dict:
+    """One JSON-able dict: binary_metrics + patient_metrics + "ci" {metric: [lo, hi]}
+    (omitted when n_boot is 0) + "by" {group: {value: metrics}} for per-image groups
+    such as {"magnification": [...]}. nan becomes None; group values become strings."""
+    out = {**binary_metrics(y, p, threshold), **patient_metrics(y, p, patients, threshold)}
+    if n_boot:
+        out["ci"] = bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed, threshold=threshold)
+    if groups:
+        out["by"] = {name: breakdown(y, p, vals, threshold, patients) for name, vals in groups.items()}
+    return jsonable(out)
+
+
+def _lookup(row: dict, key: str):
+    """row[key], following dotted paths such as 'test.accuracy'; None when absent."""
+    for part in key.split("."):
+        if not isinstance(row, dict) or part not in row:
+            return None
+        row = row[part]
+    return row
+
+
+def mean_std(values: Sequence[dict], keys: Sequence[str]) -> dict:
+    """Mean and sample standard deviation (ddof 1) of each metric across runs (a seed group).
+
+    keys may be dotted paths ('test.accuracy'); missing, None or nan values are left out
+    and n says how many runs counted. std is nan with fewer than two runs.
+    """
+    out = {}
+    for key in keys:
+        xs = [float(v) for v in (_lookup(r, key) for r in values)
+              if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        out[key] = {
+            "mean": statistics.fmean(xs) if xs else math.nan,
+            "std": statistics.stdev(xs) if len(xs) > 1 else math.nan,
+            "n": len(xs),
+        }
+    return out

@@ -1,0 +1,302 @@
+"""Metrics against scikit-learn and hand-computed values; intervals on cases with known answers."""
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from breakhis import metrics as M
+from breakhis.errors import UserError
+
+
+def random_case(seed, n=300, n_patients=20, ties=True):
+    """Labels, probabilities correlated with them (rounded: tied scores), patient ids."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1)
+    if ties:
+        p = np.round(p, 2)
+    patients = np.array([f"P{k:02d}" for k in rng.integers(0, n_patients, n)])
+    return y, p, patients
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
+def test_binary_metrics_equal_sklearn(seed, threshold):
+    y, p, _ = random_case(seed)
+    m = M.binary_metrics(list(y), list(p), threshold)  # lists are accepted too
+    pred = (p >= threshold).astype(int)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["precision"] == pytest.approx(skm.precision_score(y, pred))
+    assert m["recall"] == pytest.approx(skm.recall_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred))
+    assert m["auroc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert m["aucpr"] == pytest.approx(skm.average_precision_score(y, p))
+    assert m["confusion"] == skm.confusion_matrix(y, pred).tolist()
+    assert m["n"] == len(y) and m["threshold"] == threshold
+
+
+def test_specificity_and_confusion_by_hand():
+    y = [0, 0, 0, 0, 1, 1, 1]
+    p = [0.1, 0.6, 0.7, 0.2, 0.9, 0.4, 0.5]  # negatives: 2 right, 2 wrong; positives: 2 right (0.5 counts), 1 wrong
+    m = M.binary_metrics(y, p)
+    assert m["confusion"] == [[2, 2], [1, 2]]
+    assert m["specificity"] == pytest.approx(2 / 4)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 4 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_one_class_gives_nan_areas_not_a_crash(label):
+    y = [label] * 5
+    p = [0.1, 0.4, 0.6, 0.8, 0.9]
+    m = M.binary_metrics(y, p)
+    assert math.isnan(m["auroc"]) and math.isnan(m["aucpr"])
+    assert m["accuracy"] == pytest.approx(0.6 if label else 0.4)
+    assert m["balanced_accuracy"] == pytest.approx(m["accuracy"])  # only the present class counts
+    s = M.summarize(y, p, ["a", "a", "b", "b", "c"], n_boot=50)
+    assert s["auroc"] is None and s["ci"]["auroc"] == [None, None]
+    json.dumps(s, allow_nan=False)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="same length"):
+        M.binary_metrics([0, 1], [0.5])
+    with pytest.raises(ValueError, match="0 .benign."):
+        M.binary_metrics([0, 2], [0.5, 0.5])
+    with pytest.raises(ValueError, match="probabilities"):
+        M.binary_metrics([0, 1], [0.5, 1.5])
+    with pytest.raises(ValueError, match="probabilities"):
+        M.binary_metrics([0, 1], [0.5, float("nan")])
+    with pytest.raises(ValueError, match="no samples"):
+        M.binary_metrics([], [])
+    with pytest.raises(ValueError, match="one entry per image"):
+        M.patient_metrics([0, 1], [0.5, 0.5], ["a"])
+    with pytest.raises(ValueError, match="n_boot"):
+        M.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], n_boot=0)
+    with pytest.raises(ValueError, match="alpha"):
+        M.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], alpha=1.5)
+    with pytest.raises(ValueError, match="one entry per image"):
+        M.breakdown([0, 1], [0.2, 0.8], [40])
+
+
+def test_patient_recognition_rate_by_hand():
+    # A: 2 of 4 right, B: 3 of 3 right, C: 0 of 1 right
+    y = [1, 1, 1, 1, 0, 0, 0, 1]
+    p = [0.9, 0.8, 0.2, 0.1, 0.1, 0.2, 0.3, 0.4]
+    patients = ["A"] * 4 + ["B"] * 3 + ["C"]
+    m = M.patient_metrics(y, p, patients)
+    assert m["patient_recognition_rate"] == pytest.approx((0.5 + 1 + 0) / 3)
+    # mean probabilities: A 0.5 -> malignant (right), B 0.2 -> benign (right), C 0.4 -> benign (wrong)
+    assert m["patient_accuracy"] == pytest.approx(2 / 3)
+    assert m["n_patients"] == 3
+
+
+def test_multiclass_metrics_equal_sklearn():
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(8)]
+    y = rng.integers(0, 7, 200)  # class 7 absent from y
+    probs = rng.random((200, 8)) + 2.0 * np.eye(8)[y]
+    m = M.multiclass_metrics(y, probs, names)
+    pred = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m["confusion"] == skm.confusion_matrix(y, pred, labels=range(8)).tolist()
+    assert sum(c["support"] for c in m["per_class"].values()) == 200
+    assert m["per_class"]["c7"]["support"] == 0
+    assert m["per_class"]["c3"]["recall"] == pytest.approx(skm.recall_score(y, pred, labels=[3], average=None)[0])
+    with pytest.raises(ValueError, match="probs"):
+        M.multiclass_metrics(y, probs[:, :7], names)
+    with pytest.raises(ValueError, match="class indices"):
+        M.multiclass_metrics(np.full(200, 9), probs, names)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resampled_metrics_equal_sklearn_on_each_resample(seed):
+    """The vectorised per-resample formulas equal binary_metrics on the resampled images."""
+    y, p, patients = random_case(seed, n=200, n_patients=12)
+    d = M._prepare(y, p, patients, 0.5)
+    draws = M._draws(12, 15, seed)
+    stats = M._stats(M._multiplicity(draws), d, M.CI_KEYS)
+    for b, row in enumerate(draws):
+        sel = np.concatenate([d.members[j] for j in row])
+        ref = {**M.binary_metrics(y[sel], p[sel]), **M.patient_metrics(y[sel], p[sel], patients[sel])}
+        for k in M.IMAGE_KEYS:
+            assert stats[k][b] == pytest.approx(ref[k], abs=1e-12, nan_ok=True), k
+        # a patient drawn twice counts twice in the resample's mean over patients
+        counts = np.bincount(row, minlength=12)
+        full = M.patient_metrics(y, p, patients)
+        assert stats["patient_recognition_rate"][b] == pytest.approx(counts @ d.fraction / 12)
+        assert 0 <= stats["patient_recognition_rate"][b] <= 1 and full["n_patients"] == 12
+
+
+def test_fast_intervals_equal_the_slow_path_with_sklearn():
+    y, p, patients = random_case(5, n=150, n_patients=10)
+    fast = M.bootstrap_ci(y, p, patients, n_boot=100, seed=3)
+
+    def image_scalars(yy, pp):
+        m = M.binary_metrics(yy, pp)
+        return {k: m[k] for k in M.IMAGE_KEYS}
+
+    slow = M.bootstrap_ci(y, p, patients, n_boot=100, seed=3, fn=image_scalars)
+    assert set(slow) == set(M.IMAGE_KEYS)
+    for k in M.IMAGE_KEYS:
+        assert fast[k] == pytest.approx(slow[k], abs=1e-12), k
+
+
+def test_intervals_are_deterministic_for_a_seed():
+    y, p, patients = random_case(1)
+    assert M.bootstrap_ci(y, p, patients, n_boot=200, seed=4) == M.bootstrap_ci(y, p, patients, n_boot=200, seed=4)
+    assert M.bootstrap_ci(y, p, patients, n_boot=200, seed=4) != M.bootstrap_ci(y, p, patients, n_boot=200, seed=5)
+
+
+def test_perfect_classifier_interval_is_one():
+    y, _, patients = random_case(2, n=200)
+    ci = M.bootstrap_ci(y, y.astype(float), patients, n_boot=300)
+    for k in ("accuracy", "auroc", "aucpr", "f1", "patient_recognition_rate", "patient_accuracy"):
+        assert ci[k] == (1.0, 1.0), k
+
+
+def test_coin_flip_interval_contains_half_with_the_analytic_width():
+    rng = np.random.default_rng(11)
+    n_patients, per = 200, 5
+    y = rng.integers(0, 2, n_patients * per)
+    p = rng.random(n_patients * per)  # independent of y: each image right with probability 1/2
+    patients = np.repeat([f"P{i}" for i in range(n_patients)], per)
+    acc = M.binary_metrics(y, p)["accuracy"]
+    lo, hi = M.bootstrap_ci(y, p, patients, n_boot=1000)["accuracy"]
+    assert lo < 0.5 < hi
+    analytic = 2 * 1.96 * math.sqrt(acc * (1 - acc) / y.size)  # images independent: clusters change nothing
+    assert hi - lo == pytest.approx(analytic, rel=0.2)
+    auc_lo, auc_hi = M.bootstrap_ci(y, p, patients, n_boot=300)["auroc"]
+    assert auc_lo < 0.5 < auc_hi
+
+
+def test_intervals_widen_when_images_are_grouped_into_fewer_patients():
+    # 400 images; correctness is shared within each of 20 patients (all right or all wrong)
+    patient_right = np.tile([True, False], 10)
+    right = np.repeat(patient_right, 20)
+    y = np.tile([0, 1], 200)
+    p = np.where(right, y, 1 - y).astype(float)
+    one_per_image = [f"I{i}" for i in range(400)]
+    twenty = np.repeat([f"P{i}" for i in range(20)], 20)
+    lo_i, hi_i = M.bootstrap_ci(y, p, one_per_image, n_boot=500)["accuracy"]
+    lo_p, hi_p = M.bootstrap_ci(y, p, twenty, n_boot=500)["accuracy"]
+    assert (hi_p - lo_p) > 3 * (hi_i - lo_i)
+    assert hi_i - lo_i == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 400), rel=0.2)
+    assert hi_p - lo_p == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 20), rel=0.25)
+
+
+def test_paired_bootstrap_identical_sets_are_not_different():
+    y, p, patients = random_case(3)
+    for metric in ("accuracy", "auroc", "patient_recognition_rate"):
+        r = M.paired_bootstrap(y, p, p.copy(), patients, metric=metric, n_boot=300)
+        assert r["diff"] == 0 and r["ci"] == (0.0, 0.0)
+        assert r["significant"] is False and r["p_value"] == 1.0 and r["metric"] == metric
+
+
+def test_paired_bootstrap_perfect_beats_coin_flip():
+    rng = np.random.default_rng(7)
+    patients = np.repeat([f"P{i}" for i in range(40)], 6)
+    y = np.repeat(rng.integers(0, 2, 40), 6)  # one class per patient, as in BreakHis
+    coin = rng.random(y.size)
+    r = M.paired_bootstrap(y, y.astype(float), coin, patients, n_boot=1000)
+    assert r["diff"] == pytest.approx(1 - M.binary_metrics(y, coin)["accuracy"])
+    assert r["significant"] is True and r["ci"][0] > 0.3 and r["p_value"] < 0.01
+    r = M.paired_bootstrap(y, coin, y.astype(float), patients, metric="auroc", n_boot=300)
+    assert r["diff"] < 0 and r["significant"] is True
+
+
+def test_paired_bootstrap_unknown_metric_is_a_user_error():
+    with pytest.raises(UserError, match="choose one of: accuracy"):
+        M.paired_bootstrap([0, 1], [0.2, 0.8], [0.2, 0.8], ["a", "b"], metric="acc")
+
+
+def youden_by_brute_force(y, p):
+    best = max(np.unique(p), key=lambda t: (lambda m: m["recall"] + m["specificity"])(M.binary_metrics(y, p, t)))
+    m = M.binary_metrics(y, p, best)
+    return m["recall"] + m["specificity"] - 1
+
+
+def test_choose_threshold_youden():
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    p = [0.1, 0.2, 0.3, 0.35, 0.4, 0.7, 0.8, 0.9]  # separable: the optimum is the lowest positive score
+    assert M.choose_threshold(y, p, "youden") == pytest.approx(0.4)
+    y, p, _ = random_case(4)
+    t = M.choose_threshold(y, p, " Youden ")
+    m = M.binary_metrics(y, p, t)
+    assert m["recall"] + m["specificity"] - 1 == pytest.approx(youden_by_brute_force(y, p))
+
+
+@pytest.mark.parametrize("target", [0.95, 0.8, 1.0])
+def test_choose_threshold_recall(target):
+    y, p, _ = random_case(6, ties=False)
+    t = M.choose_threshold(y, p, f"recall={target}")
+    assert M.binary_metrics(y, p, t)["recall"] >= target
+    higher = p[p > t]
+    assert higher.size == 0 or M.binary_metrics(y, p, higher.min())["recall"] < target  # the highest such threshold
+
+
+def test_choose_threshold_fixed_values():
+    assert M.choose_threshold([0, 1], [0.2, 0.8], "0.5") == 0.5
+    assert M.choose_threshold([0, 1], [0.2, 0.8], 0.3) == 0.3
+    assert M.choose_threshold([0, 1], [0.2, 0.8], "1") == 1.0
+
+
+@pytest.mark.parametrize("rule", ["", "foo", "1.5", "-0.1", "nan", "inf", "recall=", "recall=0", "recall=1.2", "recall=x"])
+def test_choose_threshold_bad_rules_list_the_forms(rule):
+    with pytest.raises(UserError, match="youden"):
+        M.choose_threshold([0, 1], [0.2, 0.8], rule)
+
+
+def test_choose_threshold_needs_the_classes_it_uses():
+    with pytest.raises(UserError, match="both classes"):
+        M.choose_threshold([1, 1], [0.2, 0.8], "youden")
+    with pytest.raises(UserError, match="malignant images"):
+        M.choose_threshold([0, 0], [0.2, 0.8], "recall=0.9")
+
+
+def test_breakdown_counts_sum_to_totals():
+    y, p, patients = random_case(8)
+    mags = np.random.default_rng(8).choice([40, 100, 200, 400], y.size)
+    total = M.binary_metrics(y, p)
+    for keys in (mags, patients):
+        by = M.breakdown(y, p, keys, patients=patients)
+        assert list(by) == sorted(by)
+        assert sum(m["n"] for m in by.values()) == total["n"]
+        assert (np.sum([m["confusion"] for m in by.values()], axis=0) == total["confusion"]).all()
+        assert sum(m["n_patients"] for m in by.values()) >= len(set(patients))
+    by_mag = M.breakdown(y, p, mags)
+    assert list(by_mag) == [40, 100, 200, 400] and isinstance(list(by_mag)[0], int)
+    sel = mags == 200
+    assert by_mag[200]["accuracy"] == pytest.approx(M.binary_metrics(y[sel], p[sel])["accuracy"])
+
+
+def test_summarize_is_json_and_complete():
+    y, p, patients = random_case(9)
+    mags = np.random.default_rng(9).choice(["40", "100"], y.size)
+    s = M.summarize(y, p, patients, n_boot=100, groups={"magnification": mags})
+    text = json.dumps(s, allow_nan=False)
+    back = json.loads(text)
+    assert set(M.CI_KEYS) <= set(back) and set(back["ci"]) == set(M.CI_KEYS)
+    assert back["n_patients"] == 20 and back["confusion"] == M.binary_metrics(y, p)["confusion"]
+    for k, (lo, hi) in back["ci"].items():
+        assert lo <= back[k] + 1e-9 or k == "patient_accuracy"
+        assert lo <= hi
+    assert set(back["by"]["magnification"]) == {"40", "100"}
+    assert "ci" not in M.summarize(y, p, patients, n_boot=0)
+
+
+def test_mean_std_across_seeds():
+    runs = [{"test": {"accuracy": 0.8, "auroc": None}}, {"test": {"accuracy": 0.9, "auroc": 0.95}},
+            {"test": {"accuracy": 0.85, "auroc": float("nan")}}]
+    r = M.mean_std(runs, ["test.accuracy", "test.auroc", "test.missing"])
+    assert r["test.accuracy"]["mean"] == pytest.approx(0.85)
+    assert r["test.accuracy"]["std"] == pytest.approx(np.std([0.8, 0.9, 0.85], ddof=1))
+    assert r["test.accuracy"]["n"] == 3
+    assert r["test.auroc"]["mean"] == 0.95 and math.isnan(r["test.auroc"]["std"]) and r["test.auroc"]["n"] == 1
+    assert math.isnan(r["test.missing"]["mean"]) and r["test.missing"]["n"] == 0
+    flat = M.mean_std([{"f1": 0.5}, {"f1": 0.7}], ["f1"])
+    assert flat["f1"]["mean"] == pytest.approx(0.6) and flat["f1"]["std"] == pytest.approx(math.sqrt(0.02))
