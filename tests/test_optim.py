@@ -1,0 +1,221 @@
+"""Optimizers and schedules: lr sequences against values computed by hand."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from breakhis.errors import UserError
+from breakhis.models import build_model, set_frozen
+from breakhis.optim import (OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, current_lr,
+                            step_schedule)
+
+E, S, LR = 8, 3, 1.0  # epochs, optimizer steps per epoch, base lr
+
+
+def _setup(name, lr=LR, **kw):
+    p = nn.Parameter(torch.zeros(2))
+    opt = build_optimizer([p], "sgd", lr=lr, weight_decay=0.0)
+    return p, opt, build_scheduler(opt, name, epochs=E, steps_per_epoch=S, **kw)
+
+
+def _run(opt, sched, p, epochs, losses=None, start=0):
+    """The lr used at every batch, stepping exactly as the engine does."""
+    lrs = []
+    for e in range(start, start + epochs):
+        for _ in range(S):
+            lrs.append(current_lr(opt))
+            p.grad = torch.zeros_like(p)
+            opt.step()
+            step_schedule(sched, "batch")
+        step_schedule(sched, "epoch", val_loss=None if losses is None else losses[e])
+    return lrs
+
+
+def lr_sequence(name, losses=None, **kw):
+    p, opt, sched = _setup(name, **kw)
+    return _run(opt, sched, p, E, losses)
+
+
+def per_epoch(lrs):
+    # every batch of an epoch-stepped schedule uses the same lr
+    epochs = [lrs[i:i + S] for i in range(0, len(lrs), S)]
+    assert all(len(set(e)) == 1 for e in epochs)
+    return [e[0] for e in epochs]
+
+
+def test_registries():
+    assert set(OPTIMIZERS) == {"adam", "adamw", "sgd"}
+    assert SCHEDULERS == {"none": "never", "step": "epoch", "multistep": "epoch", "exponential": "epoch",
+                          "cosine": "epoch", "onecycle": "batch", "plateau": "metric"}
+
+
+def test_none():
+    assert lr_sequence("none") == [LR] * (E * S)
+
+
+def test_step():
+    got = per_epoch(lr_sequence("step", step_size=3, gamma=0.5))
+    assert got == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_multistep():
+    got = per_epoch(lr_sequence("multistep", milestones=(5, 2), gamma=0.1))
+    assert got == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
+
+
+def test_exponential():
+    got = per_epoch(lr_sequence("exponential", gamma=0.5))
+    assert got == pytest.approx([0.5 ** e for e in range(E)])
+
+
+def test_cosine():
+    got = per_epoch(lr_sequence("cosine", min_lr=0.1))
+    want = [0.1 + 0.9 * (1 + math.cos(math.pi * e / E)) / 2 for e in range(E)]
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_onecycle():
+    # 24 steps, rising over the first 25%: phase one ends at step 0.25*24 - 1 = 5
+    got = lr_sequence("onecycle", pct_start=0.25)
+    start, final = LR / 25, LR / 25 / 1e4
+    assert got[0] == pytest.approx(start)
+    assert max(got) == pytest.approx(LR) and got.index(max(got)) == 5
+    assert got[-1] == pytest.approx(final)
+    # cosine annealing within each phase, e.g. step 2 of the rise and step 14 of the fall
+    assert got[2] == pytest.approx(LR + (start - LR) / 2 * (1 + math.cos(math.pi * 2 / 5)))
+    assert got[14] == pytest.approx(final + (LR - final) / 2 * (1 + math.cos(math.pi * 9 / 18)))
+    assert all(a < b for a, b in zip(got[:5], got[1:6])) and all(a > b for a, b in zip(got[5:], got[6:]))
+
+
+def test_onecycle_keeps_final_lr_past_its_end():
+    p, opt, sched = _setup("onecycle", pct_start=0.25)
+    _run(opt, sched, p, E)
+    for _ in range(5):
+        step_schedule(sched, "batch")
+    assert current_lr(opt) == pytest.approx(LR / 25 / 1e4)
+
+
+def test_plateau():
+    # patience 1: the lr drops after two epochs in a row without improvement
+    losses = [5, 4, 4, 4, 3, 3, 3, 3]
+    got = per_epoch(lr_sequence("plateau", losses=losses, plateau_patience=1, plateau_factor=0.1))
+    assert got == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01])
+
+
+def test_plateau_min_lr_and_needs_loss():
+    # the first loss sets the best; with patience 0 every later flat epoch halves the lr, down to min_lr
+    got = per_epoch(lr_sequence("plateau", losses=[1] * E, plateau_patience=0, plateau_factor=0.5, min_lr=0.2))
+    assert got == pytest.approx([1, 1, 0.5, 0.25, 0.2, 0.2, 0.2, 0.2])
+    p, opt, sched = _setup("plateau")
+    with pytest.raises(ValueError, match="val_loss"):
+        step_schedule(sched, "epoch")
+
+
+def test_warmup_then_step():
+    # linear from lr/10 over 3 epochs, then StepLR counting from epoch 3
+    got = per_epoch(lr_sequence("step", step_size=2, gamma=0.5, warmup_epochs=3))
+    assert got == pytest.approx([0.1, 0.4, 0.7, 1, 1, 0.5, 0.5, 0.25])
+
+
+def test_warmup_then_cosine():
+    got = per_epoch(lr_sequence("cosine", warmup_epochs=2))
+    want = [0.1, 0.55] + [(1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_warmup_plateau_ignores_warmup_losses():
+    # the losses of the two warmup epochs (huge, then tiny) must not count
+    losses = [9, 0.1, 5, 5, 3, 3, 3, 3]
+    got = per_epoch(lr_sequence("plateau", losses=losses, plateau_patience=1, warmup_epochs=2))
+    assert got == pytest.approx([0.1, 0.55, 1, 1, 1, 1, 1, 0.1])
+
+
+def test_state_dict_resume_continues_sequence():
+    for name, kw in [("onecycle", {"pct_start": 0.25}), ("multistep", {"milestones": (2, 5), "warmup_epochs": 1}),
+                     ("plateau", {"plateau_patience": 1}), ("cosine", {})]:
+        losses = [5, 4, 4, 4, 3, 3, 3, 3]
+        full = lr_sequence(name, losses=losses, **kw)
+        p, opt, sched = _setup(name, **kw)
+        first = _run(opt, sched, p, 3, losses)
+        saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+        # resume: fresh objects, states loaded in either order
+        p2, opt2, sched2 = _setup(name, **kw)
+        sched2.load_state_dict(saved_sched)
+        opt2.load_state_dict(saved_opt)
+        rest = _run(opt2, sched2, p2, E - 3, losses, start=3)
+        assert first + rest == pytest.approx(full, rel=1e-12), name
+        assert len(set(full)) > 1
+
+
+def test_state_dict_of_another_schedule():
+    _, _, sched = _setup("step")
+    _, _, other = _setup("cosine")
+    with pytest.raises(UserError, match="step"):
+        other.load_state_dict(sched.state_dict())
+
+
+def test_errors():
+    p = [nn.Parameter(torch.zeros(1))]
+    with pytest.raises(UserError, match="adam, adamw, sgd"):
+        build_optimizer(p, "rmsprop", 1e-3, 0.0)
+    for lr in (0.0, -1e-3):
+        with pytest.raises(UserError, match="--lr"):
+            build_optimizer(p, "adamw", lr, 0.0)
+    with pytest.raises(UserError, match="--nesterov"):
+        build_optimizer(p, "adamw", 1e-3, 0.0, nesterov=True)
+    opt = build_optimizer(p, "sgd", 1e-3, 0.0)
+    with pytest.raises(UserError, match="none, step, multistep, exponential, cosine, onecycle, plateau"):
+        build_scheduler(opt, "linear", epochs=4, steps_per_epoch=2)
+    with pytest.raises(UserError, match="onecycle has its own warmup"):
+        build_scheduler(opt, "onecycle", epochs=4, steps_per_epoch=2, warmup_epochs=1)
+    with pytest.raises(UserError, match="--warmup-epochs"):
+        build_scheduler(opt, "step", epochs=4, steps_per_epoch=2, warmup_epochs=4)
+    with pytest.raises(UserError, match="--milestones"):
+        build_scheduler(opt, "multistep", epochs=4, steps_per_epoch=2, milestones=(0, 2))
+    with pytest.raises(UserError, match="--gamma"):
+        build_scheduler(opt, "exponential", epochs=4, steps_per_epoch=2, gamma=1.5)
+    sched = build_scheduler(opt, "step", epochs=4, steps_per_epoch=2)
+    with pytest.raises(ValueError, match="event"):
+        step_schedule(sched, "step")
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_settings_reach_the_optimizer(nesterov):
+    opt = build_optimizer([nn.Parameter(torch.zeros(1))], "sgd", 0.01, 1e-4, momentum=0.8, nesterov=nesterov)
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD)
+    assert (g["nesterov"], g["momentum"], g["weight_decay"], g["lr"]) == (nesterov, 0.8, 1e-4, 0.01)
+
+
+def test_optimizer_kinds():
+    p = [nn.Parameter(torch.zeros(1))]
+    assert type(build_optimizer(p, "adam", 1e-3, 0.01)) is torch.optim.Adam
+    assert type(build_optimizer(p, "adamw", 1e-3, 0.01)) is torch.optim.AdamW
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_frozen_backbone_untouched_then_trains_after_unfreezing(name):
+    torch.manual_seed(0)
+    model = build_model("resnet18", head=(8,), pretrained=False)
+    # one optimizer over all parameters, with weight decay: frozen ones must not decay either
+    opt = build_optimizer(model.parameters(), name, lr=1e-2, weight_decay=0.1)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    set_frozen(model, True)
+    backbone = {k: v.clone() for k, v in model.backbone.named_parameters()}
+    head = {k: v.clone() for k, v in model.head.named_parameters()}
+    step()
+    step()
+    assert all(torch.equal(v, backbone[k]) for k, v in model.backbone.named_parameters())
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert not any(torch.equal(v, head[k]) for k, v in model.head.named_parameters())
+    set_frozen(model, False)
+    step()
+    changed = [not torch.equal(v, backbone[k]) for k, v in model.backbone.named_parameters()]
+    assert all(changed)
