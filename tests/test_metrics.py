@@ -243,6 +243,7 @@ def test_choose_threshold_fixed_values():
     assert M.choose_threshold([0, 1], [0.2, 0.8], "0.5") == 0.5
     assert M.choose_threshold([0, 1], [0.2, 0.8], 0.3) == 0.3
     assert M.choose_threshold([0, 1], [0.2, 0.8], "1") == 1.0
+    assert M.choose_threshold([], [], "0.7") == 0.7  # a fixed value needs no validation data
 
 
 @pytest.mark.parametrize("rule", ["", "foo", "1.5", "-0.1", "nan", "inf", "recall=", "recall=0", "recall=1.2", "recall=x"])
