@@ -120,14 +120,15 @@ def evaluate_one(a, run_path: str) -> dict:
            "best_val_acc": saved.get("best_val_acc"), "best_epoch": saved.get("best_epoch"), split: result}
     if a.by:
         keys = [_group_key(r, a.by) for r in prep.parts[split]]
-        out["by"] = M.breakdown(ev["labels"], ev["probs"][:, 1], keys, threshold=threshold) if cfg.task == "binary" \
+        out["by"] = M.breakdown(ev["labels"], ev["probs"][:, 1], keys, threshold=threshold,
+                                patients=[r.patient for r in prep.parts[split]]) if cfg.task == "binary" \
             else None
     if a.cam:
         from breakhis.cam import save_cams
 
         written = save_cams(F.load_run_model(run_dir, cfg, device), prep, ev, cfg, device, run_dir / "plots", a.cam)
         out["cam"] = [str(p) for p in written]
-    return F.jsonable(out)
+    return M.jsonable(out)
 
 
 def _is_number(text: str) -> bool:

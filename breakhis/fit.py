@@ -318,7 +318,7 @@ def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True)
         evs[part] = predict(model, prep, part, cfg, device, images=images)
         out[part] = score(evs[part], prep.parts[part], cfg.task)
         rows += prediction_rows(evs[part], prep.parts[part], part, cfg.task)
-    atomic.write_json(run_dir / "metrics.json", jsonable(out))
+    atomic.write_json(run_dir / "metrics.json", M.jsonable(out))
     runs.write_csv(run_dir / "predictions.csv", rows)
     test = evs.get("test")
     plots.save_plots(run_dir / "plots", [{k: _num(v) for k, v in h.items()} for h in history],
@@ -327,21 +327,6 @@ def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True)
                      class_names=class_names(cfg.task),
                      confusion=(out.get("test") or {}).get("confusion"))
     return out
-
-
-def jsonable(obj):
-    """NaN and numpy scalars -> JSON (NaN becomes null)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    return obj
 
 
 def _num(v):
