@@ -304,18 +304,21 @@ def _worker_decode(items: list[tuple[int, str]], size: tuple[int, int]) -> list[
 
 
 class _progress_bar:
-    """Transient rich progress bar; `advance(k)` moves it. Silent when off or not a terminal."""
+    """Transient rich progress bar on stderr; `advance(k)` moves it. Silent when off or when
+    stderr is not a terminal."""
 
     def __init__(self, on: bool, total: int):
-        self.on, self.total, self.bar = on and sys.stdout.isatty(), total, None
+        self.on, self.total, self.bar = on and sys.stderr.isatty(), total, None
 
     def __enter__(self):
         if not self.on:
             return lambda k: None
+        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
         self.bar = Progress(TextColumn("decoding into cache"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                            console=Console(stderr=True))
         self.bar.start()
         task = self.bar.add_task("decode", total=self.total)
         return lambda k: self.bar.advance(task, k)
