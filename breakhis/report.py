@@ -109,3 +109,15 @@ def breakdown_table(by: dict, title: str) -> Table:
     for g, m in by.items():
         t.add_row(str(g), *[fmt(m.get(k)) for k in keys])
     return t
+
+
+def logbook_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
+                  best: set[int] = frozenset(), sections: set[int] = frozenset()) -> Table:
+    """The logbook of many runs: one row per run (or group of repeats); a line before each index
+    in `sections` (a new set of comparable runs); rows in `best` in bold."""
+    t = Table(title=title, title_style="bold", caption=caption, caption_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
+    for i, cells in enumerate(rows):
+        t.add_row(*cells, style="bold" if i in best else None, end_section=i + 1 in sections)
+    return t

@@ -1,0 +1,404 @@
+"""The logbook: many runs side by side, with 95% intervals and a paired test against the best.
+
+    python evaluate.py results/ --sort auroc --markdown logbook.md
+    python evaluate.py results/a results/b results/c --csv logbook.csv --boot 2000
+
+Works from each run folder's files alone (config.json, metrics.json, predictions.csv): no
+model is loaded. The choices made here:
+
+- Columns: the settings whose values differ between the runs. Settings that only say where
+  or how fast the work ran are left out (device, workers, cache_dir, device_cache_gb) and so
+  is split_file (a path; what it selects is checked below, by the test images themselves).
+- Figures come from the rows of predictions.csv for the partition (--split, test by
+  default), at --threshold (a number, or youden / recall=R chosen on each run's own
+  validation rows). Intervals: percentile bootstrap over patients (--boot resamples).
+- Comparable runs are runs scored on the same test images (same paths and labels). Each
+  set of comparable runs is ranked on its own (split A, B, ...); runs on other test images
+  are never ranked against them. A run alone on its test images is not ranked.
+- Repeats: runs whose settings are equal except seed (and split_seed, from
+  `train.py --seeds ... --resplit`) form one row: each figure is mean ± std across the runs,
+  the interval is the bootstrap interval of all their test predictions pooled (a patient
+  drawn brings its images from every run), and ranking and the paired test use that pooled
+  figure. A row of repeats is comparable with another row when both cover the same test
+  splits; the paired test then pairs the runs of each split (every run with every run).
+- The paired test (metrics.paired_bootstrap) resamples the patients of the shared test
+  images jointly for both rows, on the --sort metric: "−0.012 [−0.031, +0.006] n.s." or
+  "p=0.003 *" where the 95% interval of the difference excludes 0.
+- Subtype runs (8 classes) are listed with their test accuracy and macro F1 from
+  metrics.json and are not ranked; runs without predictions.csv (unfinished) are listed
+  and flagged.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import atomic, metrics as M, report, runs
+from .errors import UserError
+
+# (key, column title) of the figures shown for every binary run
+METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
+           ("specificity", "specificity"), ("f1", "F1"), ("auroc", "AUROC"), ("aucpr", "AUCPR"),
+           ("patient_recognition_rate", "patient rec. rate"))
+IGNORED = ("device", "workers", "cache_dir", "device_cache_gb", "split_file")
+REPEAT_KEYS = ("seed", "split_seed")
+MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam")
+
+
+@dataclass
+class Run:
+    """One run folder, read back: settings and its predictions on the compared partition."""
+    path: Path
+    name: str
+    config: dict            # config.json without "_env"
+    saved: dict             # metrics.json ({} when absent)
+    paths: list[str] = field(default_factory=list)  # image paths, sorted
+    y: np.ndarray = None    # (N,) labels, 1 = malignant
+    p: np.ndarray = None    # (N,) malignant probability, rescaled so the threshold sits at 0.5
+    patients: np.ndarray = None  # (N,) patient ids
+    fingerprint: str = ""   # sha1 of the scored images' paths and labels: equal means comparable
+    note: str = ""
+
+    @property
+    def task(self) -> str:
+        return self.config.get("task", "binary")
+
+    @property
+    def scored(self) -> bool:
+        return self.task == "binary" and self.y is not None and self.y.size > 0
+
+
+@dataclass
+class Row:
+    """One line of the logbook: a single run, or a group of repeats."""
+    runs: list[Run]
+    name: str
+    value: dict = field(default_factory=dict)   # pooled point estimates
+    ci: dict = field(default_factory=dict)      # metric -> (lo, hi)
+    spread: dict = field(default_factory=dict)  # metric -> {"mean", "std", "n"} across the runs
+    split: str = ""                             # letter of the set of comparable rows
+    best: bool = False
+    versus: dict | None = None                  # paired_bootstrap result against the best
+    note: str = ""
+
+    @property
+    def signature(self) -> tuple[str, ...]:
+        return tuple(sorted({r.fingerprint for r in self.runs}))
+
+
+# --- reading runs ---------------------------------------------------------------------------
+
+def _to_half(p: np.ndarray, t: float) -> np.ndarray:
+    """Map probabilities monotonically so that p >= t becomes p' >= 0.5 (ranks and decisions kept)."""
+    if t == 0.5:
+        return p
+    below = 0.5 * p / t if t > 0 else np.zeros_like(p)
+    below = np.minimum(below, np.nextafter(0.5, 0))  # rounding must not lift p < t to 0.5
+    above = 0.5 + 0.5 * (p - t) / (1 - t) if t < 1 else np.ones_like(p)
+    return np.where(p >= t, above, below)
+
+
+def load_run(path: Path, name: str, part: str, rule: str) -> Run:
+    """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
+    raw = runs.read_json(path / "config.json") or {}
+    config = {k: v for k, v in raw.items() if not k.startswith("_")}
+    run = Run(path, name, config, runs.read_json(path / "metrics.json") or {})
+    if run.task != "binary":
+        run.note = "subtype task: not ranked"
+        return run
+    table = runs.read_csv(path / "predictions.csv")
+    if not table:
+        run.note = "no predictions.csv (unfinished run: resume it with train.py --resume)"
+        return run
+    need = {"path", "patient", "label", "p_malignant", "split"}
+    missing = need - set(table[0])
+    if missing:
+        raise UserError(f"{path / 'predictions.csv'} lacks the column(s) {', '.join(sorted(missing))}; "
+                        f"the run folder is damaged (rewrite it with `python -c \"from breakhis.fit import finalize; "
+                        f"finalize('{path}')\"`)")
+    if _is_number(rule):
+        threshold = M.choose_threshold([], [], rule)
+    else:
+        val = [r for r in table if r["split"] == "val"]
+        if not val:
+            raise UserError(f"--threshold {rule}: run {path} has no validation predictions to choose it on; "
+                            f"give a number such as 0.5")
+        threshold = M.choose_threshold(*_arrays(val)[:2], rule)
+    rows = sorted((r for r in table if r["split"] == part), key=lambda r: r["path"])
+    if not rows:
+        run.note = f"no {part} predictions in predictions.csv"
+        return run
+    y, p, patients = _arrays(rows)
+    run.paths, run.y, run.p, run.patients = [r["path"] for r in rows], y, _to_half(p, threshold), patients
+    text = "\n".join(f"{q}\t{label}" for q, label in zip(run.paths, y))
+    run.fingerprint = hashlib.sha1(text.encode()).hexdigest()
+    return run
+
+
+def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (N,), malignant probabilities (N,) and patients (N,) of predictions.csv rows."""
+    return (np.array([int(r["label"]) for r in rows]), np.array([float(r["p_malignant"]) for r in rows]),
+            np.array([r["patient"] for r in rows]))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def run_names(paths: list[Path]) -> list[str]:
+    """Each run's path relative to the folder that holds them all."""
+    resolved = [p.resolve() for p in paths]
+    base = Path(os.path.commonpath(resolved))
+    if base in resolved:
+        base = base.parent
+    return [str(p.relative_to(base)) for p in resolved]
+
+
+# --- settings and repeats -------------------------------------------------------------------
+
+def _setting(config: dict, key: str):
+    v = config.get(key)
+    if key == "data" and isinstance(v, str):
+        return os.path.normpath(v)
+    return tuple(v) if isinstance(v, list) else v
+
+
+def differing_settings(configs: list[dict]) -> list[str]:
+    """The settings whose values differ between configs, in config order (IGNORED left out)."""
+    keys = list(dict.fromkeys(k for c in configs for k in c if k not in IGNORED))
+    return [k for k in keys if len({repr(_setting(c, k)) for c in configs}) > 1]
+
+
+def group_repeats(items: list[Run]) -> list[list[Run]]:
+    """Runs whose settings are equal except seed and split_seed, in first-seen order."""
+    groups: dict[str, list[Run]] = {}
+    for r in items:
+        key = repr(sorted((k, repr(_setting(r.config, k))) for k in r.config
+                          if k not in IGNORED and k not in REPEAT_KEYS))
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def _group_name(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    prefix = os.path.commonprefix(names).rstrip("-_./ ")
+    if prefix.endswith("seed"):
+        prefix = prefix[:-4].rstrip("-_./ ")
+    return prefix if len(prefix) >= 3 else " + ".join(names)
+
+
+# --- figures and the paired test ------------------------------------------------------------
+
+def _pooled(items: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.concatenate([r.y for r in items]), np.concatenate([r.p for r in items]),
+            np.concatenate([r.patients for r in items]))
+
+
+def _figures(y, p, patients) -> dict:
+    return {**M.binary_metrics(y, p, 0.5), **M.patient_metrics(y, p, patients, 0.5)}
+
+
+def score_row(row: Row, n_boot: int) -> None:
+    """Pooled figures with bootstrap intervals, and mean ± std across the row's runs."""
+    y, p, patients = _pooled(row.runs)
+    row.value = _figures(y, p, patients)
+    row.ci = M.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=0, threshold=0.5)
+    keys = [k for k, _ in METRICS] + ["best_val_acc"]
+    per_run = [{**_figures(r.y, r.p, r.patients), "best_val_acc": r.saved.get("best_val_acc")} for r in row.runs]
+    row.spread = M.mean_std(per_run, keys)
+    row.value["best_val_acc"] = row.spread["best_val_acc"]["mean"]
+
+
+def paired(a: Row, b: Row, metric: str, n_boot: int) -> dict:
+    """paired_bootstrap of row a against row b on their shared test images (same signature)."""
+    ys, pas, pbs, pats = [], [], [], []
+    for f in a.signature:
+        ra = [r for r in a.runs if r.fingerprint == f]
+        rb = [r for r in b.runs if r.fingerprint == f]
+        for x in ra:
+            for z in rb:  # both runs list the same images in the same (sorted) order
+                ys.append(x.y), pas.append(x.p), pbs.append(z.p), pats.append(x.patients)
+    return M.paired_bootstrap(np.concatenate(ys), np.concatenate(pas), np.concatenate(pbs), np.concatenate(pats),
+                              metric=metric, n_boot=n_boot, seed=0, threshold=0.5)
+
+
+def _key(row: Row, metric: str) -> float:
+    v = row.value.get(metric)
+    return -math.inf if v is None or not math.isfinite(v) else v
+
+
+def rank(rows: list[Row], metric: str, n_boot: int) -> list[Row]:
+    """Rows grouped by comparable test images (largest set first), best first within each."""
+    sets: dict[tuple, list[Row]] = {}
+    for row in rows:
+        sets.setdefault(row.signature, []).append(row)
+    out = []
+    for i, members in enumerate(sorted(sets.values(), key=len, reverse=True)):
+        members.sort(key=lambda r: _key(r, metric), reverse=True)
+        letter = chr(ord("A") + i) if i < 26 else str(i + 1)
+        for row in members:
+            row.split = letter
+        if len(members) == 1:
+            members[0].note = "only row on its test images: not ranked"
+        else:
+            members[0].best = True
+            for row in members[1:]:
+                row.versus = paired(row, members[0], metric, n_boot)
+        out += members
+    return out
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def _signed(v: float) -> str:
+    return f"{v:+.3f}".replace("-", "−")
+
+
+def versus_text(row: Row, many_sets: bool) -> str:
+    if row.best:
+        return "best" + (f" on split {row.split}" if many_sets else "")
+    if row.versus is None:
+        return row.note
+    v = row.versus
+    text = f"{_signed(v['diff'])} [{_signed(v['ci'][0])}, {_signed(v['ci'][1])}]"
+    return text + (f" p={v['p_value']:.3f} *" if v["significant"] else f" n.s. (p={v['p_value']:.2f})")
+
+
+def _cell(row: Row, key: str) -> str:
+    s = row.spread.get(key) or {}
+    if len(row.runs) > 1 and s.get("n", 0) > 1:
+        text = f"{report.fmt(s['mean'])} ± {report.fmt(s['std'])}"
+    else:
+        text = report.fmt(row.value.get(key))
+    lo, hi = row.ci.get(key, (None, None))
+    if lo is not None and math.isfinite(lo):
+        text += f" [{report.fmt(lo)}, {report.fmt(hi)}]"
+    return text
+
+
+def _shown(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "none"
+    return "–" if v is None else str(v)
+
+
+def settings_of(row: Row, keys: list[str]) -> dict[str, str]:
+    """Each differing setting of the row; repeats list their distinct seeds."""
+    out = {}
+    for k in keys:
+        values = list(dict.fromkeys(_shown(r.config.get(k)) for r in row.runs))
+        out[k] = ",".join(values)
+    return out
+
+
+def table(rows: list[Row], keys: list[str], sort: str, part: str) -> tuple[list[str], list[list[str]]]:
+    """Column titles and display cells (the same for the terminal and Markdown)."""
+    many_sets = len({r.split for r in rows if r.split}) > 1
+    repeats = any(len(r.runs) > 1 for r in rows)
+    cols = ["run", *keys, *(["runs"] if repeats else []), *(["test split"] if many_sets else []),
+            "best val acc", *(t for _, t in METRICS), f"vs best ({sort})"]
+    cells = []
+    for r in rows:
+        settings = settings_of(r, keys)
+        line = [r.name + (" ★" if r.best else ""), *(settings[k] for k in keys)]
+        line += [str(len(r.runs))] if repeats else []
+        line += [r.split or "–"] if many_sets else []
+        if r.value:
+            line += [_cell(r, "best_val_acc"), *(_cell(r, k) for k, _ in METRICS), versus_text(r, many_sets)]
+        else:
+            subtype = (r.runs[0].saved.get("test") or {}) if r.runs[0].task != "binary" else {}
+            acc = report.fmt(subtype.get("accuracy"))
+            line += [report.fmt(r.runs[0].saved.get("best_val_acc")), acc, *["–"] * (len(METRICS) - 1),
+                     r.note + (f" (macro F1 {report.fmt(subtype.get('macro_f1'))})" if subtype else "")]
+        cells.append(line)
+    return cols, cells
+
+
+def records(rows: list[Row], keys: list[str]) -> list[dict]:
+    """One flat dict per row with numbers (CSV columns; the --json payload)."""
+    out = []
+    for r in rows:
+        rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "test_split": r.split,
+               "best": r.best, "folders": ";".join(str(x.path) for x in r.runs)}
+        for k in ("best_val_acc", *(k for k, _ in METRICS)):
+            s = r.spread.get(k) or {}
+            lo, hi = r.ci.get(k, (None, None))
+            rec.update({k: r.value.get(k), f"{k}_lo": lo, f"{k}_hi": hi,
+                        f"{k}_mean": s.get("mean"), f"{k}_std": s.get("std")})
+        if not r.value and r.runs[0].task != "binary":
+            test = r.runs[0].saved.get("test") or {}
+            rec.update(accuracy=test.get("accuracy"), macro_f1=test.get("macro_f1"),
+                       best_val_acc=r.runs[0].saved.get("best_val_acc"))
+        v = r.versus or {}
+        rec.update(vs_best_diff=v.get("diff"), vs_best_lo=(v.get("ci") or (None, None))[0],
+                   vs_best_hi=(v.get("ci") or (None, None))[1], vs_best_p=v.get("p_value"),
+                   significant=v.get("significant"), note=r.note)
+        out.append(M.jsonable(rec))
+    return out
+
+
+def markdown(cols: list[str], cells: list[list[str]], caption: str) -> str:
+    def line(items):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in items) + " |"
+    right = ["---"] + ["---:" if c not in ("test split",) else ":---:" for c in cols[1:]]
+    return "\n".join([line(cols), "| " + " | ".join(right) + " |", *map(line, cells), "", caption, ""])
+
+
+def caption(sort: str, part: str, n_boot: int, threshold: str) -> str:
+    return (f"{part} figures at threshold {threshold}, [95% interval: bootstrap over patients, {n_boot} resamples]. "
+            f"★ best by {sort}; other rows: difference to the best [95% interval], paired bootstrap over the "
+            f"patients of the shared {part} images, * where the interval excludes 0. Rows of repeats: mean ± std "
+            f"across runs, pooled interval. Rows are ranked only against rows on the same {part} images.")
+
+
+def compare_main(a, paths: list[Path]) -> int:
+    """The logbook table of many run folders (evaluate.py with several runs)."""
+    import json
+
+    choices = [k for k, _ in METRICS] + [k for k in M.CI_KEYS if k not in dict(METRICS)]
+    if a.sort not in choices:
+        raise UserError(f"--sort {a.sort!r}: choose one of {', '.join(choices)}")
+    if a.boot < 1:
+        raise UserError(f"--boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
+    used = [f"--{k}" for k in MODEL_FLAGS if getattr(a, k, None)]
+    if used:
+        raise UserError(f"{', '.join(used)} apply to one run (they need its model); the comparison of "
+                        f"{len(paths)} runs reads their predictions.csv: give a single run folder")
+    part = a.split
+    loaded = [load_run(p, n, part, a.threshold) for p, n in zip(paths, run_names(paths))]
+    keys = differing_settings([r.config for r in loaded])
+    scored = [r for r in loaded if r.scored]
+    rows = [Row(g, _group_name([r.name for r in g])) for g in group_repeats(scored)]
+    for row in rows:
+        score_row(row, a.boot)
+    rows = rank(rows, a.sort, a.boot)
+    rows += [Row([r], r.name, note=r.note) for r in loaded if not r.scored]
+    cols, cells = table(rows, keys, a.sort, part)
+    text = caption(a.sort, part, a.boot, a.threshold)
+    if a.csv:
+        runs.write_csv(Path(a.csv), records(rows, keys))
+    if a.markdown:
+        atomic.write_text(a.markdown, markdown(cols, cells, text))
+    if a.json:
+        print(json.dumps({"sort": a.sort, "split": part, "threshold": a.threshold, "boot": a.boot,
+                          "rows": records(rows, keys)}))
+        return 0
+    starts = {i for i in range(1, len(rows)) if rows[i].split != rows[i - 1].split}
+    stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in cells]  # narrower columns
+    report.console.print(report.logbook_table(cols, stacked, title=f"Logbook: {len(loaded)} runs, {part} split",
+                                              caption=text, best={i for i, r in enumerate(rows) if r.best},
+                                              sections=starts))
+    for f in (a.csv, a.markdown):
+        if f:
+            report.console.print(f"wrote {f}")
+    return 0
