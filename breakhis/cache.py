@@ -146,8 +146,8 @@ def build_cache(root, paths, size: tuple[int, int], cache_dir=None, workers: int
     workers: decoding processes (0: one per core). A second call with the same files, sizes,
     mtimes and size decodes nothing.
     """
-    root = Path(root).resolve()
-    rel = [_relative(root, p) for p in paths]
+    given, root = root, Path(root).resolve()
+    rel = [_relative(given, root, p) for p in paths]
     size = (int(size[0]), int(size[1]))
     if size[0] < 1 or size[1] < 1:
         raise ValueError(f"cache size {size}: height and width must be positive")
@@ -179,12 +179,18 @@ def build_cache(root, paths, size: tuple[int, int], cache_dir=None, workers: int
     return cache
 
 
-def _relative(root: Path, p) -> str:
-    """`p` as a posix path relative to `root` (an absolute path must lie inside root)."""
+def _relative(given, root: Path, p) -> str:
+    """`p` as a posix path relative to the root (an absolute path must lie inside it; `given`
+    is the root as passed, so a root reached through a symlink also works)."""
     p = Path(p)
-    if p.is_absolute():
-        p = p.resolve().relative_to(root)
-    return p.as_posix()
+    if not p.is_absolute():
+        return p.as_posix()
+    for base, q in ((Path(os.path.abspath(given)), Path(os.path.abspath(p))), (root, p.resolve())):
+        try:
+            return q.relative_to(base).as_posix()
+        except ValueError:
+            pass
+    raise ValueError(f"{p} is not inside the root {root}")
 
 
 def _load(folder: Path, key: str, paths: list[str], size: tuple[int, int]) -> Cache | None:
@@ -194,7 +200,8 @@ def _load(folder: Path, key: str, paths: list[str], size: tuple[int, int]) -> Ca
         images = np.load(folder / "images.npy", mmap_mode="r")
     except (OSError, ValueError):
         return None
-    if (not isinstance(index, dict) or index.get("version") != FORMAT_VERSION or index.get("key") != key or index.get("paths") != paths
+    if (not isinstance(index, dict) or index.get("version") != FORMAT_VERSION or index.get("key") != key
+            or index.get("paths") != paths or len(index.get("info", ())) != len(paths)
             or images.dtype != np.uint8 or images.shape != (len(paths), *size, 3)):
         return None
     return Cache(images=images, paths=paths, info=index["info"], key=key, folder=folder)

@@ -73,7 +73,8 @@ def fetch(url: str, archive: Path, progress: bool = True) -> None:
             if e.code == 416:
                 part.unlink()
                 continue
-            raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}; {_manual(url, archive)}") from None
+            raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}; "
+                            f"{_manual(url, archive)}") from None
         except NET_ERRORS as e:
             raise UserError(f"download of {url} failed: {_reason(e)}; {_manual(url, archive)}") from None
         with resp:
@@ -86,7 +87,8 @@ def fetch(url: str, archive: Path, progress: bool = True) -> None:
             _receive(resp, part, start, length, url, archive, progress)
         break
     else:
-        raise UserError(f"download of {url} failed: the server's byte ranges did not match; {_manual(url, archive)}")
+        raise UserError(f"download of {url} failed: the server's byte ranges did not match; "
+                        f"{_manual(url, archive)}")
     os.replace(part, archive)
 
 

@@ -290,5 +290,14 @@ def test_env_cache_dir_is_used(fresh_demo, tmp_path, monkeypatch):
 def test_bad_arguments(fresh_demo, cache_dir, tmp_path):
     with pytest.raises(ValueError, match="must be positive"):
         build_cache(fresh_demo, rel_pngs(fresh_demo), (0, 10), cache_dir=cache_dir)
-    with pytest.raises(ValueError):  # an absolute path outside the root
+    with pytest.raises(ValueError, match="is not inside the root"):
         build_cache(fresh_demo, [tmp_path / "elsewhere.png"], SIZE, cache_dir=cache_dir)
+
+
+def test_root_through_a_symlink(fresh_demo, cache_dir, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(fresh_demo, target_is_directory=True)
+    paths = rel_pngs(fresh_demo)[:4]
+    a = build_cache(link, [link / p for p in paths], SIZE, cache_dir=cache_dir, progress=False)
+    b = build_cache(fresh_demo, paths, SIZE, cache_dir=cache_dir, progress=False)
+    assert a.paths == paths and b.key == a.key and b.build_s is None
