@@ -1,0 +1,121 @@
+"""Search the training config with Ray Tune; ASHA stops weak trials early.
+
+    python tune.py --space experiments/weights.py --data data/BreaKHis_v1          # class weights (0.5, w)
+    python tune.py --space experiments/lr.py --samples 16 --max-epochs 30          # 16 draws of lr and weight decay
+    python tune.py --space experiments/logbook.py                                 # the whole logbook as one grid
+    python tune.py --space experiments/backbones.py --gpus-per-trial 0.25         # four trials share one GPU
+    python tune.py --space experiments/lr.py --backbone resnet18 --image-size 64   # any train.py flag is a base setting
+    python tune.py --name lr-20260101-120000 --resume                             # continue after Ctrl-C
+    python tune.py --space experiments/lr.py --address HEAD_IP:6379               # an existing Ray cluster
+    python train.py --config results/tune/<name>/best.json                        # retrain the best trial
+
+Precedence: train defaults < the space file's BASE < flags < each trial's SPACE sample.
+Each trial runs train.py's fit() into results/tune/<name>/runs/<trial_id>/, a normal run folder
+(`python evaluate.py` accepts it). Epochs are ASHA's time unit: every trial runs --grace-period
+epochs; at each rung (grace, grace*factor, grace*factor^2, ... epochs) only the best
+1/--reduction-factor of the trials that reached it go on. results/tune/<name>/ holds Ray's
+experiment folder, tune.json, trials.csv and best.json. The decode cache is built once, before
+any trial starts; trials memory-map it. With --address the data root, the cache folder and
+--results must be on a filesystem that every node sees at the same path.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from breakhis.config import add_flags, make_config, overrides_from_args
+from breakhis.errors import UserError, guard
+
+GRACE_PERIOD, REDUCTION_FACTOR = 5, 3
+# settings fixed when an experiment starts; --resume continues with the stored ones
+FIXED = ("space", "samples", "max_epochs", "grace_period", "reduction_factor", "metric", "mode", "concurrent")
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
+    ap.add_argument("--space", help="search space file, e.g. experiments/lr.py (required unless --resume)")
+    ap.add_argument("--samples", type=int, help="draws from the space's domains (Ray's num_samples; grids multiply); default 1")
+    ap.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (ASHA's max_t); default --epochs")
+    ap.add_argument("--grace-period", type=int, help=f"epochs before ASHA may stop a trial (default {GRACE_PERIOD})")
+    ap.add_argument("--reduction-factor", type=int, help=f"ASHA keeps 1/factor of the trials per rung (default {REDUCTION_FACTOR})")
+    ap.add_argument("--metric", help="what ASHA and the ranking optimise (default: the space's METRIC, else val_acc)")
+    ap.add_argument("--mode", choices=("min", "max"), help="default: the space's MODE, else min for losses, max otherwise")
+    ap.add_argument("--concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
+    ap.add_argument("--gpus-per-trial", type=float, help="GPU share of a trial, e.g. 0.25 (default 1; 0 without a GPU)")
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores of a trial (default 1)")
+    ap.add_argument("--name", help="experiment name under RESULTS/tune (default: space name and time)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    ap.add_argument("--address", help="join this Ray cluster (e.g. HEAD_IP:6379 or auto) instead of starting one")
+    ap.add_argument("--results", default="results", help="results folder; experiments go to RESULTS/tune/<name>")
+    add_flags(ap)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    from breakhis import fit as F
+    from breakhis import tuning
+    from breakhis.report import console
+    from breakhis.tuning_results import collect, results_table, write_results
+
+    results = Path(a.results).resolve() / "tune"
+
+    # --- config: a new experiment's settings, or the stored ones of the experiment --resume continues ---
+    if a.resume:
+        exp_dir = tuning.find_experiment(results, a.name)
+        given = [f"--{k.replace('_', '-')}" for k in FIXED if getattr(a, k) is not None] + \
+                [f"--{k.replace('_', '-')}" for k in overrides_from_args(a)]
+        if given:
+            raise UserError(f"--resume continues {exp_dir} with its stored settings (tune.json); drop {' '.join(given)}")
+        setup = tuning.Setup.load(exp_dir)
+    else:
+        if not a.space:
+            raise UserError(f"--space FILE is required, e.g. --space experiments/lr.py; shipped: {', '.join(tuning.shipped())}")
+        space = tuning.load_space(a.space)
+        setup = tuning.make_setup(space, overrides_from_args(a), metric=a.metric, mode=a.mode, max_epochs=a.max_epochs,
+                                  grace_period=a.grace_period or GRACE_PERIOD,
+                                  reduction_factor=a.reduction_factor or REDUCTION_FACTOR,
+                                  samples=a.samples or 1, concurrent=a.concurrent)
+        name = a.name or f"{space.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (results / name).exists():
+            tuning.new_experiment(results, name)  # raises: never overwrite
+        if space.doc:
+            console.print(f"[bold]{space.path.name}[/]: {space.doc.splitlines()[0]}")
+
+    # --- data: index, split and decode once, before any trial starts; trials memory-map the cache ---
+    base_cfg = tuning.absolute_paths(make_config(setup.base), setup.cwd)
+    F.prepare_data(base_cfg, progress=True)
+    if not a.resume:
+        exp_dir = tuning.new_experiment(results, name)
+        setup.save(exp_dir)
+
+    # --- Ray: start or join, resources per trial, run ---
+    tuning.start_ray(a.address)
+    resources, note = tuning.trial_resources(a.gpus_per_trial, a.cpus_per_trial)
+    console.print(f"experiment {exp_dir}: {setup.metric} ({setup.mode}), up to {setup.max_epochs} epochs per trial, "
+                  f"ASHA grace {setup.grace_period} factor {setup.reduction_factor}; {note}", highlight=False)
+    pairs = tuning.run_experiment(setup, exp_dir, resources, resume=a.resume)
+
+    # --- results: trials.csv, best.json, the table ---
+    rows = collect(pairs, setup, exp_dir)
+    best = write_results(exp_dir, rows, setup)
+    keys = list(tuning.load_space(setup.space).space)
+    console.print(results_table(rows, setup, keys, title=f"{exp_dir.name}: {setup.metric} ({setup.mode})"))
+    console.print(f"trials.csv: {exp_dir / 'trials.csv'}", highlight=False)
+    if any(r["status"] == "unfinished" for r in rows):
+        print(f"interrupted; continue with: python tune.py --name {exp_dir.name} --resume"
+              + (f" --results {a.results}" if a.results != "results" else ""), file=sys.stderr)
+        return 130
+    if best is None:
+        print(f"no trial finished; see the errors above and {exp_dir / 'trials.csv'}", file=sys.stderr)
+        return 1
+    console.print(f"best: {best['trial']} {setup.metric} {best[f'best_{setup.metric}']:.4f}, run {best['run']}\n"
+                  f"retrain it: python train.py --config {exp_dir / 'best.json'}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(guard(main))
