@@ -1,0 +1,150 @@
+"""Grad-CAM: where the model looks when it decides (Selvaraju et al., 2017).
+
+    python evaluate.py results/<run> --cam 8     # 8 test images, the most confident errors first
+
+The heat map is taken at the backbone's last convolutional feature map, found generically:
+the last module, in the order modules finish their forward pass, that holds an nn.Conv2d
+and returns a 4-D tensor. That is `layer4` of a ResNet and `features` of a DenseNet,
+EfficientNet, VGG, AlexNet or ConvNeXt; pooling and LayerNorm modules after it hold no
+convolution, so they are passed over.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+
+def target_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The last convolution-bearing module with a 4-D output during model(x)."""
+    candidates = [m for m in model.modules() if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+    finished: list[nn.Module] = []
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            finished.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in candidates]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not finished:
+        raise ValueError(f"{type(model).__name__} has no convolutional layer with a 4-D output for Grad-CAM")
+    return finished[-1]
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target_class, layer: nn.Module | None = None) -> torch.Tensor:
+    """Grad-CAM heat maps (B, h, w) in [0, 1] at the feature map of `layer` (default: target_layer).
+
+    x: (B, 3, H, W) float input as the model takes it; target_class: an int or (B,) class indices.
+    Map = ReLU(sum over channels of (mean gradient of the class logit) * activation), divided by
+    its maximum per image (an all-zero map stays zero).
+    """
+    was_training = model.training
+    model.eval()
+    layer = layer or target_layer(model, x)
+    saved: dict[str, torch.Tensor] = {}
+
+    def hook(module, inputs, output):
+        # clone: a later in-place op (DenseNet's F.relu(features, inplace=True)) must not alter it
+        saved["act"] = output.detach().clone()
+        output.register_hook(lambda g: saved.__setitem__("grad", g.detach()))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            # requires_grad on the input: activations of a frozen backbone still get gradients
+            logits = model(x.detach().clone().requires_grad_(True)).float()  # (B, C)
+            target = torch.as_tensor(target_class, device=logits.device).long().expand(logits.shape[0])
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    act, grad = saved["act"].float(), saved["grad"].float()  # (B, K, h, w)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
+    cam = F.relu((weights * act).sum(1))  # (B, h, w)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+
+
+def choose(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Positions of n images: the most confident errors first, then the most confident correct ones."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    wrong = pred != labels
+    # sort keys: errors before correct, then confidence descending; stable, so ties keep input order
+    order = np.lexsort((-conf, ~wrong))
+    return order[:n]
+
+
+def _view(x: torch.Tensor) -> np.ndarray:
+    """(3, S, S) normalised input -> (S, S, 3) RGB in [0, 1]."""
+    from .loader import MEAN, STD
+
+    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(3, 1, 1)
+    return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_folder: str | Path,
+              n: int) -> list[Path]:
+    """Grad-CAM overlays of n images of one evaluated partition, written as PNG into out_folder.
+
+    ev: evaluate() output ("probs" (N, C), "labels" (N,), "idx" (N,) cache positions), its images
+    the records of prep.parts in the same order. The class explained is the predicted one.
+    Files: cam-01-error-<image name>.png, ... in the order chosen (errors first).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .atomic import atomic_path
+    from .fit import class_names
+    from .loader import DeviceImages, Loader
+
+    if n < 1:
+        raise UserError(f"--cam {n}: give the number of images to explain, e.g. --cam 8")
+    probs, labels, idx = np.asarray(ev["probs"]), np.asarray(ev["labels"]), np.asarray(ev["idx"])
+    if len(idx) == 0:
+        raise UserError("--cam: the evaluated partition has no images")
+    by_position = {int(i): r for part, recs in prep.parts.items() for i, r in zip(prep.positions[part], recs)}
+    names = class_names(cfg.task)
+    picked = choose(probs, labels, n)
+    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    loader = Loader(images, idx[picked], labels[picked], batch_size=16, image_size=cfg.image_size, train=False,
+                    channels_last=False)
+    model = model.float()
+    out_folder, written = Path(out_folder), []
+    for x, _, _ in loader:  # in order: batch rows follow `picked`
+        rows = picked[len(written):len(written) + len(x)]
+        pred = torch.as_tensor(probs[rows].argmax(1), device=x.device)
+        heat = grad_cam(model, x, pred)[:, None]  # (B, 1, h, w)
+        heat = F.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+        for k, j in enumerate(rows):
+            rec = by_position[int(idx[j])]
+            p, y, c = probs[j], int(labels[j]), int(probs[j].argmax())
+            kind = "error" if c != y else "correct"
+            view = _view(x[k])
+            fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="constrained")
+            FigureCanvasAgg(fig)
+            left, right = fig.subplots(1, 2)
+            left.imshow(view)
+            right.imshow(view)
+            right.imshow(heat[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            for ax in (left, right):
+                ax.set_axis_off()
+            left.set_title("evaluation view", fontsize=9)
+            right.set_title(f"Grad-CAM of '{names[c]}'", fontsize=9)
+            fig.suptitle(f"{rec.path}\nlabel {names[y]}, predicted {names[c]} (p={p[c]:.3f}"
+                         + (f", p_{names[y]}={p[y]:.3f}" if c != y else "") + f"): {kind}", fontsize=8)
+            path = out_folder / f"cam-{len(written) + 1:02d}-{kind}-{Path(rec.path).stem}.png"
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png")
+            written.append(path)
+    return written
