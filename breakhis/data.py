@@ -245,7 +245,8 @@ def _search(n, label, sub, fracs, seed: int, trials: int = TRIALS) -> np.ndarray
     counts, shifted by a random start (systematic sampling), so each subtype is split close to the
     target fractions. In half of the trials, a subtype with enough units first gives one unit to
     every partition and the rest fill what each partition still lacks. Trials without both classes
-    in a partition are refused; if none is left, the best trial is repaired by moving small units."""
+    in a partition are refused (if none is left, the best trial is repaired by moving small units);
+    the best one is then polished by single moves and swaps of units (_polish)."""
     rng = np.random.default_rng(seed)
     fracs = np.asarray(fracs, np.float64)
     active = np.flatnonzero(fracs > 0)
@@ -464,7 +465,6 @@ def select(records: list[Record], manifest: dict, part: str, magnification: str 
     return [r for r in records if r.path in chosen and (mag is None or r.magnification == mag)]
 
 
-
 # ---------------------------------------------------------------- integrity report
 def integrity_report(index: Index, info: list[dict] | None = None, paths: list[str] | None = None,
                      skip_bad: bool = False) -> dict:
@@ -590,8 +590,9 @@ def render_split(manifest: dict, records: list[Record], magnification: int | Non
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"split ({'fold ' + str(manifest['fold']) if manifest.get('fold') else manifest.get('ratio')}, "
-                    f"seed {manifest.get('seed')}, by {manifest.get('group', 'patient')}, "
+    how = f"fold {manifest['fold']}" if manifest.get("fold") else ":".join(map(str, manifest.get("ratio") or ()))
+    t = Table(title=f"split ({how}, seed {manifest.get('seed')}, by {manifest.get('group', 'patient')}, "
+                    f"task {manifest.get('task', 'binary')}, "
                     f"magnification {magnification or 'all'})", box=box.SIMPLE)
     for col in ("part", "patients", "images", "fraction", "benign", "malignant", "subtypes"):
         t.add_column(col, justify="left" if col == "part" else "right")
