@@ -1,0 +1,263 @@
+"""Backbones, the classification head, freezing, and the speed settings (AMP, channels-last, compile).
+
+The model is a torchvision backbone whose final classifier layer is replaced by nn.Identity,
+followed by our head. It outputs logits: two for the binary task, trained with cross-entropy.
+The logbook's "2 -> sigmoid" output is the softmax of these two logits:
+the probability of malignant is `logits.softmax(1)[:, 1]`.
+
+    model = build_model("resnet152", num_classes=2, head=(1000,), dropout=(0.5, 0.5))
+    # backbone (B, 2048) -> Dropout(0.5) Linear(2048, 1000) ReLU Dropout(0.5) Linear(1000, 2)
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import nn
+from torchvision.models import get_model, get_model_weights
+
+from .errors import UserError
+
+# name -> dotted path of the final classifier layer that the head replaces. The layers before
+# it stay in the backbone: VGG and AlexNet keep their two 4096-wide fully connected layers
+# (features are 4096), ConvNeXt keeps its LayerNorm + Flatten. EfficientNet's classifier is
+# Dropout + Linear: both go, so our head's dropout is the only one.
+BACKBONES: dict[str, str] = {
+    **{f"resnet{n}": "fc" for n in (18, 34, 50, 101, 152)},
+    **{f"efficientnet_b{i}": "classifier" for i in range(8)},
+    **{f"densenet{n}": "classifier" for n in (121, 169, 201)},
+    **{f"vgg{n}{bn}": "classifier.6" for n in (11, 13, 16, 19) for bn in ("", "_bn")},
+    "alexnet": "classifier.6",
+    "convnext_tiny": "classifier.2",
+}
+
+# Old DenseNet checkpoints (the files torchvision downloads) name layers 'norm.1' for 'norm1'.
+_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+class Classifier(nn.Module):
+    """A backbone giving (B, F) features and a head giving (B, num_classes) logits."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Sequential):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # (B, 3, H, W) float -> (B, num_classes) logits
+
+
+def _check_backbone(name: str) -> str:
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def _final_linear(backbone: nn.Module, path: str) -> nn.Linear:
+    layer = backbone.get_submodule(path)
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    return linears[-1]
+
+
+def make_head(in_features: int, num_classes: int, head: tuple[int, ...], dropout: tuple[float, ...]) -> nn.Sequential:
+    """[Dropout(d0)] Linear(F, h1) ReLU [Dropout(d1)] Linear(h1, h2) ReLU ... Linear(., num_classes).
+
+    Dropout rate i sits before linear layer i; fewer rates than linear layers leave the last
+    layers without dropout.
+    """
+    sizes = [in_features, *head, num_classes]
+    if len(dropout) > len(sizes) - 1:
+        raise UserError(f"--dropout has {len(dropout)} rates but the head has only {len(sizes) - 1} linear layer(s) "
+                        f"(--head {','.join(map(str, head)) or 'none'}): give at most one rate per linear layer")
+    if any(not 0 <= d < 1 for d in dropout):
+        raise UserError(f"--dropout {tuple(dropout)}: rates must lie in [0, 1)")
+    if any(h < 1 for h in head):
+        raise UserError(f"--head {tuple(head)}: hidden sizes must be positive")
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i < len(dropout):
+            layers.append(nn.Dropout(dropout[i]))
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"--weights {path}: file not found; give a .safetensors or .pth state dict, or use --no-pretrained")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: the library's message says which
+        raise UserError(f"--weights {path}: cannot read it as a state dict ({type(e).__name__}: {e})") from None
+    # The torchvision reference scripts save {"model": state_dict, "optimizer": ...}.
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--weights {path}: expected a state dict (names -> tensors)")
+    return {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+
+
+def _mismatch(where: str, model: nn.Module, state: dict[str, torch.Tensor], skip: str = "") -> str:
+    """A description of the first differences between a model's state dict and `state`, or ''."""
+    own = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+    given = {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
+    # Files saved before PyTorch 0.4.1 (many of torchvision's) lack BatchNorm's step counter;
+    # load_state_dict fills it in.
+    missing = [k for k in own if k not in given and not k.endswith(".num_batches_tracked")]
+    extra = [k for k in given if k not in own]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in given and given[k].shape != own[k].shape]
+    parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", extra), ("shape (file vs model)", shapes)) if keys]
+    return f"{where} do not fit ({'; '.join(parts)})" if parts else ""
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], classifier: str, where: str) -> None:
+    """Load a torchvision state dict into the backbone; the original classifier's keys are ignored."""
+    problem = _mismatch(where, model, state, skip=classifier + ".")
+    if problem:
+        raise UserError(problem)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(classifier + ".")}, strict=False)
+
+
+def _download(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's DEFAULT ImageNet weights of `name`, from TORCH_HOME or the network."""
+    weights = get_model_weights(name).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (URLError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot fetch the pretrained {name} weights ({type(e).__name__}: {e}); give a local file with "
+                        f"--weights PATH (.safetensors or .pth state dict of torchvision's {name}) or train from "
+                        f"scratch with --no-pretrained") from None
+
+
+def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (1000,),
+                dropout: tuple[float, ...] = (0.5, 0.5), pretrained: bool = True, weights: str = "") -> Classifier:
+    """A torchvision backbone with our head.
+
+    `weights` (a local file) takes precedence over `pretrained` (torchvision's DEFAULT weights,
+    cached in TORCH_HOME). The file holds either torchvision's state dict of the backbone
+    (its own key names, the classifier may be present or not) or a whole Classifier's
+    (keys 'backbone.*' and 'head.*', head included).
+    """
+    classifier = _check_backbone(backbone)
+    model = get_model(backbone, weights=None)
+    state = _read_state_dict(Path(weights)) if weights else None
+    whole = state is not None and any(k.startswith("head.") for k in state) \
+        and all(k.startswith(("backbone.", "head.")) for k in state)
+    if state is not None and not whole:
+        _load_backbone(model, state, classifier, f"--weights {weights}: the tensors of this file and {backbone}")
+    elif state is None and pretrained:
+        _load_backbone(model, {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in _download(backbone).items()},
+                       classifier, f"torchvision's {backbone} weights")
+    features = _final_linear(model, classifier).in_features
+    model.set_submodule(classifier, nn.Identity())
+    net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
+    if whole:
+        problem = _mismatch(f"--weights {weights}: the tensors of this saved model and a {backbone} with head "
+                            f"{tuple(head)} and {num_classes} classes", net, state)
+        if problem:
+            raise UserError(problem)
+        net.load_state_dict(state)
+    return net
+
+
+def feature_dim(model: Classifier) -> int:
+    """Width F of the backbone's features (the input of the head's first linear layer)."""
+    return next(m for m in model.head if isinstance(m, nn.Linear)).in_features
+
+
+def set_frozen(model: Classifier, frozen: bool) -> None:
+    """Freeze (no gradients) or unfreeze the backbone's parameters; the head always trains.
+
+    The optimizer may be built over all parameters: frozen ones get no .grad and are skipped.
+    """
+    for p in model.backbone.parameters():
+        p.requires_grad_(not frozen)
+
+
+def is_frozen(model: Classifier) -> bool:
+    return not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def train_mode(model: Classifier) -> None:
+    """model.train(), except that a frozen backbone stays in eval mode as a whole.
+
+    Its BatchNorm running statistics stay untouched, and its own dropout and stochastic depth
+    are off, so a frozen backbone is a fixed function of the image.
+    """
+    model.train()
+    if is_frozen(model):
+        model.backbone.eval()
+
+
+def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() as safetensors can store it: on the CPU, contiguous, no shared storage.
+
+    Channels-last weights are not contiguous, and safetensors refuses them (and tensors sharing
+    memory); this copies each tensor. Keys are those of the uncompiled model.
+    """
+    # A fresh contiguous CPU copy of every tensor: never a view of the live parameter.
+    return {k.removeprefix("_orig_mod."): v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+            for k, v in model.state_dict().items()}
+
+
+# --- speed settings ------------------------------------------------------------------------
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for --amp: None means full fp32.
+
+    'auto': bf16 on a CUDA device that supports it, fp16 on older CUDA devices, off on the CPU
+    (CPU autocast is rarely faster). 'bf16' is allowed on the CPU; 'fp16' needs a CUDA device
+    (UserError otherwise), as does bf16 support on a GPU.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if not cuda:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --amp fp16 or auto")
+        return torch.bfloat16
+    if amp == "fp16":
+        if not cuda:
+            raise UserError(f"--amp fp16 needs a CUDA device (this run is on {device}); use --amp bf16 or off")
+        return torch.float16
+    raise UserError(f"--amp {amp!r}: choose one of auto, bf16, fp16, off")
+
+
+def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return dtype == torch.float16
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool, compile: bool,
+                  compile_mode: str = "default") -> nn.Module:
+    """Move the model to the device, optionally channels-last and compiled, and tune CUDA.
+
+    Compiling is done in place (nn.Module.compile), so the returned module is `model` itself
+    and its state_dict keys stay the same. Inputs should then be channels-last too.
+    """
+    device = torch.device(device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    if compile:
+        model.compile(mode=compile_mode)
+    return model

@@ -1,0 +1,276 @@
+"""Backbone registry, head, freezing, weight files, safetensors round trip, AMP choice."""
+from urllib.error import URLError
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import get_model
+
+from breakhis import models
+from breakhis.errors import UserError
+from breakhis.models import (BACKBONES, amp_dtype, build_model, feature_dim, needs_grad_scaler,
+                             portable_state_dict, prepare_model, set_frozen, train_mode)
+
+REQUIRED = ([f"resnet{n}" for n in (18, 34, 50, 101, 152)] + [f"efficientnet_b{i}" for i in range(8)]
+            + ["densenet121", "densenet169", "densenet201", "alexnet", "convnext_tiny"]
+            + [f"vgg{n}{bn}" for n in (11, 13, 16, 19) for bn in ("", "_bn")])
+
+
+def test_registry_has_the_logbook_backbones():
+    assert set(REQUIRED) <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_builds_and_runs(name):
+    # 64 px is about the smallest AlexNet accepts (its third max-pool needs a 3x3 map);
+    # VGG and AlexNet pool adaptively to 7x7 / 6x6, so their linear layers still fit
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3, head=(16,), dropout=(0.5,), pretrained=False).eval()
+    assert isinstance(model.backbone, nn.Module) and isinstance(model.head, nn.Sequential)
+    assert not [m for m in model.backbone.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    with torch.no_grad():
+        feats = model.backbone(torch.randn(1, 3, 64, 64))
+        out = model(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, feature_dim(model))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(UserError, match="resnet50.*efficientnet_b7.*convnext_tiny"):
+        build_model("resnet9000", pretrained=False)
+
+
+def _layout(head):
+    return [(type(m).__name__, getattr(m, "p", None) if isinstance(m, nn.Dropout) else
+             (m.in_features, m.out_features) if isinstance(m, nn.Linear) else None) for m in head]
+
+
+def test_head_structure():
+    model = build_model("resnet18", head=(1000, 512, 128), dropout=(0.5, 0.5, 0.5), pretrained=False)
+    assert _layout(model.head) == [("Dropout", 0.5), ("Linear", (512, 1000)), ("ReLU", None),
+                                   ("Dropout", 0.5), ("Linear", (1000, 512)), ("ReLU", None),
+                                   ("Dropout", 0.5), ("Linear", (512, 128)), ("ReLU", None),
+                                   ("Linear", (128, 2))]
+    # the logbook's best entry: 2048 -> 1000 -> 2 with a dropout before each linear layer
+    model = build_model("resnet50", head=(1000,), dropout=(0.5, 0.5), pretrained=False)
+    assert _layout(model.head) == [("Dropout", 0.5), ("Linear", (2048, 1000)), ("ReLU", None),
+                                   ("Dropout", 0.5), ("Linear", (1000, 2))]
+    model = build_model("resnet18", num_classes=8, head=(), dropout=(), pretrained=False)
+    assert _layout(model.head) == [("Linear", (512, 8))]
+    model = build_model("resnet18", head=(), dropout=(0.3,), pretrained=False)
+    assert _layout(model.head) == [("Dropout", 0.3), ("Linear", (512, 2))]
+
+
+def test_head_errors():
+    with pytest.raises(UserError, match="--dropout has 2 rates.*1 linear"):
+        build_model("resnet18", head=(), dropout=(0.5, 0.5), pretrained=False)
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        build_model("resnet18", dropout=(1.0,), pretrained=False)
+    with pytest.raises(UserError, match="--head"):
+        build_model("resnet18", head=(0,), pretrained=False)
+
+
+def test_probability_of_malignant_is_softmax_of_two_logits():
+    model = build_model("resnet18", head=(), dropout=(), pretrained=False).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(4, 3, 32, 32))
+    p = logits.softmax(1)[:, 1]
+    assert torch.allclose(p, torch.sigmoid(logits[:, 1] - logits[:, 0]), atol=1e-6)
+
+
+def test_freeze_trains_only_the_head_and_keeps_bn_statistics():
+    model = build_model("resnet18", head=(8,), pretrained=False)
+    set_frozen(model, True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    train_mode(model)
+    assert model.training and model.head.training and not model.backbone.training
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running_mean/var and num_batches_tracked
+    # unfreezing: everything trains and BatchNorm statistics move again
+    set_frozen(model, False)
+    train_mode(model)
+    assert all(p.requires_grad for p in model.parameters()) and model.backbone.training
+    model(torch.randn(4, 3, 32, 32))
+    bn = model.backbone.bn1
+    assert not torch.equal(bn.running_mean, before["bn1.running_mean"])
+
+
+def _save(state, path):
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_from_local_file(tmp_path, suffix):
+    torch.manual_seed(1)
+    source = get_model("resnet18", weights=None)  # a torchvision state dict, classifier 'fc' included
+    path = tmp_path / f"resnet18{suffix}"
+    _save(source.state_dict(), path)
+    torch.manual_seed(2)
+    model = build_model("resnet18", weights=str(path), pretrained=True)  # the file wins over downloading
+    want = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    got = model.backbone.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # the file without its classifier loads too
+    _save(want, path)
+    model = build_model("resnet18", weights=str(path), pretrained=False)
+    assert torch.equal(model.backbone.conv1.weight, source.conv1.weight)
+
+
+def test_densenet_weights_with_old_key_names(tmp_path):
+    # the DenseNet files torchvision downloads still name layers 'norm.1' for 'norm1', and
+    # (saved before PyTorch 0.4.1) have no BatchNorm num_batches_tracked
+    source = get_model("densenet121", weights=None)
+    state = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v for k, v in source.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in state
+    torch.save(state, tmp_path / "d.pth")
+    model = build_model("densenet121", weights=str(tmp_path / "d.pth"), pretrained=False)
+    key = "features.denseblock1.denselayer1.conv2.weight"
+    assert torch.equal(model.backbone.state_dict()[key], source.state_dict()[key])
+
+
+def test_weights_of_a_whole_classifier(tmp_path):
+    model = build_model("resnet18", head=(8,), dropout=(0.5,), pretrained=False)
+    save_file(portable_state_dict(model), str(tmp_path / "m.safetensors"))
+    again = build_model("resnet18", head=(8,), dropout=(0.5,), weights=str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(UserError, match="head.1.weight"):
+        build_model("resnet18", head=(16,), weights=str(tmp_path / "m.safetensors"))
+
+
+def test_mismatched_weights(tmp_path):
+    torch.save(get_model("resnet34", weights=None).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(UserError, match=r"r34.pth.*resnet18.*unexpected: layer1.2"):
+        build_model("resnet18", weights=str(tmp_path / "r34.pth"))
+    state = get_model("resnet18", weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(UserError, match=r"conv1.weight \(64, 3, 5, 5\) vs \(64, 3, 7, 7\)"):
+        build_model("resnet18", weights=str(tmp_path / "shape.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="junk.pth: cannot read"):
+        build_model("resnet18", weights=str(tmp_path / "junk.pth"))
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_model("resnet18", weights=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_without_network_suggests_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: the download would be needed
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    import torchvision.models._api as api
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match="--weights PATH.*--no-pretrained"):
+        build_model("resnet18", pretrained=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_pretrained_weights_are_loaded(monkeypatch):
+    # stand in for the download: the backbone must receive exactly those tensors
+    source = get_model("resnet18", weights=None)
+    monkeypatch.setattr(models, "_download", lambda name: source.state_dict())
+    model = build_model("resnet18", pretrained=True)
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+
+
+def test_safetensors_round_trip(tmp_path):
+    model = build_model("efficientnet_b0", head=(8,), pretrained=False)
+    save_file(model.state_dict(), str(tmp_path / "plain.safetensors"))  # the lead's plain save works
+    loaded = load_file(str(tmp_path / "plain.safetensors"))
+    assert set(loaded) == set(model.state_dict())
+    # channels-last weights are not contiguous: portable_state_dict makes them storable
+    prepare_model(model, torch.device("cpu"), channels_last=True, compile=False)
+    with pytest.raises(ValueError, match="non contiguous"):
+        save_file(model.state_dict(), str(tmp_path / "cl.safetensors"))
+    save_file(portable_state_dict(model), str(tmp_path / "cl.safetensors"))
+    fresh = build_model("efficientnet_b0", head=(8,), pretrained=False)
+    fresh.load_state_dict(load_file(str(tmp_path / "cl.safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), model.eval()(x.to(memory_format=torch.channels_last)), atol=1e-5)
+
+
+def test_portable_state_dict_copies():
+    model = build_model("resnet18", head=(), dropout=(), pretrained=False)
+    state = portable_state_dict(model)
+    state["head.0.weight"].zero_()
+    assert model.head[0].weight.abs().sum() > 0
+
+
+def test_amp_dtype_on_cpu():
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None
+    assert amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        amp_dtype("fp16", cpu)
+    with pytest.raises(UserError, match="auto, bf16, fp16, off"):
+        amp_dtype("fp8", cpu)
+    assert needs_grad_scaler(torch.float16) and not needs_grad_scaler(torch.bfloat16) and not needs_grad_scaler(None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_amp_dtype_on_cuda():
+    dev = torch.device("cuda")
+    assert amp_dtype("auto", dev) is (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    assert amp_dtype("fp16", dev) is torch.float16
+
+
+def test_prepare_model_keeps_state_dict_keys():
+    model = build_model("resnet18", head=(), dropout=(), pretrained=False)
+    keys = list(model.state_dict())
+    out = prepare_model(model, torch.device("cpu"), channels_last=True, compile=True)
+    assert out is model and list(model.state_dict()) == keys
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- the training benchmark (python -m breakhis.bench train) ---------------------------------
+
+def test_bench_train_on_cpu(capsys):
+    import json
+
+    from breakhis import bench_train
+    assert bench_train.main(["--backbone", "resnet18", "--image-size", "64", "--batch-size", "2", "--steps", "1",
+                             "--warmup", "0", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["gflop_forward_per_image"] == pytest.approx(1.82 * 2 * (64 / 224) ** 2, rel=0.05)  # torchvision: 1.82 GMACs at 224
+    timed = [r for r in out["rows"] if not r["skipped"]]
+    assert [(r["channels_last"], r["amp"], r["compile"]) for r in timed] == [(False, "off", False), (True, "off", False)]
+    assert timed[0]["ratio"] == 1.0 and timed[1]["img_s"] > 0 and "mfu" not in timed[0]
+    assert len(out["rows"]) == 8 and all("CPU" in r["skipped"] for r in out["rows"] if r not in timed)
+
+
+def test_bench_train_errors():
+    from breakhis import bench_train
+    with pytest.raises(UserError, match="resnet50"):
+        bench_train.main(["--backbone", "lenet", "--device", "cpu"])
+    with pytest.raises(UserError, match="--image-size 16"):
+        bench_train.main(["--image-size", "16", "--device", "cpu"])
+    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
+        bench_train.main(["--amp", "fp16", "--device", "cpu", "--backbone", "resnet18"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            bench_train.main(["--device", "cuda"])
+
+
+def test_peak_table(monkeypatch):
+    from breakhis.bench_train import peak_tflops
+    assert peak_tflops(torch.device("cpu"), "bf16") is None
+    for name, bf16, tf32 in [("NVIDIA H100 80GB HBM3", 989.0, 494.5), ("NVIDIA H100 PCIe", 756.0, 378.0),
+                             ("NVIDIA H200", 989.0, 494.5), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
+                             ("Tesla T4", None, None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert (peak_tflops(torch.device("cuda"), "bf16"), peak_tflops(torch.device("cuda"), "tf32")) == (bf16, tf32)
