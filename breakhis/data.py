@@ -639,7 +639,7 @@ def main(argv=None) -> int:
     if a.download:
         from .download import download_and_extract
 
-        root = download_and_extract(URL, a.download)
+        root = download_and_extract(URL, a.download, progress=not a.json)
     elif a.root:
         root = a.root
     else:

@@ -427,7 +427,8 @@ def test_cli_report_and_split(demo_root, tmp_path, capsys):
 
 def test_cli_download_then_report(fresh_demo, tmp_path, capsys, monkeypatch):
     calls = []
-    fake = types.SimpleNamespace(download_and_extract=lambda url, dest: calls.append((url, dest)) or fresh_demo.parent)
+    fake = types.SimpleNamespace(
+        download_and_extract=lambda url, dest, progress=True: calls.append((url, dest)) or fresh_demo.parent)
     monkeypatch.setitem(sys.modules, "breakhis.download", fake)
     rc, out, _ = run_cli(capsys, "--download", tmp_path / "dl", "--cache-dir", tmp_path / "c", "--cache-size", "8x8")
     assert rc == 0 and calls == [(D.URL, str(tmp_path / "dl"))] and "OK: 64 usable images of 8 patients" in out
