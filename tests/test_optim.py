@@ -118,6 +118,11 @@ def test_warmup_then_step():
     assert got == pytest.approx([0.1, 0.4, 0.7, 1, 1, 0.5, 0.5, 0.25])
 
 
+def test_warmup_then_constant():
+    got = per_epoch(lr_sequence("none", warmup_epochs=2))
+    assert got == pytest.approx([0.1, 0.55] + [1] * 6)
+
+
 def test_warmup_then_cosine():
     got = per_epoch(lr_sequence("cosine", warmup_epochs=2))
     want = [0.1, 0.55] + [(1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]
