@@ -13,7 +13,7 @@ model is loaded. The choices made here:
   default), at --threshold (a number, or youden / recall=R chosen on each run's own
   validation rows). Intervals: percentile bootstrap over patients (--boot resamples).
 - Comparable runs are runs scored on the same test images (same paths and labels). Each
-  set of comparable runs is ranked on its own (split A, B, ...); runs on other test images
+  set of comparable runs is ranked on its own (image sets A, B, ...); runs on other test images
   are never ranked against them. A run alone on its test images is not ranked.
 - Repeats: runs whose settings are equal except seed (and split_seed, from
   `train.py --seeds ... --resplit`) form one row: each figure is mean ± std across the runs,
@@ -31,6 +31,7 @@ model is loaded. The choices made here:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -58,9 +59,9 @@ class Run:
     config: dict            # config.json without "_env"
     saved: dict             # metrics.json ({} when absent)
     paths: list[str] = field(default_factory=list)  # image paths, sorted
-    y: np.ndarray = None    # (N,) labels, 1 = malignant
-    p: np.ndarray = None    # (N,) malignant probability, rescaled so the threshold sits at 0.5
-    patients: np.ndarray = None  # (N,) patient ids
+    y: np.ndarray | None = None         # (N,) labels, 1 = malignant
+    p: np.ndarray | None = None         # (N,) malignant probability, rescaled so the threshold sits at 0.5
+    patients: np.ndarray | None = None  # (N,) patient ids
     fingerprint: str = ""   # sha1 of the scored images' paths and labels: equal means comparable
     note: str = ""
 
@@ -81,7 +82,7 @@ class Row:
     value: dict = field(default_factory=dict)   # pooled point estimates
     ci: dict = field(default_factory=dict)      # metric -> (lo, hi)
     spread: dict = field(default_factory=dict)  # metric -> {"mean", "std", "n"} across the runs
-    split: str = ""                             # letter of the set of comparable rows
+    image_set: str = ""                         # letter of the set of comparable rows
     best: bool = False
     versus: dict | None = None                  # paired_bootstrap result against the best
     note: str = ""
@@ -247,9 +248,9 @@ def rank(rows: list[Row], metric: str, n_boot: int) -> list[Row]:
         members.sort(key=lambda r: _key(r, metric), reverse=True)
         letter = chr(ord("A") + i) if i < 26 else str(i + 1)
         for row in members:
-            row.split = letter
+            row.image_set = letter
         if len(members) == 1:
-            members[0].note = "only row on its test images: not ranked"
+            members[0].note = "only row on these images: not ranked"
         else:
             members[0].best = True
             for row in members[1:]:
@@ -266,7 +267,7 @@ def _signed(v: float) -> str:
 
 def versus_text(row: Row, many_sets: bool) -> str:
     if row.best:
-        return "best" + (f" on split {row.split}" if many_sets else "")
+        return "best" + (f" on image set {row.image_set}" if many_sets else "")
     if row.versus is None:
         return row.note
     v = row.versus
@@ -301,18 +302,18 @@ def settings_of(row: Row, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def table(rows: list[Row], keys: list[str], sort: str, part: str) -> tuple[list[str], list[list[str]]]:
+def table(rows: list[Row], keys: list[str], sort: str) -> tuple[list[str], list[list[str]]]:
     """Column titles and display cells (the same for the terminal and Markdown)."""
-    many_sets = len({r.split for r in rows if r.split}) > 1
+    many_sets = len({r.image_set for r in rows if r.image_set}) > 1
     repeats = any(len(r.runs) > 1 for r in rows)
-    cols = ["run", *keys, *(["runs"] if repeats else []), *(["test split"] if many_sets else []),
+    cols = ["run", *keys, *(["runs"] if repeats else []), *(["image set"] if many_sets else []),
             "best val acc", *(t for _, t in METRICS), f"vs best ({sort})"]
     cells = []
     for r in rows:
         settings = settings_of(r, keys)
         line = [r.name + (" ★" if r.best else ""), *(settings[k] for k in keys)]
         line += [str(len(r.runs))] if repeats else []
-        line += [r.split or "–"] if many_sets else []
+        line += [r.image_set or "–"] if many_sets else []
         if r.value:
             line += [_cell(r, "best_val_acc"), *(_cell(r, k) for k, _ in METRICS), versus_text(r, many_sets)]
         else:
@@ -328,7 +329,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
     """One flat dict per row with numbers (CSV columns; the --json payload)."""
     out = []
     for r in rows:
-        rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "test_split": r.split,
+        rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "image_set": r.image_set,
                "best": r.best, "folders": ";".join(str(x.path) for x in r.runs)}
         for k in ("best_val_acc", *(k for k, _ in METRICS)):
             s = r.spread.get(k) or {}
@@ -350,7 +351,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
 def markdown(cols: list[str], cells: list[list[str]], caption: str) -> str:
     def line(items):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in items) + " |"
-    right = ["---"] + ["---:" if c not in ("test split",) else ":---:" for c in cols[1:]]
+    right = ["---"] + ["---:" if c != "image set" else ":---:" for c in cols[1:]]
     return "\n".join([line(cols), "| " + " | ".join(right) + " |", *map(line, cells), "", caption, ""])
 
 
@@ -358,13 +359,12 @@ def caption(sort: str, part: str, n_boot: int, threshold: str) -> str:
     return (f"{part} figures at threshold {threshold}, [95% interval: bootstrap over patients, {n_boot} resamples]. "
             f"★ best by {sort}; other rows: difference to the best [95% interval], paired bootstrap over the "
             f"patients of the shared {part} images, * where the interval excludes 0. Rows of repeats: mean ± std "
-            f"across runs, pooled interval. Rows are ranked only against rows on the same {part} images.")
+            f"across runs, pooled interval. Rows are ranked only against rows on the same {part} images "
+            f"(the same letter under 'image set').")
 
 
 def compare_main(a, paths: list[Path]) -> int:
     """The logbook table of many run folders (evaluate.py with several runs)."""
-    import json
-
     choices = [k for k, _ in METRICS] + [k for k in M.CI_KEYS if k not in dict(METRICS)]
     if a.sort not in choices:
         raise UserError(f"--sort {a.sort!r}: choose one of {', '.join(choices)}")
@@ -383,7 +383,7 @@ def compare_main(a, paths: list[Path]) -> int:
         score_row(row, a.boot)
     rows = rank(rows, a.sort, a.boot)
     rows += [Row([r], r.name, note=r.note) for r in loaded if not r.scored]
-    cols, cells = table(rows, keys, a.sort, part)
+    cols, cells = table(rows, keys, a.sort)
     text = caption(a.sort, part, a.boot, a.threshold)
     if a.csv:
         runs.write_csv(Path(a.csv), records(rows, keys))
@@ -393,7 +393,7 @@ def compare_main(a, paths: list[Path]) -> int:
         print(json.dumps({"sort": a.sort, "split": part, "threshold": a.threshold, "boot": a.boot,
                           "rows": records(rows, keys)}))
         return 0
-    starts = {i for i in range(1, len(rows)) if rows[i].split != rows[i - 1].split}
+    starts = {i for i in range(1, len(rows)) if rows[i].image_set != rows[i - 1].image_set}
     stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in cells]  # narrower columns
     report.console.print(report.logbook_table(cols, stacked, title=f"Logbook: {len(loaded)} runs, {part} split",
                                               caption=text, best={i for i, r in enumerate(rows) if r.best},

@@ -42,7 +42,7 @@ def test_grad_cam_shape_range_and_reference_on_resnet18():
 
 
 def test_grad_cam_densenet_reads_features_before_the_inplace_relu():
-    model, x = tiny("densenet121"), torch.randn(2, 3, 64, 64)
+    model, x = tiny("densenet121"), torch.randn(1, 3, 64, 64)
     bb = model.backbone
 
     def rest(a):
@@ -112,3 +112,18 @@ def test_save_cams_writes_n_overlays_errors_first_and_refuses_zero(evaluated, tm
     assert len(save_cams(model, prep, few, cfg, torch.device("cpu"), tmp_path / "few", 8)) == 3
     with pytest.raises(UserError, match="--cam 0"):
         save_cams(model, prep, ev, cfg, torch.device("cpu"), tmp_path, 0)
+
+
+def test_evaluate_cli_writes_cams_into_the_run_plots(demo_root, cache_dir, tmp_path, capsys):
+    import evaluate
+    import train
+
+    assert train.main(["--data", str(demo_root), "--backbone", "resnet18", "--no-pretrained", "--image-size", "32",
+                       "--epochs", "1", "--batch-size", "16", "--head", "none", "--dropout", "none", "--class-weights",
+                       "none", "--device", "cpu", "--cache-dir", str(cache_dir), "--results", str(tmp_path),
+                       "--name", "run", "--quiet"]) == 0
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "run"), "--cam", "2", "--boot", "20"]) == 0
+    written = sorted((tmp_path / "run" / "plots").glob("cam-*.png"))
+    assert [p.name[:7] for p in written] == ["cam-01-", "cam-02-"]
+    assert "cam-01-" in capsys.readouterr().out

@@ -106,7 +106,7 @@ def test_differing_test_splits_are_not_comparable(tmp_path, capsys):
     paths2, patients2, y2 = cases(start=100)
     c = write_run(tmp_path / "c", np.where(y2 == 1, 0.9, 0.1), paths2, patients2, y2, lr=1e-5)
     rows = {r["run"]: r for r in run_json([a, b, c], capsys)["rows"]}
-    assert rows["a"]["test_split"] == rows["b"]["test_split"] != rows["c"]["test_split"]
+    assert rows["a"]["image_set"] == rows["b"]["image_set"] != rows["c"]["image_set"]
     assert rows["a"]["best"] and rows["b"]["vs_best_diff"] is not None
     assert not rows["c"]["best"] and rows["c"]["vs_best_diff"] is None and "not ranked" in rows["c"]["note"]
 
@@ -116,7 +116,7 @@ def test_same_paths_with_other_labels_are_not_comparable(tmp_path, capsys):
     a = write_run(tmp_path / "a", np.full(y.size, 0.6), paths, patients, y, lr=1e-3)
     b = write_run(tmp_path / "b", np.full(y.size, 0.6), paths, patients, 1 - y, lr=1e-4)
     rows = run_json([a, b], capsys)["rows"]
-    assert rows[0]["test_split"] != rows[1]["test_split"] and not any(r["best"] for r in rows)
+    assert rows[0]["image_set"] != rows[1]["image_set"] and not any(r["best"] for r in rows)
 
 
 def test_seed_repeats_form_one_row_with_mean_and_std(tmp_path, capsys):
@@ -153,9 +153,9 @@ def test_resplit_groups_compare_with_each_other_not_with_a_single_run(tmp_path, 
     folders.append(write_run(tmp_path / "single", np.where(y == 1, 0.9, 0.1), backbone="vgg11"))
     rows = {r["run"]: r for r in run_json(folders, capsys)["rows"]}
     assert rows["resnet50"]["runs"] == 2 and rows["resnet50"]["split_seed"] == "0,1"
-    assert rows["resnet50"]["best"] and rows["resnet18"]["test_split"] == rows["resnet50"]["test_split"]
+    assert rows["resnet50"]["best"] and rows["resnet18"]["image_set"] == rows["resnet50"]["image_set"]
     assert rows["resnet18"]["vs_best_diff"] == pytest.approx(-0.5) and rows["resnet18"]["significant"]
-    assert rows["single"]["test_split"] != rows["resnet50"]["test_split"] and rows["single"]["vs_best_diff"] is None
+    assert rows["single"]["image_set"] != rows["resnet50"]["image_set"] and rows["single"]["vs_best_diff"] is None
 
 
 def test_only_differing_settings_become_columns(tmp_path, capsys):
