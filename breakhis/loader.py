@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +164,17 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
     return [x] + [dihedral(x, k).contiguous(memory_format=fmt) for k in range(1, 8)]
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _threads(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of n threads, each running torch ops on one intra-op thread."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="breakhis-loader", initializer=torch.set_num_threads,
+                                       initargs=(1,))
+    return _POOLS[n]
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
@@ -308,43 +320,66 @@ class Loader:
 
     def _render(self, src: torch.Tensor, rows, p: dict) -> torch.Tensor:
         """Geometry, jitter and normalisation of one batch -> (B, 3, S, S) in self.dtype."""
-        x = self._slice(src, rows, p) if self._geometry == "slice" else self._grid(src, rows, p)
-        B, S = x.shape[0], self.size
-        x = x.view(B, 3, S * S)  # (B, 3, P) float32 in [0, 255], planar
-        dev, unit = x.device, 255.0
-        if p["stain"] is not None:
-            x, unit = self._stain(x, p["stain"].to(dev, torch.float32)), 1.0
+        B, S, dev = len(p["k"]), self.size, self.data.device
         shape = (B, 3, S, S)
         out = self._pool.get(shape, self.dtype, self.memory_format) if self._pool else \
             torch.empty(shape, dtype=self.dtype, device=dev, memory_format=self.memory_format)
-        # (B, 3, P) view of the output whatever its memory format; computed in float32, cast on store
-        outv = out.view(B, 3, S * S) if out.is_contiguous() else out.permute(0, 2, 3, 1).view(B, S * S, 3).transpose(1, 2)
-        if p["colour"] is None:  # normalise only: one per-channel scale and shift into the output
-            torch.addcmul(-self._mean / self._std, x, 1 / (unit * self._std), out=outv)
+        if self._geometry == "grid":
+            self._photometric(self._grid(src, rows, p).view(B, 3, S * S), p, out)
             return out
-        m, t = self._colour(x, p["colour"].to(dev, torch.float32), unit)
-        y = torch.baddbmm(t, m, x, out=self._buf("colour", x.shape))  # already normalised
-        torch.clamp(y, -self._mean / self._std, (1 - self._mean) / self._std, out=outv)  # clip to [0, 1] RGB
+        # On the CPU the batch is cut into one part per intra-op thread, each rendered by a
+        # worker that runs torch on one thread: the per-sample ops are small, and on a busy
+        # machine they lose more waiting at intra-op barriers than they gain.
+        rows, x, y = list(rows), self._buf("x", (B, 3, S * S)), self._buf("y", (B, 3, S * S))
+        n = min(torch.get_num_threads(), B)
+
+        def work(c: slice):
+            q = {key: None if v is None else v[c] for key, v in p.items()}
+            self._slice(src, rows[c], q, x[c])
+            self._photometric(x[c], q, out[c], y[c])
+
+        parts = [slice(j * B // n, (j + 1) * B // n) for j in range(n)]
+        if n == 1:
+            work(parts[0])
+        else:
+            list(_threads(n).map(work, parts))
         return out
 
-    def _slice(self, src, rows, p) -> torch.Tensor:
-        """Per-sample crop, resize and dihedral on the CPU -> (B, 3, S, S) float32 in [0, 255]."""
-        B, S = len(p["k"]), self.size
-        x = self._buf("x", (B, 3, S, S))
+    def _photometric(self, x: torch.Tensor, p: dict, out: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Stain and colour jitter and normalisation of x (B, 3, P) float32 in [0, 255] (overwritten),
+        written into out (B, 3, S, S) in its dtype and memory format; y: scratch like x."""
+        B, dev, unit = x.shape[0], x.device, 255.0
+        y = torch.empty_like(x) if y is None else y
+        if p["stain"] is not None:
+            x, y, unit = self._stain(x, p["stain"].to(dev, torch.float32), y), x, 1.0
+        # (B, 3, P) view of the output whatever its memory format; computed in float32, cast on store
+        outv = out.view(B, 3, -1) if out.is_contiguous() else out.permute(0, 2, 3, 1).reshape(B, -1, 3).transpose(1, 2)
+        if p["colour"] is None:  # normalise only: one per-channel scale and shift into the output
+            torch.addcmul(-self._mean / self._std, x, 1 / (unit * self._std), out=outv)
+            return
+        m, t = self._colour(x, p["colour"].to(dev, torch.float32), unit)
+        y = torch.bmm(m, x, out=y)  # jittered and normalised, less the offset
+        for ch in range(3):  # add the offset, clip to [0, 1] RGB: per plane, scalar bounds are fastest
+            y[:, ch].add_(t[:, ch]).clamp_(-MEAN[ch] / STD[ch], (1 - MEAN[ch]) / STD[ch])
+        outv.copy_(y)
+
+    def _slice(self, src: torch.Tensor, rows: list, p: dict, x: torch.Tensor) -> None:
+        """Per-sample crop, resize and dihedral on the CPU into x (B, 3, S*S) float32, [0, 255]."""
+        B, S = len(rows), self.size
         box, k = p["box"].tolist(), p["k"].tolist()
         if all(b == box[0] for b in box) and not any(k):  # one view for all: a single interpolate
             y0, x0, h, w = box[0]
-            crop = src[:, y0:y0 + h, x0:x0 + w][torch.as_tensor(list(rows))].permute(0, 3, 1, 2)
-            return x.copy_(F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(S, S),
-                                         mode="bilinear", align_corners=False))
-        for i, r in enumerate(rows):
+            crop = src[:, y0:y0 + h, x0:x0 + w][torch.as_tensor(rows)].permute(0, 3, 1, 2)
+            x.view(B, 3, S, S).copy_(F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(S, S),
+                                                   mode="bilinear", align_corners=False))
+            return
+        for i in range(B):
             y0, x0, h, w = box[i]
-            crop = src[r, y0:y0 + h, x0:x0 + w].permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
+            crop = src[rows[i], y0:y0 + h, x0:x0 + w].permute(2, 0, 1)[None]  # (1, 3, h, w) uint8
             # channels-last contiguous uint8 takes interpolate's vectorised path (7x grid_sample)
             o = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(S, S),
                               mode="bilinear", align_corners=False)
-            x[i].copy_(dihedral(o[0], k[i]))
-        return x
+            x[i].view(3, S, S).copy_(dihedral(o[0], k[i]))
 
     def _grid(self, src, rows, p) -> torch.Tensor:
         H, W = self.data.shape[1:3]
@@ -367,8 +402,8 @@ class Loader:
         grid = F.affine_grid(theta.float().to(dev), [B, 3, S, S], align_corners=False)
         return F.grid_sample(fields, grid, mode="bilinear", padding_mode="border", align_corners=False).contiguous()
 
-    def _stain(self, x: torch.Tensor, st: torch.Tensor) -> torch.Tensor:
-        """HED jitter of x (B, 3, P) in [0, 255], in place -> [0, 1].
+    def _stain(self, x: torch.Tensor, st: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """HED jitter of x (B, 3, P) in [0, 255] (overwritten) -> out, in [0, 1].
 
         skimage's rgb2hed, scale and shift of each stain, hed2rgb, without skimage's clipping
         of negative stain amounts (so zero jitter is exactly the identity): in log RGB that is
@@ -380,7 +415,7 @@ class Loader:
         m = (to_rgb * st[:, None, :3]) @ to_hed  # (B, 3, 3): to stains, scale each, back to log RGB
         shift = to_rgb @ st[:, 3:, None]  # (B, 3, 1)
         od = x.div_(255).clamp_(min=1e-6).log_()
-        return torch.baddbmm(shift, m, od, out=self._buf("hed", x.shape)).exp_().clamp_(0, 1)
+        return torch.baddbmm(shift, m, od, out=out).exp_().clamp_(0, 1)
 
     def _colour(self, x: torch.Tensor, cj: torch.Tensor, unit: float):
         """Per-sample (B, 3, 3) matrix and (B, 3, 1) offset: colour jitter, then normalisation.

@@ -1,0 +1,244 @@
+"""Benchmarks that print numbers (speed is measured here, never asserted by a timed test).
+
+    python -m breakhis.bench loader --data data/BreaKHis_v1            # our loader vs the hand-written one
+    python -m breakhis.bench loader --data data/demo --json            # last line: one JSON object
+    python -m breakhis.bench train --backbone resnet50                 # training throughput (bench_train.py)
+
+`loader` decodes every image under --data once into a fresh uint8 cache (timed: the cache
+build), then, on the same images and the same augmentations (random resized crop to
+--image-size, flips, colour jitter, normalise), times in one run:
+(a) our loader from the warm cache, on the GPU when there is one, and
+(b) the loader one writes by hand: a Dataset decoding each PNG with Pillow and applying
+    torchvision transforms, through a DataLoader with one worker per core (--workers).
+Both skip their first batch (start-up) and time --batches batches; ours also runs at least
+two seconds. On a GPU it also trains ResNet-50 (channels-last, bf16 autocast) for one epoch
+fed by our loader and for the same epoch fed from batches made beforehand on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError, guard
+
+USAGE = ("usage: python -m breakhis.bench {loader,train} ...\n"
+         "  loader  our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
+         "  train   training throughput of a backbone (python -m breakhis.bench train -h)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to a benchmark: `loader` here, `train` in bench_train.py."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if argv[:1] == ["train"]:
+        from .bench_train import main as train_main  # imported only when asked for
+        return train_main(argv[1:])
+    if argv[:1] == ["loader"]:
+        return loader_main(argv[1:])
+    raise UserError(f"unknown benchmark {argv[0]!r}: choose loader or train, e.g. python -m breakhis.bench loader "
+                    f"--data data/demo" if argv else "choose a benchmark: python -m breakhis.bench loader --data ROOT "
+                                                      "(or train; -h for help)")
+
+
+def loader_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m breakhis.bench loader", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="BreaKHis_v1 root (or its parent, or a demo tree)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    ap.add_argument("--image-size", type=int, default=224, help="model input side, pixels (default: 224)")
+    ap.add_argument("--batches", type=int, default=10, help="timed batches of each loader (default: 10)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers and cache decoders (0: one per core)")
+    ap.add_argument("--cache-dir", default="", help="reuse this cache folder (default: a fresh temporary one, "
+                                                     "so the build time is a cold build)")
+    args = ap.parse_args(argv)
+    for name in ("batch_size", "image_size", "batches"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (one per core) or more")
+    workers = args.workers or os.cpu_count() or 1
+    console = Console(stderr=args.json)
+
+    from . import cache as cache_mod
+    from .data import index_tree
+
+    index = index_tree(args.data)  # UserError for a missing root or one without BreakHis images
+    paths = [r.path for r in index.records]
+    labels = [r.label for r in index.records]
+    size = cache_mod.default_cache_size(args.image_size)
+    tmp = None if args.cache_dir else tempfile.mkdtemp(prefix="breakhis-bench-")
+    try:
+        t0 = time.perf_counter()
+        cache = cache_mod.build_cache(index.root, paths, size, cache_dir=args.cache_dir or tmp, workers=workers,
+                                      progress=not args.json)
+        build_s = time.perf_counter() - t0
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ours = time_ours(cache.images, labels, device, args.batch_size, args.image_size, args.batches)
+        baseline = time_baseline([str(index.root / p) for p in paths], device, args.batch_size, args.image_size,
+                                 args.batches, workers)
+        gpu = train_epochs(cache.images, labels, device, args.batch_size, args.image_size) \
+            if device.type == "cuda" else None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    table = Table(title=f"Loader throughput: {len(paths)} images -> {args.image_size}px, batch {args.batch_size}, {device_name(device)}, {os.cpu_count()} cores")
+    table.add_column("what")
+    table.add_column("images/s", justify="right")
+    table.add_column("note")
+    table.add_row("cache build", "", f"{build_s:.1f} s for {len(paths)} images at {size[0]}x{size[1]}, {workers} workers"
+                  + ("" if cache.build_s is not None else " (already built)"))
+    table.add_row("ours (warm cache)", f"{ours:,.0f}", f"{'resident on ' + device.type}, per-sample crop/dihedral/colour")
+    table.add_row("baseline", f"{baseline:,.0f}", f"Pillow + torchvision transforms, DataLoader, {workers} workers")
+    table.add_row("ratio", f"{ours / baseline:.1f}x", "ours / baseline")
+    if gpu is None:
+        table.caption = "ResNet-50 epoch comparison skipped: it needs a GPU"
+    else:
+        fed, premade = gpu
+        n = len(paths) // args.batch_size * args.batch_size
+        table.add_row("ResNet-50 epoch, fed by ours", f"{n / fed:,.0f}", f"{fed:.2f} s, bf16, channels-last")
+        table.add_row("ResNet-50 epoch, pre-made tensors", f"{n / premade:,.0f}",
+                      f"{premade:.2f} s; loader overhead {100 * (fed / premade - 1):+.1f}%")
+    console.print(table)
+    if args.json:
+        print(json.dumps({"ours_img_s": round(ours, 1), "baseline_img_s": round(baseline, 1),
+                          "ratio": round(ours / baseline, 2), "cache_build_s": round(build_s, 2)}))
+    return 0
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(batches: Iterable, count: int, device: torch.device, min_s: float = 0.0) -> float:
+    """Images/s over `count` batches after the first (start-up), running at least min_s seconds.
+
+    `batches` must not run out (see epochs)."""
+    it = iter(batches)
+    next(it)
+    _sync(device)
+    t0, n, k = time.perf_counter(), 0, 0
+    for x in it:
+        n, k = n + len(x[0]), k + 1
+        if k >= count and time.perf_counter() - t0 >= min_s:
+            break
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_augment():
+    """The augmentation both loaders apply: RandomResizedCrop's defaults, flips, ColorJitter(0.2, 0.2, 0.2, 0.05)."""
+    from .loader import Augment
+
+    return Augment(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), dihedral=True, color_jitter=0.2, stain_jitter=0.0)
+
+
+def epochs(loader) -> Iterable:
+    """Endless batches of a Loader, one epoch after another."""
+    e = 0
+    while True:
+        loader.set_epoch(e)
+        yield from loader
+        e += 1
+
+
+def time_ours(images, labels, device, batch_size: int, image_size: int, batches: int) -> float:
+    from .loader import DeviceImages, Loader
+
+    data = DeviceImages(images, device)
+    ld = Loader(data, range(len(labels)), labels, batch_size=batch_size, image_size=image_size, train=True,
+                augment=bench_augment(), drop_last=True)
+    return timed(epochs(ld), batches, device, min_s=2.0)
+
+
+class PillowDataset(torch.utils.data.Dataset):
+    """The hand-written loader: decode a PNG with Pillow, torchvision transforms."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        from torchvision import transforms as T
+
+        from .loader import MEAN, STD
+
+        self.paths = paths
+        self.tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+                             T.ColorJitter(0.2, 0.2, 0.2, 0.05), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return self.tf(im.convert("RGB")), 0
+
+
+def time_baseline(paths, device, batch_size: int, image_size: int, batches: int, workers: int) -> float:
+    dl = torch.utils.data.DataLoader(PillowDataset(paths, image_size), batch_size=batch_size, shuffle=True,
+                                     num_workers=workers, drop_last=True, pin_memory=device.type == "cuda")
+
+    def to_device():
+        while True:
+            for x, y in dl:
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return timed(to_device(), batches, device)
+
+
+def train_epochs(images, labels, device, batch_size: int, image_size: int,
+                 model_fn: Callable[[], torch.nn.Module] | None = None) -> tuple[float, float]:
+    """Seconds of one training epoch fed by our loader, and of the same epoch from pre-made device batches.
+
+    ResNet-50 (random init), channels-last, bf16 autocast, AdamW; one untimed warm-up epoch
+    of each kind first (cudnn autotuning, allocator growth).
+    """
+    from torchvision.models import resnet50
+
+    from .loader import DeviceImages, Loader
+
+    model = (model_fn or (lambda: resnet50(weights=None, num_classes=2)))().to(device, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ld = Loader(DeviceImages(images, device), range(len(labels)), labels, batch_size=batch_size,
+                image_size=image_size, train=True, augment=bench_augment(), drop_last=True, dtype=torch.bfloat16)
+    premade = [(x.clone(), y.clone()) for x, y, _ in ld]
+
+    def step(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def epoch(batches) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, y, *_ in batches:
+            step(x, y)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    epoch(premade), epoch(ld)  # warm-up
+    fed, made = zip(*[(epoch(ld), epoch(premade)) for _ in range(2)])  # alternated, best of two
+    return min(fed), min(made)
+
+
+if __name__ == "__main__":
+    sys.exit(guard(main))
