@@ -59,18 +59,6 @@ def threshold_for(rule: str, run_dir: Path, val_ev, task: str) -> float:
     return float(M.choose_threshold(val_ev["labels"], val_ev["probs"][:, 1], rule))
 
 
-def load_exported(path: str):
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--model {p}: file not found (write one with --export)")
-    try:
-        return torch.export.load(str(p)).module()
-    except Exception as e:  # a damaged or foreign file
-        raise UserError(f"--model {p}: not a torch.export program ({type(e).__name__}: {e})") from None
-
-
 def export(model, cfg, device, path: str) -> None:
     """Save the model as a torch.export program taking (B, 3, S, S) float32 normalised images."""
     import torch
@@ -101,7 +89,7 @@ def evaluate_one(a, run_path: str) -> dict:
         prep = F.prepare_data(dataclasses.replace(cfg, data=a.data), whole=True)
     else:
         prep = F.prepare_data(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")))
-    model = load_exported(a.model) if a.model else F.load_run_model(run_dir, cfg, device)
+    model = F.load_exported(a.model) if a.model else F.load_run_model(run_dir, cfg, device)
     if a.export:
         export(model, cfg, device, a.export)
         report.console.print(f"wrote {a.export} (torch.export program; load with torch.export.load(path).module())")

@@ -76,11 +76,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable, loss_fn: Callable | None
     With tta, the softmax of the 8 dihedral views is averaged.
     """
     model.eval()
-    device = next(model.parameters()).device
     probs, idxs, labels = [], [], []
     loss_sum, n = 0.0, 0
     for x, y, idx in batches:
-        with _autocast(device, amp):
+        with _autocast(x.device, amp):
             views = tta_views(x) if tta else [x]
             logits = torch.stack([model(v).float() for v in views])  # (V, B, C)
         p = F.softmax(logits, dim=-1).mean(0)

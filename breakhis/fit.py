@@ -260,6 +260,36 @@ def load_run_model(run_dir: Path, cfg: TrainConfig, device: torch.device) -> tor
     return model.eval()
 
 
+class Exported(torch.nn.Module):
+    """A torch.export program behind the nn.Module calls the engine makes.
+
+    It was exported in eval mode, and exported modules refuse train()/eval(): keep it out of
+    the module tree so that eval() does not reach it.
+    """
+
+    def __init__(self, module):
+        super().__init__()
+        object.__setattr__(self, "program", module)
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, x):
+        return self.program(x)
+
+
+def load_exported(path: str | Path) -> torch.nn.Module:
+    """A model written by `evaluate.py --export` (torch.export program)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--model {p}: file not found (write one with evaluate.py RUN --export {p.name})")
+    try:
+        program = torch.export.load(str(p))
+    except Exception as e:  # a damaged or foreign file: say so in the user's words
+        raise UserError(f"--model {p}: not a torch.export program ({type(e).__name__}: {e})") from None
+    return Exported(program.module())
+
+
 def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
             *, tta: bool = False, images: DeviceImages | None = None) -> dict:
     """Probabilities for one partition, aligned with prep.parts[part]."""
