@@ -20,7 +20,7 @@ import torch
 from . import cache as cache_mod
 from . import data as data_mod
 from . import metrics as M
-from . import atomic, runs
+from . import atomic, runs, splits
 from .config import TrainConfig, parse_hw
 from .engine import NonFiniteLoss, evaluate, train_one_epoch
 from .errors import UserError
@@ -97,13 +97,13 @@ def prepare_data(cfg: TrainConfig, progress: bool = True, whole: bool = False) -
         manifest = {"train": [], "val": [], "test": [r.path for r in records],
                     "patients": {"train": [], "val": [], "test": sorted({r.patient for r in records})}}
     elif cfg.split_file:
-        manifest = data_mod.load_split(cfg.split_file, records)
+        manifest = splits.load_split(cfg.split_file, records)
     elif cfg.fold:
-        manifest = data_mod.fold_split(root, records, cfg.fold, seed=cfg.split_seed, group=cfg.group)
+        manifest = splits.fold_split(root, records, cfg.fold, seed=cfg.split_seed, group=cfg.group)
     else:
-        manifest = data_mod.make_split(records, cfg.split_ratio(), seed=cfg.split_seed, group=cfg.group)
+        manifest = splits.make_split(records, cfg.split_ratio(), seed=cfg.split_seed, group=cfg.group)
     manifest = {**manifest, "skipped": bad, "dropped": dropped}
-    parts = {k: data_mod.select(records, manifest, k, cfg.magnification) for k in PARTS}
+    parts = {k: splits.select(records, manifest, k, cfg.magnification) for k in PARTS}
     for k in () if whole else ("train", "val"):
         if not parts[k]:
             raise UserError(f"the {k} partition is empty for --magnification {cfg.magnification} "

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from breakhis import data as D
+from breakhis import splits as S
 from breakhis.atomic import write_json
 from breakhis.cache import build_cache
 from breakhis.demo import make_demo
@@ -203,7 +204,7 @@ def test_split_invariants_full_size(ratio):
     assert len(recs) == 7909 and len({r.patient for r in recs}) == 82
     tests = set()
     for seed in range(12):
-        m = D.make_split(recs, ratio, seed)
+        m = S.make_split(recs, ratio, seed)
         parts = check_split(m, recs, ratio, tol=0.01)
         for p in D.PARTS:  # every subtype has >= 3 patients: each partition holds all 8
             assert len({r.subtype for r in parts[p]}) == 8, (seed, p)
@@ -219,7 +220,7 @@ def test_split_invariants_small_trees(ratio, patients):
     # each patient holds 1/N of the images; 3 benign + 3 malignant over 3 partitions forces 2/2/2
     tol = 0.4 if patients == 6 and ratio[1] else 1.5 / patients + 0.1
     for seed in range(20):
-        m = D.make_split(recs, ratio, seed)
+        m = S.make_split(recs, ratio, seed)
         check_split(m, recs, ratio, tol)
         if ratio[1] == 0:
             assert m["val"] == []
@@ -228,8 +229,8 @@ def test_split_invariants_small_trees(ratio, patients):
 def test_split_needs_enough_patients_per_class():
     recs = records_for(demo_spec(4))
     with pytest.raises(UserError, match=r"2 benign and 2 malignant patients.*at least 3.*80:0:20"):
-        D.make_split(recs, (60, 10, 30))
-    check_split(D.make_split(recs, (80, 0, 20)), recs, (80, 0, 20), tol=0.31)  # 2 + 2 patients: forced 50:50
+        S.make_split(recs, (60, 10, 30))
+    check_split(S.make_split(recs, (80, 0, 20)), recs, (80, 0, 20), tol=0.31)  # 2 + 2 patients: forced 50:50
 
 
 def test_split_repairs_when_no_trial_has_both_classes():
@@ -237,14 +238,14 @@ def test_split_repairs_when_no_trial_has_both_classes():
     recs = records_for([(f"SOB_{c}_{code}-14-{i}", 12) for i, (c, code) in
                         enumerate([("B", "A"), ("B", "F"), ("B", "PT"), ("M", "DC"), ("M", "LC"), ("M", "MC")])])
     for seed in range(5):
-        m = D.make_split(recs, (98, 1, 1), seed)
+        m = S.make_split(recs, (98, 1, 1), seed)
         check_split(m, recs, (98, 1, 1), tol=0.7)
         assert [len(m["patients"][p]) for p in D.PARTS] == [2, 2, 2]  # the only split with both classes everywhere
 
 
 def test_split_is_deterministic_and_manifest_fields():
     recs = records_for(demo_spec(16))
-    a, b = D.make_split(recs, "70:10:20", 3), D.make_split(recs, (70, 10, 20), 3)
+    a, b = S.make_split(recs, "70:10:20", 3), S.make_split(recs, (70, 10, 20), 3)
     assert a == b
     assert (a["seed"], a["ratio"], a["group"], a["fold"], a["skipped"], a["dropped"]) == (3, [70, 10, 20], "patient", 0, [], [])
     assert a["counts"]["train"]["images"] == len(a["train"]) and sum(c["images"] for c in a["counts"].values()) == 192
@@ -255,54 +256,54 @@ def test_accession_grouping():
     recs = records_for(spec)
     trio = {"SOB_B_A-14-22549AB", "SOB_B_A-14-22549CD", "SOB_B_A-14-22549G"}
     side = lambda m: {p for p in D.PARTS for x in m["patients"][p] if x in trio}  # noqa: E731
-    assert all(len(side(D.make_split(recs, (60, 10, 30), s, group="accession"))) == 1 for s in range(20))
-    assert any(len(side(D.make_split(recs, (60, 10, 30), s))) > 1 for s in range(20))
-    assert D.make_split(recs, (60, 10, 30), 0, group="accession")["group"] == "accession"
+    assert all(len(side(S.make_split(recs, (60, 10, 30), s, group="accession"))) == 1 for s in range(20))
+    assert any(len(side(S.make_split(recs, (60, 10, 30), s))) > 1 for s in range(20))
+    assert S.make_split(recs, (60, 10, 30), 0, group="accession")["group"] == "accession"
     with pytest.raises(UserError, match="--group"):
-        D.make_split(recs, (60, 10, 30), 0, group="slide")
+        S.make_split(recs, (60, 10, 30), 0, group="slide")
 
 
 @pytest.mark.parametrize("bad", ["50:50", "70:10:30", "a:b:c", "0:50:50", "70:-10:40", (60.5, 10, 29.5)])
 def test_bad_ratio(bad):
     with pytest.raises(UserError, match="--split"):
-        D.make_split(records_for(demo_spec(8)), bad)
+        S.make_split(records_for(demo_spec(8)), bad)
 
 
 def test_select_and_magnification():
     recs = records_for(demo_spec(16))
-    m = D.make_split(recs, (60, 10, 30), 0)
-    at40 = [r for p in D.PARTS for r in D.select(recs, m, p, 40)]
+    m = S.make_split(recs, (60, 10, 30), 0)
+    at40 = [r for p in D.PARTS for r in S.select(recs, m, p, 40)]
     assert sorted(r.path for r in at40) == sorted(r.path for r in recs if r.magnification == 40)
-    assert D.select(recs, m, "val", "100X") == [r for r in recs if r.path in m["val"] and r.magnification == 100]
-    assert len(D.select(recs, m, "test")) == len(m["test"])
+    assert S.select(recs, m, "val", "100X") == [r for r in recs if r.path in m["val"] and r.magnification == 100]
+    assert len(S.select(recs, m, "test")) == len(m["test"])
     with pytest.raises(UserError, match="--magnification '50'"):
-        D.select(recs, m, "train", "50")
+        S.select(recs, m, "train", "50")
 
 
 # ---------------------------------------------------------------- manifests
 def test_load_split(tmp_path):
     recs = records_for(demo_spec(16))
-    m = D.make_split(recs, (60, 10, 30), 1)
+    m = S.make_split(recs, (60, 10, 30), 1)
     write_json(tmp_path / "s.json", m)
-    assert D.load_split(tmp_path / "s.json", recs) == m
+    assert S.load_split(tmp_path / "s.json", recs) == m
     leak = {**m, "test": m["test"] + [m["train"][0]], "train": m["train"][1:]}
     write_json(tmp_path / "leak.json", leak)
     leaked = D.parse_name(m["train"][0].rsplit("/", 1)[1]).patient
     with pytest.raises(UserError, match=f"puts {leaked} in more than one of train/val/test"):
-        D.load_split(tmp_path / "leak.json")
+        S.load_split(tmp_path / "leak.json")
     twice = {**m, "patients": {**m["patients"], "val": m["patients"]["val"] + m["patients"]["test"][:1]}}
     write_json(tmp_path / "twice.json", twice)
     with pytest.raises(UserError, match="more than one"):
-        D.load_split(tmp_path / "twice.json")
+        S.load_split(tmp_path / "twice.json")
     with pytest.raises(UserError, match="not among the usable images"):
-        D.load_split(tmp_path / "s.json", recs[1:])
+        S.load_split(tmp_path / "s.json", recs[1:])
     (tmp_path / "bad.json").write_text("{not json")
     for name, pattern in [("bad.json", "not valid JSON"), ("none.json", "not found")]:
         with pytest.raises(UserError, match=pattern):
-            D.load_split(tmp_path / name)
+            S.load_split(tmp_path / name)
     write_json(tmp_path / "list.json", [1, 2])
     with pytest.raises(UserError, match="expected a JSON object"):
-        D.load_split(tmp_path / "list.json")
+        S.load_split(tmp_path / "list.json")
 
 
 def test_load_split_accession_leak(tmp_path):
@@ -311,10 +312,10 @@ def test_load_split_accession_leak(tmp_path):
     cd = [r.path for r in recs if r.patient.endswith("CD")]
     m = {"train": ab, "val": [], "test": cd, "group": "patient"}
     write_json(tmp_path / "p.json", m)
-    D.load_split(tmp_path / "p.json", recs)
+    S.load_split(tmp_path / "p.json", recs)
     write_json(tmp_path / "a.json", {**m, "group": "accession"})
     with pytest.raises(UserError, match="SOB_B_A-14-22549 in more than one"):
-        D.load_split(tmp_path / "a.json", recs)
+        S.load_split(tmp_path / "a.json", recs)
 
 
 # ---------------------------------------------------------------- official folds
@@ -335,18 +336,18 @@ def test_folds_csv(fresh_demo):
     assert {p.split("_")[1] for p in test_pats} == {"B", "M"}
     write_folds(fresh_demo.parent / "Folds.csv", idx, test_pats)
     for seed in range(5):
-        m = D.fold_split(fresh_demo, idx.records, 1, seed=seed)
+        m = S.fold_split(fresh_demo, idx.records, 1, seed=seed)
         assert set(m["patients"]["test"]) == test_pats
         assert set(m["patients"]["train"]) | set(m["patients"]["val"]) == set(idx.patients) - test_pats
         assert len(m["patients"]["val"]) >= 2 and not set(m["patients"]["train"]) & set(m["patients"]["val"])
-        assert {r.label for r in D.select(idx.records, m, "val")} == {0, 1}
+        assert {r.label for r in S.select(idx.records, m, "val")} == {0, 1}
         assert (m["fold"], m["unlisted"], m["missing"]) == (1, 0, 0)
-    m2 = D.fold_split(fresh_demo, idx.records, 2, val_fraction=0)
+    m2 = S.fold_split(fresh_demo, idx.records, 2, val_fraction=0)
     assert set(m2["patients"]["train"]) == test_pats and m2["val"] == []
     with pytest.raises(UserError, match="no rows for fold 3"):
-        D.fold_split(fresh_demo, idx.records, 3)
+        S.fold_split(fresh_demo, idx.records, 3)
     with pytest.raises(UserError, match="--fold 6"):
-        D.fold_split(fresh_demo, idx.records, 6)
+        S.fold_split(fresh_demo, idx.records, 6)
 
 
 def test_folds_csv_leak_and_columns(fresh_demo):
@@ -354,13 +355,13 @@ def test_folds_csv_leak_and_columns(fresh_demo):
     victim = idx.records[10]
     write_folds(fresh_demo.parent / "Folds.csv", idx, {idx.patients[0], idx.patients[-1]}, leak=victim.path)
     with pytest.raises(UserError, match=f"puts 1 patient.*{victim.patient}.*leak"):
-        D.fold_split(fresh_demo, idx.records, 1)
+        S.fold_split(fresh_demo, idx.records, 1)
     (fresh_demo.parent / "Folds.csv").write_text("fold,file,group\n1,x.png,train\n")
     with pytest.raises(UserError, match="fold,mag,filename,grp"):
-        D.fold_split(fresh_demo, idx.records, 1)
+        S.fold_split(fresh_demo, idx.records, 1)
     (fresh_demo.parent / "Folds.csv").unlink()
     with pytest.raises(UserError, match="no Folds.csv or mkfold/dsfold1.txt"):
-        D.fold_split(fresh_demo, idx.records, 1)
+        S.fold_split(fresh_demo, idx.records, 1)
 
 
 def test_dsfold(fresh_demo):
@@ -370,12 +371,12 @@ def test_dsfold(fresh_demo):
     lines = [f"{r.path.rsplit('/', 1)[1]}|{r.magnification}|1|{'test' if r.patient in test_pats else 'train'}"
              for r in idx.records[4:]]  # the first 4 images are not listed
     (fresh_demo.parent / "mkfold" / "dsfold1.txt").write_text("\n".join(lines) + "\n")
-    m = D.fold_split(fresh_demo, idx.records, 1, seed=0)
+    m = S.fold_split(fresh_demo, idx.records, 1, seed=0)
     assert set(m["patients"]["test"]) == test_pats and m["unlisted"] == 4
     assert len(m["train"]) + len(m["val"]) + len(m["test"]) == len(idx.records) - 4
     (fresh_demo.parent / "mkfold" / "dsfold1.txt").write_text("a|b|c\n")
     with pytest.raises(UserError, match="line 1"):
-        D.fold_split(fresh_demo, idx.records, 1)
+        S.fold_split(fresh_demo, idx.records, 1)
 
 
 # ---------------------------------------------------------------- report
@@ -417,9 +418,9 @@ def test_cli_report_and_split(demo_root, tmp_path, capsys):
                          "--cache-dir", tmp_path / "c", "--cache-size", "16x24")
     rep = json.loads(out.strip().splitlines()[-1])
     assert rc == 0 and rep["images"] == 192 and rep["split"]["counts"]["train"]["images"] > 100
-    m = D.load_split(tmp_path / "s.json", D.index_tree(demo_root).records)
+    m = S.load_split(tmp_path / "s.json", D.index_tree(demo_root).records)
     assert (m["ratio"], m["seed"], m["task"]) == ([70, 10, 20], 2, "binary")
-    assert m == {**D.make_split(D.index_tree(demo_root).records, (70, 10, 20), 2), "task": "binary"}
+    assert m == {**S.make_split(D.index_tree(demo_root).records, (70, 10, 20), 2), "task": "binary"}
     rc, out, _ = run_cli(capsys, demo_root, "--split-file", tmp_path / "s.json", "--magnification", "200",
                          "--cache-dir", tmp_path / "c", "--cache-size", "16x24")
     assert rc == 0 and "magnification 200" in out
@@ -473,7 +474,7 @@ def test_cli_errors(args, pattern, demo_root, tmp_path, capsys):
 
 def test_cli_refuses_leaking_split_file(demo_root, tmp_path, capsys):
     recs = D.index_tree(demo_root).records
-    m = D.make_split(recs, (60, 10, 30), 0)
+    m = S.make_split(recs, (60, 10, 30), 0)
     m["val"].append(m["test"][0])
     m["test"] = m["test"][1:]
     write_json(tmp_path / "leak.json", m)
@@ -516,7 +517,7 @@ def test_full_size_tree_report(full_tree, tmp_path, capsys):
                                           "conflicting_labels": ["subtype"]}]
     assert "SOB_M_DC-14-13412 = SOB_M_LC-14-13412 share 20 pixel-identical image(s)" in rep["verdict"]
     assert rep["dropped"] == {"binary": 20, "subtype": 40}
-    m = D.load_split(tmp_path / "s.json")
+    m = S.load_split(tmp_path / "s.json")
     assert len(m["train"]) + len(m["val"]) + len(m["test"]) == 7909 - 20 and len(m["dropped"]) == 20
     for p, target in zip(D.PARTS, (0.7, 0.1, 0.2)):
         assert abs(m["counts"][p]["fraction"] - target) < 0.01 and len(m["counts"][p]["subtypes"]) == 8
