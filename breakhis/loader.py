@@ -125,7 +125,7 @@ class DeviceImages:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.shape = tuple(int(s) for s in images.shape)
-        self.pin = self.device.type == "cuda" if pin is None else bool(pin and torch.cuda.is_available())
+        self.pin = self.device.type == "cuda" and (pin is None or bool(pin))  # pinning serves CUDA copies only
         self.resident = int(np.prod(self.shape)) <= budget_gb * 2**30
         if isinstance(images, torch.Tensor):
             self.host = images.cpu().numpy() if not self.resident else None
@@ -216,6 +216,8 @@ class Loader:
         dev = data.device
         self._mean = torch.tensor(MEAN, device=dev).view(1, 3, 1)
         self._std = torch.tensor(STD, device=dev).view(1, 3, 1)
+        self._grey = torch.tensor(GREY, device=dev)
+        self._slots: list[torch.Tensor] | None = None  # pinned host batches of the streamed CUDA path
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -236,63 +238,79 @@ class Loader:
         return torch.randperm(n, generator=g)
 
     def _draw(self, u: torch.Tensor) -> dict:
-        """Per-sample parameters from uniforms u (B, _NRAND) float64, on the CPU."""
+        """Per-sample parameters of an epoch from uniforms u (n, _NRAND) float64, on the CPU.
+
+        box (n, 4) y0, x0, h, w and k (n,) dihedral index stay on the CPU; the float32 maps
+        (None when off) go to the device once per epoch, so batches never wait on a copy.
+        """
         H, W = self.data.shape[1:3]
-        B, a = len(u), self.augment
+        n, a = len(u), self.augment
+        p = dict.fromkeys(["stain_m", "stain_t", "rs", "coef", "theta"])
         if a is None:  # the central square of full field height
             side = min(H, W)
-            box = torch.tensor([(H - side) // 2, (W - side) // 2, side, side]).expand(B, 4)
-            return {"box": box, "k": torch.zeros(B, dtype=torch.long), "colour": None, "stain": None}
-        area = (a.crop_scale[0] + (a.crop_scale[1] - a.crop_scale[0]) * u[:, 0]) * H * W
-        logr = math.log(a.crop_ratio[0]) + (math.log(a.crop_ratio[1]) - math.log(a.crop_ratio[0])) * u[:, 1]
-        h = (area / logr.exp()).sqrt().round().clamp(1, H).long()
-        w = (area * logr.exp()).sqrt().round().clamp(1, W).long()
-        y0 = (u[:, 2] * (H - h + 1)).long().clamp(max=H - h)
-        x0 = (u[:, 3] * (W - w + 1)).long().clamp(max=W - w)
-        k = (u[:, 4] * 8).long().clamp(max=7) if a.dihedral else torch.zeros(B, dtype=torch.long)
-        s, c = 2 * u[:, 5:9] - 1, a.color_jitter
-        colour = torch.cat([1 + c * s[:, :3], c / 4 * s[:, 3:]], 1) if c > 0 else None  # b, c, s, hue
-        st = a.stain_jitter
-        stain = torch.cat([1 + st * (2 * u[:, 9:12] - 1), st * (2 * u[:, 12:15] - 1)], 1) if st > 0 else None
-        return {"box": torch.stack([y0, x0, h, w], 1), "k": k, "colour": colour, "stain": stain}
+            p["box"] = torch.tensor([(H - side) // 2, (W - side) // 2, side, side]).repeat(n, 1)
+            p["k"] = torch.zeros(n, dtype=torch.long)
+        else:
+            area = (a.crop_scale[0] + (a.crop_scale[1] - a.crop_scale[0]) * u[:, 0]) * H * W
+            lo, hi = math.log(a.crop_ratio[0]), math.log(a.crop_ratio[1])
+            ratio = (lo + (hi - lo) * u[:, 1]).exp()  # width / height, log-uniform
+            h = (area / ratio).sqrt().round().clamp(1, H).long()
+            w = (area * ratio).sqrt().round().clamp(1, W).long()
+            y0 = (u[:, 2] * (H - h + 1)).long().clamp(max=H - h)
+            x0 = (u[:, 3] * (W - w + 1)).long().clamp(max=W - w)
+            p["box"] = torch.stack([y0, x0, h, w], 1)
+            p["k"] = (u[:, 4] * 8).long().clamp(max=7) if a.dihedral else torch.zeros(n, dtype=torch.long)
+            if a.color_jitter > 0:
+                s = a.color_jitter * (2 * u[:, 5:9] - 1)
+                p["rs"], p["coef"] = _colour_maps(torch.cat([1 + s[:, :3], s[:, 3:] / 4], 1))
+            if a.stain_jitter > 0:
+                s = a.stain_jitter * (2 * u[:, 9:15] - 1)
+                p["stain_m"], p["stain_t"] = _stain_maps(torch.cat([1 + s[:, :3], s[:, 3:]], 1))
+        if self._geometry == "grid":
+            p["theta"] = _theta(p["box"], p["k"], H, W)
+        dev = self.data.device
+        return {key: v if v is None or key in ("box", "k") else v.to(dev, torch.float32) for key, v in p.items()}
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
         g = _generator(self.seed, self.epoch)
         order = self._order(g)
-        u = torch.rand(len(order), _NRAND, generator=g, dtype=torch.float64)
-        starts = range(0, len(self) * self.batch_size, self.batch_size)
-        batches = [order[s:s + self.batch_size] for s in starts]
-        streamed = self._streamed(batches)
-        for j, sel in enumerate(batches):
+        p = self._draw(torch.rand(len(order), _NRAND, generator=g, dtype=torch.float64))
+        order_d = order.to(self.data.device)
+        parts = [slice(s, s + self.batch_size) for s in range(0, len(self) * self.batch_size, self.batch_size)]
+        streamed = self._streamed(order, order_d, parts)
+        for c in parts:
             src, rows = next(streamed)
-            p = self._draw(u[starts[j]:starts[j] + len(sel)])
-            x = self._render(src, rows, p)
-            sel_d = sel.to(self.data.device)
-            yield x, self._y[sel_d], self._idx[sel_d]
+            x = self._render(src, rows, {key: None if v is None else v[c] for key, v in p.items()})
+            yield x, self._y[order_d[c]], self._idx[order_d[c]]
 
-    def _streamed(self, batches):
-        """(source array, rows in it) per batch: the resident tensor, or a prefetched copy."""
+    def _streamed(self, order: torch.Tensor, order_d: torch.Tensor, parts: list[slice]):
+        """(source array, rows in it) per batch: the resident array and the batch's positions
+        in it (a list on the CPU, a device tensor elsewhere), or a prefetched copy of the
+        batch's images and None."""
         d = self.data
         if d.resident:
-            for sel in batches:
-                yield d.images, self.indices[sel.numpy()].tolist()
+            for c in parts:
+                yield d.images, self.indices[order[c].numpy()].tolist() if self._geometry == "slice" \
+                    else self._idx[order_d[c]]
             return
         if not d.pin:  # synchronous host gather (CPU, or pinning switched off)
-            for sel in batches:
-                yield torch.from_numpy(np.take(d.host, self.indices[sel.numpy()], axis=0)).to(d.device), range(len(sel))
+            for c in parts:
+                yield torch.from_numpy(np.take(d.host, self.indices[order[c].numpy()], axis=0)).to(d.device), None
             return
         # pinned host buffers, two in turn, copied on a side stream one batch ahead
         stream = torch.cuda.Stream(d.device)
-        slots = [torch.empty((self.batch_size,) + d.shape[1:], dtype=torch.uint8).pin_memory() for _ in range(2)]
+        if self._slots is None:
+            self._slots = [torch.empty((self.batch_size,) + d.shape[1:], dtype=torch.uint8).pin_memory()
+                           for _ in range(2)]
         done = [None, None]  # copy events per slot: a slot is rewritten only after its copy ended
 
-        def stage(j):
-            ids, s = self.indices[batches[j].numpy()], j % 2
+        def stage(j: int):
+            ids, s = self.indices[order[parts[j]].numpy()], j % 2
             if done[s] is not None:
                 done[s].synchronize()
-            host = slots[s][:len(ids)]
-            np.take(d.host, ids, axis=0, out=host.numpy())
+            host = self._slots[s][:len(ids)]
+            np.take(d.host, ids, axis=0, out=host.numpy(), mode="clip")  # ids are checked; clip skips a buffer
             with torch.cuda.stream(stream):
                 dev = host.to(d.device, non_blocking=True)
                 done[s] = torch.cuda.Event()
@@ -300,22 +318,20 @@ class Loader:
             return dev, done[s]
 
         nxt = stage(0)
-        for j in range(len(batches)):
+        for j in range(len(parts)):
             dev, ev = nxt
-            if j + 1 < len(batches):
+            if j + 1 < len(parts):
                 nxt = stage(j + 1)
             main = torch.cuda.current_stream(d.device)
             main.wait_event(ev)
             dev.record_stream(main)  # allocated on the side stream, used on the main one
-            yield dev, range(dev.shape[0])
+            yield dev, None
 
-    def _buf(self, name: str, shape, dtype=torch.float32) -> torch.Tensor:
-        """A scratch tensor kept between batches on the CPU (fresh pages cost more than the work)."""
-        if self._pool is None:
-            return torch.empty(shape, dtype=dtype, device=self.data.device)
+    def _buf(self, name: str, shape) -> torch.Tensor:
+        """A float32 scratch tensor kept between batches (CPU: fresh pages cost more than the work)."""
         t = self._scratch.get(name)
-        if t is None or t.shape != torch.Size(shape) or t.dtype != dtype:
-            t = self._scratch[name] = torch.empty(shape, dtype=dtype)
+        if t is None or t.shape != torch.Size(shape):
+            t = self._scratch[name] = torch.empty(shape, device=self.data.device)
         return t
 
     def _render(self, src: torch.Tensor, rows, p: dict) -> torch.Tensor:
@@ -325,12 +341,17 @@ class Loader:
         out = self._pool.get(shape, self.dtype, self.memory_format) if self._pool else \
             torch.empty(shape, dtype=self.dtype, device=dev, memory_format=self.memory_format)
         if self._geometry == "grid":
-            self._photometric(self._grid(src, rows, p).view(B, 3, S * S), p, out)
+            fields = src if rows is None else src[rows]  # (B, H, W, 3) uint8
+            grid = F.affine_grid(p["theta"], [B, 3, S, S], align_corners=False)
+            x = F.grid_sample(fields.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="border",
+                              align_corners=False)
+            self._photometric(x.reshape(B, 3, S * S), p, out)
             return out
         # On the CPU the batch is cut into one part per intra-op thread, each rendered by a
         # worker that runs torch on one thread: the per-sample ops are small, and on a busy
         # machine they lose more waiting at intra-op barriers than they gain.
-        rows, x, y = list(rows), self._buf("x", (B, 3, S * S)), self._buf("y", (B, 3, S * S))
+        rows = list(range(B)) if rows is None else rows
+        x, y = self._buf("x", (B, 3, S * S)), self._buf("y", (B, 3, S * S))
         n = min(torch.get_num_threads(), B)
 
         def work(c: slice):
@@ -344,24 +365,6 @@ class Loader:
         else:
             list(_threads(n).map(work, parts))
         return out
-
-    def _photometric(self, x: torch.Tensor, p: dict, out: torch.Tensor, y: torch.Tensor | None = None) -> None:
-        """Stain and colour jitter and normalisation of x (B, 3, P) float32 in [0, 255] (overwritten),
-        written into out (B, 3, S, S) in its dtype and memory format; y: scratch like x."""
-        B, dev, unit = x.shape[0], x.device, 255.0
-        y = torch.empty_like(x) if y is None else y
-        if p["stain"] is not None:
-            x, y, unit = self._stain(x, p["stain"].to(dev, torch.float32), y), x, 1.0
-        # (B, 3, P) view of the output whatever its memory format; computed in float32, cast on store
-        outv = out.view(B, 3, -1) if out.is_contiguous() else out.permute(0, 2, 3, 1).reshape(B, -1, 3).transpose(1, 2)
-        if p["colour"] is None:  # normalise only: one per-channel scale and shift into the output
-            torch.addcmul(-self._mean / self._std, x, 1 / (unit * self._std), out=outv)
-            return
-        m, t = self._colour(x, p["colour"].to(dev, torch.float32), unit)
-        y = torch.bmm(m, x, out=y)  # jittered and normalised, less the offset
-        for ch in range(3):  # add the offset, clip to [0, 1] RGB: per plane, scalar bounds are fastest
-            y[:, ch].add_(t[:, ch]).clamp_(-MEAN[ch] / STD[ch], (1 - MEAN[ch]) / STD[ch])
-        outv.copy_(y)
 
     def _slice(self, src: torch.Tensor, rows: list, p: dict, x: torch.Tensor) -> None:
         """Per-sample crop, resize and dihedral on the CPU into x (B, 3, S*S) float32, [0, 255]."""
@@ -381,60 +384,78 @@ class Loader:
                               mode="bilinear", align_corners=False)
             x[i].view(3, S, S).copy_(dihedral(o[0], k[i]))
 
-    def _grid(self, src, rows, p) -> torch.Tensor:
-        H, W = self.data.shape[1:3]
-        B, S, dev = len(p["k"]), self.size, src.device
-        rows_t = torch.as_tensor(list(rows), device=dev) if not isinstance(rows, range) else None
-        fields = (src[rows_t] if rows_t is not None else src).permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-        y0, x0, h, w = p["box"].double().unbind(1)
-        k = p["k"]
-        fx = torch.where(k & 2 > 0, -1.0, 1.0).double()  # flip of output x
-        fy = torch.where(k & 4 > 0, -1.0, 1.0).double()
-        swap = (k & 1) > 0  # transpose: output x reads the crop's y and vice versa
-        theta = torch.zeros(B, 2, 3, dtype=torch.float64)
-        sx, sy = w / W, h / H
-        theta[:, 0, 0] = torch.where(swap, 0.0, sx * fx)
-        theta[:, 0, 1] = torch.where(swap, sx * fy, 0.0)
-        theta[:, 1, 0] = torch.where(swap, sy * fx, 0.0)
-        theta[:, 1, 1] = torch.where(swap, 0.0, sy * fy)
-        theta[:, 0, 2] = (2 * x0 + w) / W - 1
-        theta[:, 1, 2] = (2 * y0 + h) / H - 1
-        grid = F.affine_grid(theta.float().to(dev), [B, 3, S, S], align_corners=False)
-        return F.grid_sample(fields, grid, mode="bilinear", padding_mode="border", align_corners=False).contiguous()
+    def _photometric(self, x: torch.Tensor, p: dict, out: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Stain and colour jitter and normalisation of x (B, 3, P) float32 in [0, 255] (overwritten),
+        written into out (B, 3, S, S) in its dtype and memory format; y: scratch like x."""
+        B, unit = x.shape[0], 255.0
+        y = torch.empty_like(x) if y is None else y
+        if p["stain_m"] is not None:
+            x, y, unit = self._stain(x, p["stain_m"], p["stain_t"], y), x, 1.0
+        # (B, 3, P) view of the output whatever its memory format; computed in float32, cast on store
+        outv = out.view(B, 3, -1) if out.is_contiguous() else out.permute(0, 2, 3, 1).reshape(B, -1, 3).transpose(1, 2)
+        if p["rs"] is None:  # normalise only: one per-channel scale and shift into the output
+            torch.addcmul(-self._mean / self._std, x, 1 / (unit * self._std), out=outv)
+            return
+        m, t = self._colour(x, p["rs"], p["coef"], unit)
+        y = torch.bmm(m, x, out=y)  # jittered and normalised, less the offset
+        for ch in range(3):  # add the offset, clip to [0, 1] RGB: per plane, scalar bounds are fastest
+            y[:, ch].add_(t[:, ch]).clamp_(-MEAN[ch] / STD[ch], (1 - MEAN[ch]) / STD[ch])
+        outv.copy_(y)
 
-    def _stain(self, x: torch.Tensor, st: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """HED jitter of x (B, 3, P) in [0, 255] (overwritten) -> out, in [0, 1].
-
-        skimage's rgb2hed, scale and shift of each stain, hed2rgb, without skimage's clipping
-        of negative stain amounts (so zero jitter is exactly the identity): in log RGB that is
-        one per-sample affine map.  st (B, 6): three scales, then three shifts.
-        """
-        dev = x.device
-        to_hed = torch.tensor(HED_FROM_RGB.T / LOG_ADJUST, dtype=torch.float32, device=dev)  # column form
-        to_rgb = torch.tensor(RGB_FROM_HED.T * LOG_ADJUST, dtype=torch.float32, device=dev)
-        m = (to_rgb * st[:, None, :3]) @ to_hed  # (B, 3, 3): to stains, scale each, back to log RGB
-        shift = to_rgb @ st[:, 3:, None]  # (B, 3, 1)
+    @staticmethod
+    def _stain(x: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """HED jitter (maps from _stain_maps) of x (B, 3, P) in [0, 255] (overwritten) -> out, in [0, 1]."""
         od = x.div_(255).clamp_(min=1e-6).log_()
         return torch.baddbmm(shift, m, od, out=out).exp_().clamp_(0, 1)
 
-    def _colour(self, x: torch.Tensor, cj: torch.Tensor, unit: float):
-        """Per-sample (B, 3, 3) matrix and (B, 3, 1) offset: colour jitter, then normalisation.
-
-        x (B, 3, P) in [0, unit]; cj (B, 4) brightness, contrast, saturation factors, hue shift.
-        """
-        dev = x.device
-        b, c, s, hue = cj.unbind(1)
-        grey = torch.tensor(GREY, device=dev)
-        eye = torch.eye(3, device=dev)
-        sat = s[:, None, None] * eye + (1 - s)[:, None, None] * grey.expand(3, 3)
-        # hue: rotation by 2 pi hue about the grey axis k = (1, 1, 1) / sqrt(3) (Rodrigues)
-        ang = (2 * math.pi * hue)[:, None, None]
-        k = torch.full((3,), 3 ** -0.5, device=dev)
-        cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], device=dev) * 3 ** -0.5  # [k]x
-        rot = torch.cos(ang) * eye + torch.sin(ang) * cross + (1 - torch.cos(ang)) * torch.outer(k, k)
-        rs = rot @ sat
-        m = rs * (b * c / unit)[:, None, None]
+    def _colour(self, x: torch.Tensor, rs: torch.Tensor, coef: torch.Tensor, unit: float):
+        """Per-sample (B, 3, 3) matrix and (B, 3, 1) offset of colour jitter then normalisation,
+        for x (B, 3, P) in [0, unit]; rs, coef from _colour_maps."""
+        m = rs * (coef[:, 0] / unit)[:, None, None]
         # contrast blends towards the mean grey of the brightened image: an offset along the grey axis
-        t = rs.sum(2, keepdim=True) * ((1 - c) * b * (x.mean(2) @ grey) / unit)[:, None, None]
-        std = self._std.view(1, 3, 1)
-        return m / std, (t - self._mean) / std
+        t = rs.sum(2, keepdim=True) * (coef[:, 1] * (x.mean(2) @ self._grey) / unit)[:, None, None]
+        return m / self._std, (t - self._mean) / self._std
+
+
+def _colour_maps(cj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cj (n, 4) brightness, contrast, saturation factors and hue shift (turns), float64 ->
+    rs (n, 3, 3) = hue rotation @ saturation, and coef (n, 2) = (b * c, (1 - c) * b)."""
+    b, c, s, hue = cj.unbind(1)
+    grey, eye = torch.tensor(GREY, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * grey.expand(3, 3)
+    # hue: rotation by 2 pi hue about the grey axis k = (1, 1, 1) / sqrt(3) (Rodrigues)
+    ang = (2 * math.pi * hue)[:, None, None]
+    k = torch.full((3,), 3 ** -0.5, dtype=torch.float64)
+    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=torch.float64) * 3 ** -0.5  # [k]x
+    rot = torch.cos(ang) * eye + torch.sin(ang) * cross + (1 - torch.cos(ang)) * torch.outer(k, k)
+    return rot @ sat, torch.stack([b * c, (1 - c) * b], 1)
+
+
+def _stain_maps(st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """st (n, 6) stain scales then shifts, float64 -> the log-RGB affine map of the HED jitter,
+    m (n, 3, 3) and shift (n, 3, 1), acting on (3, P) planes of log RGB.
+
+    skimage's rgb2hed, scale and shift of each stain, hed2rgb, without skimage's clipping of
+    negative stain amounts (so zero jitter is exactly the identity): one affine map in log RGB.
+    """
+    to_hed = torch.from_numpy(HED_FROM_RGB.T / LOG_ADJUST)  # column form of rgb2hed's matrix
+    to_rgb = torch.from_numpy(RGB_FROM_HED.T * LOG_ADJUST)
+    return (to_rgb * st[:, None, :3]) @ to_hed, to_rgb @ st[:, 3:, None]
+
+
+def _theta(box: torch.Tensor, k: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """(n, 2, 3) affine_grid thetas (align_corners=False) that sample the boxes (y0, x0, h, w)
+    of an H x W field, then apply dihedral k: the same pixels as _slice's route."""
+    y0, x0, h, w = box.double().unbind(1)
+    fx = torch.where(k & 2 > 0, -1.0, 1.0).double()  # flip of output x
+    fy = torch.where(k & 4 > 0, -1.0, 1.0).double()
+    swap = (k & 1) > 0  # transpose: output x reads the crop's y and vice versa
+    sx, sy = w / W, h / H
+    theta = torch.zeros(len(k), 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = torch.where(swap, 0.0, sx * fx)
+    theta[:, 0, 1] = torch.where(swap, sx * fy, 0.0)
+    theta[:, 1, 0] = torch.where(swap, sy * fx, 0.0)
+    theta[:, 1, 1] = torch.where(swap, 0.0, sy * fy)
+    theta[:, 0, 2] = (2 * x0 + w) / W - 1
+    theta[:, 1, 2] = (2 * y0 + h) / H - 1
+    return theta

@@ -7,7 +7,7 @@ import torchvision.transforms.v2.functional as TF
 
 from breakhis.config import TrainConfig
 from breakhis.errors import UserError
-from breakhis.loader import MEAN, STD, Augment, DeviceImages, Loader, dihedral, tta_views
+from breakhis.loader import MEAN, STD, Augment, DeviceImages, Loader, _colour_maps, _stain_maps, dihedral, tta_views
 
 S = 32
 NONE = dict(crop_scale=(1.0, 1.0), dihedral=False, color_jitter=0.0, stain_jitter=0.0)
@@ -180,18 +180,19 @@ def test_stain_jitter_matches_skimage_formulas():
     hed = (np.log(np.maximum(rgb / 255, 1e-6)) / log_adjust) @ hed_from_rgb
     hed = hed * st[:, None, :3] + st[:, None, 3:]
     ref = np.clip(np.exp(-(hed * -log_adjust) @ rgb_from_hed), 0, 1)
-    ld = loader(images())
     x = torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous()  # (B, 3, P)
-    got = ld._stain(x, torch.tensor(st, dtype=torch.float32)).transpose(1, 2).numpy()
+    m, shift = _stain_maps(torch.tensor(st))
+    got = Loader._stain(x, m.float(), shift.float()).transpose(1, 2).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
-    same = ld._stain(torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous(),
-                     torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2))
+    m, shift = _stain_maps(torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2, dtype=torch.float64))
+    same = Loader._stain(torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous(), m.float(), shift.float())
     np.testing.assert_allclose(same.transpose(1, 2).numpy(), rgb / 255, atol=1e-4)  # zero jitter: identity
 
 
 def colour(x, cj):
     """Our colour jitter of x (B, 3, H, W) in [0, 1] with factors cj (B, 4), back in [0, 1]."""
-    m, t = loader(images())._colour(x.flatten(2), cj, 1.0)
+    rs, coef = _colour_maps(cj.double())
+    m, t = loader(images())._colour(x.flatten(2), rs.float(), coef.float(), 1.0)
     return (rgb255(torch.baddbmm(t, m, x.flatten(2)).view(x.shape)) / 255).clamp(0, 1)
 
 
@@ -272,10 +273,12 @@ def test_partial_batches_and_len():
 
 
 # ---------------------------------------------------------------------------- transfer, buffers, dtype
+@pytest.mark.parametrize("geometry", ["slice", "grid"])
 @pytest.mark.parametrize("augment", [None, Augment()])
-def test_streaming_path_equals_resident_path(augment):
+def test_streaming_path_equals_resident_path(augment, geometry):
     imgs = images()
     res, stream = loader(imgs, augment=augment), loader(imgs, augment=augment, budget_gb=0)
+    res._geometry = stream._geometry = geometry
     assert res.data.resident and not stream.data.resident and not stream.data.pin
     for e in (0, 1):
         res.set_epoch(e), stream.set_epoch(e)
@@ -310,10 +313,12 @@ def test_output_buffers_are_reused_only_when_released():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(kept, batches(ld)))
 
 
-def test_bf16_output():
+@pytest.mark.parametrize("train", [True, False])
+def test_bf16_output(train):
     imgs = images()
-    x32 = next(iter(loader(imgs, augment=Augment())))[0]
-    x16 = next(iter(loader(imgs, augment=Augment(), dtype=torch.bfloat16)))[0]
+    aug = Augment() if train else None
+    x32 = next(iter(loader(imgs, train=train, augment=aug)))[0]
+    x16 = next(iter(loader(imgs, train=train, augment=aug, dtype=torch.bfloat16)))[0]
     assert x16.dtype == torch.bfloat16 and x16.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x16.float(), x32, atol=0.02, rtol=0.01)
 
