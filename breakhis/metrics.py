@@ -217,13 +217,15 @@ def _stats(w: np.ndarray, d: _Prepared, keys: Sequence[str]) -> dict[str, np.nda
     """The CI_KEYS metrics (B,) for resamples given as patient multiplicities w (B, P)."""
     tp, fp, fn, tn = (w @ d.counts).T
     has_pos, has_neg = tp + fn > 0, tn + fp > 0
-    recall, specificity = _div(tp, tp + fn), _div(tn, tn + fp)
+    # in a resample without a class, its recall is undefined (nan: left out of the interval), not 0
+    recall = np.where(has_pos, _div(tp, tp + fn), np.nan)
+    specificity = np.where(has_neg, _div(tn, tn + fp), np.nan)
     out = {
         "accuracy": (tp + tn) / (tp + fp + fn + tn),
         # balanced accuracy averages the recalls of the classes present in y, as sklearn does
         "balanced_accuracy": np.where(has_pos & has_neg, (recall + specificity) / 2,
                                       np.where(has_pos, recall, specificity)),
-        "precision": _div(tp, tp + fp),
+        "precision": np.where(tp + fp > 0, _div(tp, tp + fp), np.nan),
         "recall": recall,
         "specificity": specificity,
         "f1": _div(2 * tp, 2 * tp + fp + fn),

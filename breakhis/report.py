@@ -59,10 +59,10 @@ class TrainProgress:
         if self.enabled:
             star = " [bold green]*best[/]" if row.get("is_best") else ""
             console.print(
-                f"epoch {row['epoch']:>3}  lr {row['lr']:.2e}  train loss {fmt(row['train_loss'])} "
-                f"acc {fmt(row['train_acc'])}  val loss {fmt(row['val_loss'])} acc {fmt(row['val_acc'])} "
-                f"recall {fmt(row['val_recall'])} auroc {fmt(row['val_auroc'])}  "
-                f"{row['img_s']:.0f} img/s  {row['seconds']:.1f}s{star}", highlight=False)
+                f"ep {row['epoch']:>3} lr {row['lr']:.1e} │ train {fmt(row['train_loss'])} {fmt(row['train_acc'])} "
+                f"│ val {fmt(row['val_loss'])} acc {fmt(row['val_acc'])} rec {fmt(row['val_recall'])} "
+                f"auc {fmt(row['val_auroc'])} │ {row['img_s']:.0f} img/s {row['seconds']:.0f}s{star}",
+                highlight=False, soft_wrap=True)
 
     def note(self, text: str) -> None:
         if self.enabled:

@@ -301,3 +301,17 @@ def test_mean_std_across_seeds():
     assert math.isnan(r["test.missing"]["mean"]) and r["test.missing"]["n"] == 0
     flat = M.mean_std([{"f1": 0.5}, {"f1": 0.7}], ["f1"])
     assert flat["f1"]["mean"] == pytest.approx(0.6) and flat["f1"]["std"] == pytest.approx(math.sqrt(0.02))
+
+
+def test_interval_ignores_resamples_without_a_class():
+    """One benign patient among five, all correct: specificity is 1 wherever it is defined."""
+    import numpy as np
+
+    from breakhis.metrics import bootstrap_ci
+
+    patients = np.repeat(["b0", "m1", "m2", "m3", "m4"], 10)
+    y = np.array([0] * 10 + [1] * 40)
+    p = np.where(y == 1, 0.9, 0.1)
+    ci = bootstrap_ci(y, p, patients, n_boot=300, seed=0)
+    assert ci["specificity"] == (1.0, 1.0)
+    assert ci["recall"] == (1.0, 1.0) and ci["precision"] == (1.0, 1.0)
