@@ -86,7 +86,7 @@ def test_indices_are_positions_into_the_array():
 def test_all_augmentation_off_is_the_whole_field_resized():
     imgs = images()
     ratio = 60 / 40  # the field's own aspect: the crop is the whole field
-    for x, _, idx in loader(imgs, augment=Augment(crop_ratio=(ratio, ratio), **NONE)):
+    for x, _, idx in loader(imgs, augment=Augment(crop_ratio=(ratio, ratio), **NONE), batch_size=24):  # 2 chunks per thread
         whole = F.interpolate(torch.from_numpy(imgs[idx.numpy()]).permute(0, 3, 1, 2).float(), size=(S, S),
                               mode="bilinear", align_corners=False)
         assert (rgb255(x) - whole).abs().max() <= 1.001
