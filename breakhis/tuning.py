@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -279,8 +280,6 @@ def test_scalars(metrics: dict) -> dict[str, float]:
 
 def start_ray(address: str | None) -> None:
     """Start a local Ray (dashboard off) or join the cluster at address; no-op when Ray is up."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -343,8 +342,13 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
     """
     from ray.tune import ExperimentAnalysis, ResultGrid, Tuner
 
-    from .tuning_results import ProgressLine
+    from .tuning_results import ProgressLine, QuietUserErrors
 
+    log = logging.getLogger("ray.tune.execution.tune_controller")
+    if not any(isinstance(f, QuietUserErrors) for f in log.filters):
+        log.addFilter(QuietUserErrors())
+    # Ray's newer console output prints its own banner even when silent; ProgressLine is ours
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     restore = resume and Tuner.can_restore(str(exp_dir))
     tuner = make_tuner(setup, exp_dir, resources, resume=restore,
                        callbacks=[ProgressLine(setup.metric, setup.mode, setup.max_epochs)])

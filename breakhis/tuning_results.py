@@ -8,6 +8,7 @@ best.json   {"config": the best trial's resolved TrainConfig, "metric", "mode", 
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from pathlib import Path
@@ -88,7 +89,22 @@ class ProgressLine(Callback):
         self._print(f"{trial.trial_id} {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._print(f"[red]{trial.trial_id} failed[/] (error in {trial.path}/error.txt)")
+        from ray import cloudpickle
+
+        try:  # Ray pickles the trial's exception beside it before calling back
+            with open(trial.pickled_error_file, "rb") as f:
+                error = short_error(cloudpickle.load(f))
+        except (OSError, TypeError, EOFError, cloudpickle.pickle.UnpicklingError):
+            error = "see the traceback"
+        self._print(f"[red]{trial.trial_id} failed:[/] {error}  [dim](traceback: {trial.error_file})[/]")
+
+
+class QuietUserErrors(logging.Filter):
+    """Drop Ray's traceback of a trial that failed with a UserError (a bad setting): one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(getattr(error, "cause", None), UserError)
 
 
 def finalize_stopped(run_dir: Path, epochs: int, max_epochs: int) -> str:
@@ -165,12 +181,14 @@ def results_table(rows: list[dict], setup: Setup, keys: list[str], title: str) -
     sign = -1 if setup.mode == "max" else 1
     order = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0)))
     best = pick_best(rows, setup)
-    table = Table(title=title)
-    for col in ["#", "trial", *keys, "epochs", "status", metric, *(name for _, name in TABLE_TEST)]:
-        table.add_column(col, justify="right" if col in ("#", "epochs", metric) else "left")
+    failed = [f"[red]{r['trial']} failed:[/] {r['error']}" for r in order if r["status"] == "failed"]
+    table = Table(title=title, caption="\n".join(failed) or None, caption_justify="left")
+    for col in ["#", "trial", *keys, "epochs", "status", f"best {setup.metric}", *(name for _, name in TABLE_TEST)]:
+        table.add_column(col, justify="left" if col in ("trial", "status", *keys) else "right",
+                         no_wrap=col in ("trial", "status"))
     for i, r in enumerate(order, 1):
         status = {"done": "done", "stopped": "[yellow]stopped early[/]", "unfinished": "[dim]unfinished[/]",
-                  "failed": f"[red]failed: {r['error']}[/]"}[r["status"]]
+                  "failed": "[red]failed[/]"}[r["status"]]
         if r["status"] == "done" and r["stopped_early"]:
             status = "[yellow]done (patience)[/]"
         is_best = best is not None and r["trial"] == best["trial"]
