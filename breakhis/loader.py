@@ -1,84 +1,35 @@
 """The fast data path: uint8 images kept on the device, batches assembled and augmented there.
 
-How a cached field (H x W uint8, e.g. 256 x 390 for the 700 x 460 originals) becomes the
-model input (image_size x image_size, normalised with the ImageNet MEAN and STD):
+    data = DeviceImages(cache.images, "cuda", budget_gb=8)      # (N, H, W, 3) uint8, shared
+    train = Loader(data, idx, labels, batch_size=32, image_size=224, train=True,
+                   augment=Augment.from_config(cfg), drop_last=True, seed=cfg.seed, dtype=torch.bfloat16)
+    for epoch in range(cfg.epochs):
+        train.set_epoch(epoch)
+        for x, y, idx in train: ...                             # x (B, 3, 224, 224) on the device
 
-* evaluation (train=False), and training with augmentation off: the central square of full
-  field height (H x H) resized (bilinear) to image_size x image_size; in order, no randomness.
-* training: per sample, independently of the others in the batch:
-  1. random resized crop: a box of area fraction U(crop_scale) of the whole field and aspect
-     ratio (width/height) log-uniform in crop_ratio, clamped inside the field, at a uniform
-     position; resized (bilinear) to image_size x image_size;
-  2. one of the 8 dihedral transforms (flips and 90-degree rotations), uniformly;
-  3. H&E stain jitter in HED space (Ruifrok-Johnston matrix, as skimage.color.rgb2hed):
-     each stain channel scaled by U(1-s, 1+s) and shifted by U(-s, s), back to RGB (as
-     skimage.color.hed2rgb; negative stain amounts are kept, not clipped, so that a zero
-     jitter is exactly the identity);
-  4. colour jitter: brightness, contrast, saturation factors U(1-s, 1+s) (as torchvision's
-     adjust_brightness / adjust_contrast / adjust_saturation, in that fixed order), then a hue
-     rotation by U(-s/4, s/4) of a turn about the grey axis of RGB space (torchvision instead
-     shifts the HSV hue, which walks the colour hexagon rather than a circle), clipped to [0, 1];
-  5. normalise.
-  Stain jitter comes before colour jitter: staining happens on the slide, colour shifts in
-  the camera. All random values of an epoch are drawn at once on the CPU from (seed, epoch),
-  always all of them, so switching one augmentation off leaves the others' draws unchanged.
-
-The geometric step takes one of two equivalent routes: on the CPU a per-sample loop of
-uint8 slicing + F.interpolate (7x faster there than grid_sample), elsewhere one
-F.affine_grid + F.grid_sample per batch whose per-sample theta composes crop and dihedral.
+What each batch shows (the evaluation view, the training augmentation) is documented in
+breakhis/augment.py. Geometry takes one of two routes that sample the same pixels: on the
+CPU a per-sample loop of uint8 slicing + F.interpolate (7x faster there than grid_sample),
+spread over threads; elsewhere one F.affine_grid + F.grid_sample per batch whose per-sample
+theta composes crop and dihedral. Colour and stain jitter are per-sample 3x3 maps applied
+with one bmm per batch. Random draws come from a CPU generator seeded by (seed, epoch), so
+CPU and GPU runs draw the same crops and factors.
 """
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .augment import GREY, MEAN, NRAND, STD, Augment, colour_maps, crop_thetas, dihedral, draw, stain_maps, tta_views
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's weights expect
-STD = (0.229, 0.224, 0.225)
-GREY = (0.2989, 0.587, 0.114)  # luma weights, as torchvision's rgb_to_grayscale
-# Ruifrok-Johnston stain vectors (rows: haematoxylin, eosin, DAB), as skimage.color
-RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED)
-LOG_ADJUST = math.log(1e-6)  # skimage's optical-density scale
-_NRAND = 15  # random numbers drawn per sample, see _draw
+__all__ = ["MEAN", "STD", "Augment", "DeviceImages", "Loader", "tta_views", "dihedral", "colour_maps", "stain_maps"]
+
 CHUNK = 8  # samples rendered together on the CPU: their float planes (5 MB) stay in the cache
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Training augmentation settings; strengths of 0 switch a part off."""
-    crop_scale: tuple[float, float] = (0.35, 1.0)  # area fraction of the whole cached field
-    crop_ratio: tuple[float, float] = (0.75, 1.3333)  # width / height
-    dihedral: bool = True  # the 8 flips / 90-degree rotations, drawn per sample
-    color_jitter: float = 0.2  # brightness/contrast/saturation in [1-s, 1+s]; hue in [-s/4, s/4] turn
-    stain_jitter: float = 0.05  # HED scale ~ U(1-s, 1+s) and shift ~ U(-s, s) per stain
-
-    def __post_init__(self):
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise UserError(f"--crop-scale {lo},{hi}: give two area fractions lo,hi with 0 < lo <= hi <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise UserError(f"--crop-ratio {self.crop_ratio[0]},{self.crop_ratio[1]}: give two aspect ratios lo,hi with 0 < lo <= hi")
-        if not 0 <= self.color_jitter < 1:
-            raise UserError(f"--color-jitter {self.color_jitter}: must lie in [0, 1) (0: off)")
-        if not 0 <= self.stain_jitter < 1:
-            raise UserError(f"--stain-jitter {self.stain_jitter}: must lie in [0, 1) (0: off)")
-
-    @classmethod
-    def from_config(cls, cfg) -> "Augment | None":
-        """The augmentation a TrainConfig asks for; None when cfg.augment is False."""
-        if not cfg.augment:
-            return None
-        return cls(crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio), dihedral=cfg.dihedral,
-                   color_jitter=cfg.color_jitter, stain_jitter=cfg.stain_jitter)
 
 
 class _Pool:
@@ -147,24 +98,6 @@ class DeviceImages:
 
     def __len__(self) -> int:
         return self.shape[0]
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Dihedral transform k in 0..7 of (..., S, S): bit 0 transpose, bit 1 flip W, bit 2 flip H."""
-    if k & 1:
-        x = x.transpose(-1, -2)
-    if k & 2:
-        x = x.flip(-1)
-    if k & 4:
-        x = x.flip(-2)
-    return x
-
-
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 dihedral views of a batch (B, 3, S, S), identity first, in x's memory format."""
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
-    return [x] + [dihedral(x, k).contiguous(memory_format=fmt) for k in range(1, 8)]
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -239,36 +172,11 @@ class Loader:
         return torch.randperm(n, generator=g)
 
     def _draw(self, u: torch.Tensor) -> dict:
-        """Per-sample parameters of an epoch from uniforms u (n, _NRAND) float64, on the CPU.
-
-        box (n, 4) y0, x0, h, w and k (n,) dihedral index stay on the CPU; the float32 maps
-        (None when off) go to the device once per epoch, so batches never wait on a copy.
-        """
+        """The epoch's per-sample parameters (augment.draw); box and k stay on the CPU, the
+        float32 maps go to the device once per epoch, so batches never wait on a copy."""
         H, W = self.data.shape[1:3]
-        n, a = len(u), self.augment
-        p = dict.fromkeys(["stain_m", "stain_t", "rs", "coef", "theta"])
-        if a is None:  # the central square of full field height
-            side = min(H, W)
-            p["box"] = torch.tensor([(H - side) // 2, (W - side) // 2, side, side]).repeat(n, 1)
-            p["k"] = torch.zeros(n, dtype=torch.long)
-        else:
-            area = (a.crop_scale[0] + (a.crop_scale[1] - a.crop_scale[0]) * u[:, 0]) * H * W
-            lo, hi = math.log(a.crop_ratio[0]), math.log(a.crop_ratio[1])
-            ratio = (lo + (hi - lo) * u[:, 1]).exp()  # width / height, log-uniform
-            h = (area / ratio).sqrt().round().clamp(1, H).long()
-            w = (area * ratio).sqrt().round().clamp(1, W).long()
-            y0 = (u[:, 2] * (H - h + 1)).long().clamp(max=H - h)
-            x0 = (u[:, 3] * (W - w + 1)).long().clamp(max=W - w)
-            p["box"] = torch.stack([y0, x0, h, w], 1)
-            p["k"] = (u[:, 4] * 8).long().clamp(max=7) if a.dihedral else torch.zeros(n, dtype=torch.long)
-            if a.color_jitter > 0:
-                s = a.color_jitter * (2 * u[:, 5:9] - 1)
-                p["rs"], p["coef"] = _colour_maps(torch.cat([1 + s[:, :3], s[:, 3:] / 4], 1))
-            if a.stain_jitter > 0:
-                s = a.stain_jitter * (2 * u[:, 9:15] - 1)
-                p["stain_m"], p["stain_t"] = _stain_maps(torch.cat([1 + s[:, :3], s[:, 3:]], 1))
-        if self._geometry == "grid":
-            p["theta"] = _theta(p["box"], p["k"], H, W)
+        p = draw(u, self.augment, H, W)
+        p["theta"] = crop_thetas(p["box"], p["k"], H, W) if self._geometry == "grid" else None
         dev = self.data.device
         return {key: v if v is None or key in ("box", "k") else v.to(dev, torch.float32) for key, v in p.items()}
 
@@ -276,7 +184,7 @@ class Loader:
     def __iter__(self):
         g = _generator(self.seed, self.epoch)
         order = self._order(g)
-        p = self._draw(torch.rand(len(order), _NRAND, generator=g, dtype=torch.float64))
+        p = self._draw(torch.rand(len(order), NRAND, generator=g, dtype=torch.float64))
         order_d = order.to(self.data.device)
         parts = [slice(s, s + self.batch_size) for s in range(0, len(self) * self.batch_size, self.batch_size)]
         streamed = self._streamed(order, order_d, parts)
@@ -407,58 +315,17 @@ class Loader:
 
     @staticmethod
     def _stain(x: torch.Tensor, m: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """HED jitter (maps from _stain_maps) of x (B, 3, P) in [0, 255] (overwritten) -> out, in [0, 1]."""
+        """HED jitter (maps from augment.stain_maps) of x (B, 3, P) in [0, 255] (overwritten) -> out, in [0, 1]."""
         od = x.div_(255).clamp_(min=1e-6).log_()
         return torch.baddbmm(shift, m, od, out=out).exp_().clamp_(0, 1)
 
     def _colour(self, x: torch.Tensor, rs: torch.Tensor, coef: torch.Tensor, unit: float):
         """Per-sample (B, 3, 3) matrix and (B, 3, 1) offset of colour jitter then normalisation,
-        for x (B, 3, P) in [0, unit]; rs, coef from _colour_maps."""
+        for x (B, 3, P) in [0, unit]; rs, coef from augment.colour_maps."""
         m = rs * (coef[:, 0] / unit)[:, None, None]
         # contrast blends towards the mean grey of the brightened image: an offset along the grey axis
         t = rs.sum(2, keepdim=True) * (coef[:, 1] * (x.mean(2) @ self._grey) / unit)[:, None, None]
         return m / self._std, (t - self._mean) / self._std
 
 
-def _colour_maps(cj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cj (n, 4) brightness, contrast, saturation factors and hue shift (turns), float64 ->
-    rs (n, 3, 3) = hue rotation @ saturation, and coef (n, 2) = (b * c, (1 - c) * b)."""
-    b, c, s, hue = cj.unbind(1)
-    grey, eye = torch.tensor(GREY, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
-    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * grey.expand(3, 3)
-    # hue: rotation by 2 pi hue about the grey axis k = (1, 1, 1) / sqrt(3) (Rodrigues)
-    ang = (2 * math.pi * hue)[:, None, None]
-    k = torch.full((3,), 3 ** -0.5, dtype=torch.float64)
-    cross = torch.tensor([[0.0, -1, 1], [1, 0, -1], [-1, 1, 0]], dtype=torch.float64) * 3 ** -0.5  # [k]x
-    rot = torch.cos(ang) * eye + torch.sin(ang) * cross + (1 - torch.cos(ang)) * torch.outer(k, k)
-    return rot @ sat, torch.stack([b * c, (1 - c) * b], 1)
 
-
-def _stain_maps(st: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """st (n, 6) stain scales then shifts, float64 -> the log-RGB affine map of the HED jitter,
-    m (n, 3, 3) and shift (n, 3, 1), acting on (3, P) planes of log RGB.
-
-    skimage's rgb2hed, scale and shift of each stain, hed2rgb, without skimage's clipping of
-    negative stain amounts (so zero jitter is exactly the identity): one affine map in log RGB.
-    """
-    to_hed = torch.from_numpy(HED_FROM_RGB.T / LOG_ADJUST)  # column form of rgb2hed's matrix
-    to_rgb = torch.from_numpy(RGB_FROM_HED.T * LOG_ADJUST)
-    return (to_rgb * st[:, None, :3]) @ to_hed, to_rgb @ st[:, 3:, None]
-
-
-def _theta(box: torch.Tensor, k: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """(n, 2, 3) affine_grid thetas (align_corners=False) that sample the boxes (y0, x0, h, w)
-    of an H x W field, then apply dihedral k: the same pixels as _slice's route."""
-    y0, x0, h, w = box.double().unbind(1)
-    fx = torch.where(k & 2 > 0, -1.0, 1.0).double()  # flip of output x
-    fy = torch.where(k & 4 > 0, -1.0, 1.0).double()
-    swap = (k & 1) > 0  # transpose: output x reads the crop's y and vice versa
-    sx, sy = w / W, h / H
-    theta = torch.zeros(len(k), 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = torch.where(swap, 0.0, sx * fx)
-    theta[:, 0, 1] = torch.where(swap, sx * fy, 0.0)
-    theta[:, 1, 0] = torch.where(swap, sy * fx, 0.0)
-    theta[:, 1, 1] = torch.where(swap, 0.0, sy * fy)
-    theta[:, 0, 2] = (2 * x0 + w) / W - 1
-    theta[:, 1, 2] = (2 * y0 + h) / H - 1
-    return theta

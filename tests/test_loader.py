@@ -7,7 +7,8 @@ import torchvision.transforms.v2.functional as TF
 
 from breakhis.config import TrainConfig
 from breakhis.errors import UserError
-from breakhis.loader import MEAN, STD, Augment, DeviceImages, Loader, _colour_maps, _stain_maps, dihedral, tta_views
+from breakhis.augment import colour_maps, stain_maps
+from breakhis.loader import MEAN, STD, Augment, DeviceImages, Loader, dihedral, tta_views
 
 S = 32
 NONE = dict(crop_scale=(1.0, 1.0), dihedral=False, color_jitter=0.0, stain_jitter=0.0)
@@ -181,17 +182,17 @@ def test_stain_jitter_matches_skimage_formulas():
     hed = hed * st[:, None, :3] + st[:, None, 3:]
     ref = np.clip(np.exp(-(hed * -log_adjust) @ rgb_from_hed), 0, 1)
     x = torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous()  # (B, 3, P)
-    m, shift = _stain_maps(torch.tensor(st))
+    m, shift = stain_maps(torch.tensor(st))
     got = Loader._stain(x, m.float(), shift.float()).transpose(1, 2).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
-    m, shift = _stain_maps(torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2, dtype=torch.float64))
+    m, shift = stain_maps(torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2, dtype=torch.float64))
     same = Loader._stain(torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous(), m.float(), shift.float())
     np.testing.assert_allclose(same.transpose(1, 2).numpy(), rgb / 255, atol=1e-4)  # zero jitter: identity
 
 
 def colour(x, cj):
     """Our colour jitter of x (B, 3, H, W) in [0, 1] with factors cj (B, 4), back in [0, 1]."""
-    rs, coef = _colour_maps(cj.double())
+    rs, coef = colour_maps(cj.double())
     m, t = loader(images())._colour(x.flatten(2), rs.float(), coef.float(), 1.0)
     return (rgb255(torch.baddbmm(t, m, x.flatten(2)).view(x.shape)) / 255).clamp(0, 1)
 
