@@ -78,6 +78,9 @@ def loader_main(argv: Sequence[str]) -> int:
     index = index_tree(args.data)  # UserError for a missing root or one without BreakHis images
     paths = [r.path for r in index.records]
     labels = [r.label for r in index.records]
+    if len(paths) < 2 * args.batch_size:  # a first (untimed) batch and at least one timed one per epoch
+        raise UserError(f"--batch-size {args.batch_size}: {index.root} has only {len(paths)} images; "
+                        f"give a batch size of at most {len(paths) // 2}")
     size = cache_mod.default_cache_size(args.image_size)
     tmp = None if args.cache_dir else tempfile.mkdtemp(prefix="breakhis-bench-")
     try:
@@ -95,13 +98,14 @@ def loader_main(argv: Sequence[str]) -> int:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    table = Table(title=f"Loader throughput: {len(paths)} images -> {args.image_size}px, batch {args.batch_size}, {device_name(device)}, {os.cpu_count()} cores")
+    table = Table(title=f"Loader throughput: {len(paths)} images -> {args.image_size}px, batch {args.batch_size}, "
+                        f"{device_name(device)}, {os.cpu_count()} cores")
     table.add_column("what")
     table.add_column("images/s", justify="right")
     table.add_column("note")
     table.add_row("cache build", "", f"{build_s:.1f} s for {len(paths)} images at {size[0]}x{size[1]}, {workers} workers"
                   + ("" if cache.build_s is not None else " (already built)"))
-    table.add_row("ours (warm cache)", f"{ours:,.0f}", f"{'resident on ' + device.type}, per-sample crop/dihedral/colour")
+    table.add_row("ours (warm cache)", f"{ours:,.0f}", f"uint8 cache on {device.type}, per-sample crop, dihedral, colour")
     table.add_row("baseline", f"{baseline:,.0f}", f"Pillow + torchvision transforms, DataLoader, {workers} workers")
     table.add_row("ratio", f"{ours / baseline:.1f}x", "ours / baseline")
     if gpu is None:

@@ -391,10 +391,13 @@ def test_bench_loader_json_last_line(demo_root, cache_dir, capsys):
 @pytest.mark.parametrize("argv, match", [([], "choose a benchmark"), (["speed"], "unknown benchmark 'speed'"),
                                          (["loader", "--data", "/no/such/folder"], "not found"),
                                          (["loader", "--data", ".", "--batches", "0"], "--batches 0"),
-                                         (["loader", "--data", ".", "--workers", "-1"], "--workers -1")])
-def test_bench_user_errors(argv, match, capsys):
+                                         (["loader", "--data", ".", "--workers", "-1"], "--workers -1"),
+                                         (["loader", "--data", "DEMO", "--batch-size", "100"], "at most 96")])
+def test_bench_user_errors(argv, match, capsys, demo_root):
     from breakhis.bench import main
     from breakhis.errors import guard
+
+    argv = [str(demo_root) if a == "DEMO" else a for a in argv]
 
     with pytest.raises(UserError, match=match):
         main(argv)
