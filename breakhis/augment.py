@@ -17,7 +17,9 @@ model input (image_size x image_size, normalised with the ImageNet MEAN and STD)
   4. colour jitter: brightness, contrast, saturation factors U(1-s, 1+s) (as torchvision's
      adjust_brightness / adjust_contrast / adjust_saturation, in that fixed order), then a hue
      rotation by U(-s/4, s/4) of a turn about the grey axis of RGB space (torchvision instead
-     shifts the HSV hue, which walks the colour hexagon rather than a circle), clipped to [0, 1];
+     shifts the HSV hue, which walks the colour hexagon rather than a circle); clipped to
+     [0, 1] once, at the end (torchvision clips after each step: the two differ only where an
+     intermediate value leaves [0, 1]);
   5. normalise.
   Stain jitter comes before colour jitter: staining happens on the slide, colour shifts in
   the camera. All random values of an epoch are drawn at once on the CPU from (seed, epoch),

@@ -37,16 +37,17 @@ class _Pool:
 
     A fresh 38 MB batch costs more in page faults than the whole augmentation; on CUDA the
     caching allocator already recycles memory, so the pool is used on the CPU only. A buffer
-    is free when no Python name holds it and no other tensor (a view, .numpy()) shares its
-    storage.
+    is free when no Python name or autograd graph holds it and no other tensor (a view,
+    .numpy()) shares its storage.
     """
 
     def __init__(self, size: int = 4):
         self.size, self.items, self.idle = size, [], []
 
     @staticmethod
-    def _refs(t: torch.Tensor) -> tuple[int, int]:
-        return sys.getrefcount(t), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    def _refs(t: torch.Tensor) -> tuple[int, int, int]:
+        # Python names, C++ holders of the tensor (an autograd graph), other tensors on its storage
+        return sys.getrefcount(t), t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
     def get(self, shape, dtype, memory_format) -> torch.Tensor:
         for i in range(len(self.items)):

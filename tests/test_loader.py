@@ -170,63 +170,84 @@ def test_switching_one_augmentation_off_keeps_the_other_draws():
 
 
 # ---------------------------------------------------------------------------- jitter references
-def test_stain_jitter_matches_skimage_formulas():
-    # skimage.color.rgb2hed / hed2rgb written out (Ruifrok-Johnston), negative stains unclipped
+def skimage_stain(rgb, st):
+    """skimage.color.rgb2hed, scale and shift per stain, hed2rgb (Ruifrok-Johnston), written out
+    without clipping negative stains: rgb (B, 3, H, W) in [0, 1], st (B, 6) -> [0, 1]."""
     rgb_from_hed = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-    hed_from_rgb = np.linalg.inv(rgb_from_hed)
-    g = np.random.default_rng(0)
-    rgb = g.integers(1, 256, (2, 5, 3)).astype(np.float64)  # (B, P, 3)
-    st = np.concatenate([g.uniform(0.9, 1.1, (2, 3)), g.uniform(-0.05, 0.05, (2, 3))], 1)
     log_adjust = np.log(1e-6)
-    hed = (np.log(np.maximum(rgb / 255, 1e-6)) / log_adjust) @ hed_from_rgb
-    hed = hed * st[:, None, :3] + st[:, None, 3:]
-    ref = np.clip(np.exp(-(hed * -log_adjust) @ rgb_from_hed), 0, 1)
-    x = torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous()  # (B, 3, P)
-    m, shift = stain_maps(torch.tensor(st))
-    got = Loader._stain(x, m.float(), shift.float()).transpose(1, 2).numpy()
-    np.testing.assert_allclose(got, ref, atol=1e-4)
-    m, shift = stain_maps(torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2, dtype=torch.float64))
-    same = Loader._stain(torch.tensor(rgb, dtype=torch.float32).transpose(1, 2).contiguous(), m.float(), shift.float())
-    np.testing.assert_allclose(same.transpose(1, 2).numpy(), rgb / 255, atol=1e-4)  # zero jitter: identity
+    px = rgb.permute(0, 2, 3, 1).double().numpy()  # (B, H, W, 3)
+    hed = (np.log(np.maximum(px, 1e-6)) / log_adjust) @ np.linalg.inv(rgb_from_hed)
+    hed = hed * st[:, None, None, :3].numpy() + st[:, None, None, 3:].numpy()
+    out = np.clip(np.exp(-(hed * -log_adjust) @ rgb_from_hed), 0, 1)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float()
 
 
-def colour(x, cj):
-    """Our colour jitter of x (B, 3, H, W) in [0, 1] with factors cj (B, 4), back in [0, 1]."""
-    rs, coef = colour_maps(cj.double())
-    m, t = loader(images())._colour(x.flatten(2), rs.float(), coef.float(), 1.0)
-    return (rgb255(torch.baddbmm(t, m, x.flatten(2)).view(x.shape)) / 255).clamp(0, 1)
+def photometric(x, cj=None, st=None):
+    """Our stain then colour jitter and normalisation (Loader._photometric) of x (B, 3, H, W) in
+    [0, 1], with colour factors cj (B, 4) and stain factors st (B, 6); back in [0, 1]."""
+    p = dict.fromkeys(["rs", "coef", "stain_m", "stain_t"])
+    if cj is not None:
+        p["rs"], p["coef"] = (v.float() for v in colour_maps(cj.double()))
+    if st is not None:
+        p["stain_m"], p["stain_t"] = (v.float() for v in stain_maps(st.double()))
+    out = torch.empty(x.shape, memory_format=torch.channels_last)
+    loader(images())._photometric((x * 255).flatten(2), p, out)
+    return rgb255(out) / 255
+
+
+def fields(n=2, scale=1.0):
+    return torch.from_numpy(images(n=n, h=8, w=8)).permute(0, 3, 1, 2).float() / 255 * scale
+
+
+def test_stain_jitter_matches_skimage_formulas():
+    x = fields()
+    st = torch.tensor([[1.05, 0.93, 1.02, 0.03, -0.04, 0.01], [0.96, 1.08, 0.99, -0.02, 0.05, -0.03]])
+    assert (photometric(x, st=st) - skimage_stain(x, st)).abs().max() < 1e-4
+    zero = torch.tensor([[1.0, 1, 1, 0, 0, 0]] * 2)
+    assert (photometric(x, st=zero) - x).abs().max() < 1e-4  # zero jitter: the identity
+    assert (photometric(x, st=st) - x).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("which", ["brightness", "contrast", "saturation"])
 def test_colour_jitter_matches_torchvision_one_factor_at_a_time(which):
-    x = torch.from_numpy(images(n=2, h=8, w=8)).permute(0, 3, 1, 2).float() / 255  # (B, 3, 8, 8)
+    x = fields()
     col = ["brightness", "contrast", "saturation"].index(which)
     cj = torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(2, 1)
     cj[:, col] = torch.tensor([1.3, 0.8])
     fn = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation}[which]
     ref = torch.stack([fn(x[i], float(cj[i, col])) for i in range(2)])
-    assert (colour(x, cj) - ref).abs().max() < 1e-4
+    assert (photometric(x, cj) - ref).abs().max() < 1e-4
 
 
 def test_colour_jitter_composes_brightness_contrast_saturation_in_order():
-    x = torch.from_numpy(images(n=1, h=8, w=8)).permute(0, 3, 1, 2).float() / 255 * 0.6  # no clipping inside
+    x = fields(n=1, scale=0.6)  # no clipping between the steps
     ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[0], 1.1), 0.85), 1.15)
-    assert (colour(x, torch.tensor([[1.1, 0.85, 1.15, 0.0]]))[0] - ref).abs().max() < 1e-4
+    assert (photometric(x, torch.tensor([[1.1, 0.85, 1.15, 0.0]]))[0] - ref).abs().max() < 1e-4
+
+
+def test_stain_jitter_comes_before_colour_jitter():
+    x = fields(scale=0.6)  # no clipping between the steps
+    st = torch.tensor([[1.04, 0.97, 1.0, 0.02, -0.01, 0.0]] * 2)
+    cj = torch.tensor([[1.1, 0.9, 1.2, 0.0], [0.9, 1.1, 0.8, 0.0]])
+    stained = skimage_stain(x, st)
+    ref = torch.stack([TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(stained[i], float(cj[i, 0])),
+                                                               float(cj[i, 1])), float(cj[i, 2])) for i in range(2)])
+    assert (photometric(x, cj, st) - ref).abs().max() < 1e-4
 
 
 def test_hue_is_a_rotation_about_the_grey_axis():
     from scipy.spatial.transform import Rotation
 
-    x = torch.from_numpy(images(n=2, h=8, w=8)).permute(0, 3, 1, 2).float() / 255 * 0.5 + 0.25
+    x = fields(scale=0.5) + 0.25
     hue = torch.tensor([0.04, -0.03])
-    got = colour(x, torch.stack([torch.ones(2), torch.ones(2), torch.ones(2), hue], 1))
+    got = photometric(x, torch.stack([torch.ones(2), torch.ones(2), torch.ones(2), hue], 1))
     for i in range(2):
         r = Rotation.from_rotvec(np.ones(3) / 3 ** 0.5 * 2 * np.pi * float(hue[i])).as_matrix()
         ref = torch.einsum("ck,khw->chw", torch.tensor(r, dtype=torch.float32), x[i])
         assert (got[i] - ref).abs().max() < 1e-4
     # the same direction as torchvision's HSV hue shift: red turns towards green for a positive shift
     red = torch.tensor([0.8, 0.2, 0.2]).view(1, 3, 1, 1)
-    ours = colour(red, torch.tensor([[1.0, 1.0, 1.0, 0.05]])).view(3)
+    ours = photometric(red, torch.tensor([[1.0, 1.0, 1.0, 0.05]])).view(3)
     tv = TF.adjust_hue(red[0], 0.05).view(3)
     assert ours[1] > 0.25 and tv[1] > 0.25 and (ours - tv).abs().max() < 0.12
 
@@ -309,9 +330,30 @@ def test_output_buffers_are_reused_only_when_released():
         del x
     assert len(set(ptrs)) < len(ptrs)  # released buffers were recycled
     assert torch.equal(view, first)
+    conv = torch.nn.Conv2d(3, 2, 3)
+    for j, (x, _, _) in enumerate(ld):
+        if j == 0:
+            graph, held = conv(x), x.data_ptr()  # the graph keeps x for the backward pass
+        else:
+            assert x.data_ptr() != held
+        del x
+    graph.sum().backward()
     kept = list(ld)  # all held: six distinct buffers, none overwritten
     assert len({x.data_ptr() for x, _, _ in kept}) == 6
     assert all(torch.equal(a[0], b[0]) for a, b in zip(kept, batches(ld)))
+
+
+def test_threads_and_chunks_do_not_change_the_batches():
+    imgs = images()
+    ref = batches(loader(imgs, augment=Augment(), batch_size=24))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            for p, q in zip(ref, batches(loader(imgs, augment=Augment(), batch_size=24))):
+                assert torch.equal(p[2], q[2]) and torch.allclose(p[0], q[0], atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("train", [True, False])
