@@ -28,7 +28,7 @@ from pathlib import Path
 from breakhis.config import add_flags, make_config, overrides_from_args
 from breakhis.errors import UserError, guard
 
-GRACE_PERIOD, REDUCTION_FACTOR = 5, 3
+REDUCTION_FACTOR = 3
 # settings fixed when an experiment starts; --resume continues with the stored ones
 FIXED = ("space", "samples", "max_epochs", "grace_period", "reduction_factor", "metric", "mode", "concurrent")
 
@@ -39,7 +39,7 @@ def parse(argv):
     ap.add_argument("--space", help="search space file, e.g. experiments/lr.py (required unless --resume)")
     ap.add_argument("--samples", type=int, help="draws from the space's domains (Ray's num_samples; grids multiply); default 1")
     ap.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (ASHA's max_t); default --epochs")
-    ap.add_argument("--grace-period", type=int, help=f"epochs before ASHA may stop a trial (default {GRACE_PERIOD})")
+    ap.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default 5, at most --max-epochs)")
     ap.add_argument("--reduction-factor", type=int, help=f"ASHA keeps 1/factor of the trials per rung (default {REDUCTION_FACTOR})")
     ap.add_argument("--metric", help="what ASHA and the ranking optimise (default: the space's METRIC, else val_acc)")
     ap.add_argument("--mode", choices=("min", "max"), help="default: the space's MODE, else min for losses, max otherwise")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             raise UserError(f"--space FILE is required, e.g. --space experiments/lr.py; shipped: {', '.join(tuning.shipped())}")
         space = tuning.load_space(a.space)
         setup = tuning.make_setup(space, overrides_from_args(a), metric=a.metric, mode=a.mode, max_epochs=a.max_epochs,
-                                  grace_period=a.grace_period or GRACE_PERIOD,
+                                  grace_period=a.grace_period,
                                   reduction_factor=a.reduction_factor or REDUCTION_FACTOR,
                                   samples=a.samples or 1, concurrent=a.concurrent)
         name = a.name or f"{space.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -33,6 +33,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 PRESET = "preset"  # the special SPACE key that expands to a preset's settings
 METRICS = ("val_acc", "val_loss", "val_recall", "val_auroc", "val_f1", "train_acc", "train_loss")
 PATH_FIELDS = ("data", "cache_dir", "split_file", "weights")  # made absolute: trials run in Ray's trial folders
+GRACE_PERIOD = 5  # default epochs before ASHA may stop a trial
 TEST_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr",
              "patient_recognition_rate", "patient_accuracy", "loss")
 
@@ -208,8 +209,8 @@ class Setup:
 
 
 def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | None, max_epochs: int | None,
-               grace_period: int, reduction_factor: int, samples: int, concurrent: int | None) -> Setup:
-    """Resolve metric, mode and epochs; check the base config and the ASHA settings."""
+               grace_period: int | None, reduction_factor: int, samples: int, concurrent: int | None) -> Setup:
+    """Resolve metric, mode, epochs and grace period (default: 5 epochs, at most max epochs); check them all."""
     metric = metric or space.metric or "val_acc"
     if metric not in METRICS:
         raise UserError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
@@ -221,6 +222,7 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
     base = {**select, **space.base, **flags}
     max_epochs = max_epochs or make_config(base).epochs
     base["epochs"] = max_epochs
+    grace_period = min(GRACE_PERIOD, max_epochs) if grace_period is None else grace_period
     make_config(base)  # a bad flag or BASE value fails here, before Ray starts
     if max_epochs < 1 or not 1 <= grace_period <= max_epochs:
         raise UserError(f"--grace-period {grace_period} / --max-epochs {max_epochs}: need 1 <= grace period <= max epochs")
@@ -323,13 +325,16 @@ def make_tuner(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool, ca
         # errored trials stay failed (their error is a property of their settings); unfinished ones continue
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   param_space=param_space(space))
-    # epochs are ASHA's unit: trials report their "epoch" once per epoch
+    # epochs are ASHA's unit: trials report their "epoch" once per epoch. reuse_actors: the next trial runs
+    # in a finished trial's process (torch imported, CUDA up), saving a process start per trial; a stopped
+    # trial's thread leaves at its next report, and Ray starts a fresh process if it has not within 2 s
     asha = ASHAScheduler(time_attr="epoch", max_t=setup.max_epochs, grace_period=setup.grace_period,
                          reduction_factor=setup.reduction_factor)
     return tune.Tuner(
         trainable, param_space=param_space(space),
         tune_config=tune.TuneConfig(metric=setup.metric, mode=setup.mode, scheduler=asha, num_samples=setup.samples,
-                                    max_concurrent_trials=setup.concurrent, trial_dirname_creator=trial_dirname),
+                                    max_concurrent_trials=setup.concurrent, trial_dirname_creator=trial_dirname,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks))
 

@@ -173,9 +173,10 @@ def test_precedence_defaults_base_flags_sample(tmp_path):
 
 def test_make_setup_defaults_and_errors(tmp_path):
     s = tuning.load_space(write(tmp_path / "s.py", "SPACE = {'lr': [1e-3]}\n"))
-    kw = dict(metric=None, mode=None, max_epochs=None, grace_period=1, reduction_factor=2, samples=1, concurrent=None)
+    kw = dict(metric=None, mode=None, max_epochs=None, grace_period=None, reduction_factor=2, samples=1, concurrent=None)
     setup = tuning.make_setup(s, {"epochs": 9}, **kw)
     assert (setup.metric, setup.mode, setup.max_epochs, setup.base["select"]) == ("val_acc", "max", 9, "val_acc")
+    assert setup.grace_period == 5 and tuning.make_setup(s, {"epochs": 3}, **kw).grace_period == 3
     assert tuning.make_setup(s, {}, **{**kw, "metric": "train_loss"}).mode == "min"
     assert "select" not in tuning.make_setup(s, {}, **{**kw, "metric": "train_acc"}).base
     for change, needle in [({"metric": "acc"}, "--metric 'acc'"), ({"grace_period": 10, "max_epochs": 5}, "--grace-period"),
