@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from breakhis.errors import UserError, guard
+from breakhis.metrics import is_number
 
 BY = ("magnification", "subtype", "patient")
 
@@ -95,9 +96,9 @@ def evaluate_one(a, run_path: str) -> dict:
         report.console.print(f"wrote {a.export} (torch.export program; load with torch.export.load(path).module())")
     images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
     split = "test" if a.data else a.split
-    needs_val = not _is_number(a.threshold) and not a.data
+    needs_val = not is_number(a.threshold) and not a.data
     val_ev = F.predict(model, prep, "val", cfg, device, tta=a.tta, images=images) if needs_val else None
-    if a.data and not _is_number(a.threshold):
+    if a.data and not is_number(a.threshold):
         raise UserError(f"--threshold {a.threshold} with --data: give a number (the other tree has no validation split)")
     threshold = threshold_for(a.threshold, run_dir, val_ev, cfg.task)
     ev = val_ev if split == "val" and val_ev is not None else F.predict(model, prep, split, cfg, device, tta=a.tta,
@@ -117,14 +118,6 @@ def evaluate_one(a, run_path: str) -> dict:
         written = save_cams(F.load_run_model(run_dir, cfg, device), prep, ev, cfg, device, run_dir / "plots", a.cam)
         out["cam"] = [str(p) for p in written]
     return M.jsonable(out)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _group_key(record, by: str):

@@ -42,7 +42,7 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
-def resolve(a) -> "TrainConfig":  # noqa: F821
+def resolve(a):
     layers = []
     if a.demo:
         layers.append(DEMO)

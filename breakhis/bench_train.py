@@ -28,7 +28,7 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import UserError, guard
-from .models import BACKBONES, amp_dtype, build_model, needs_grad_scaler, prepare_model
+from .models import BACKBONES, amp_dtype, build_model, needs_grad_scaler, prepare_model, resolve_device
 from .optim import build_optimizer
 
 # Dense tensor-core peaks in TFLOP/s (no sparsity), by a substring of the device name; the
@@ -47,18 +47,6 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peaks[precision] for key, peaks in PEAK_TFLOPS if key in name), None)
-
-
-def resolve_device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"--device {text!r}: give auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {text}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def train_flops(model: torch.nn.Module, image_size: int, device: torch.device) -> tuple[float, float]:

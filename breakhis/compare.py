@@ -122,7 +122,7 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
         raise UserError(f"{path / 'predictions.csv'} lacks the column(s) {', '.join(sorted(missing))}; "
                         f"the run folder is damaged (rewrite it with `python -c \"from breakhis.fit import finalize; "
                         f"finalize('{path}')\"`)")
-    if _is_number(rule):
+    if M.is_number(rule):
         threshold = M.choose_threshold([], [], rule)
     else:
         val = [r for r in table if r["split"] == "val"]
@@ -145,14 +145,6 @@ def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (N,), malignant probabilities (N,) and patients (N,) of predictions.csv rows."""
     return (np.array([int(r["label"]) for r in rows]), np.array([float(r["p_malignant"]) for r in rows]),
             np.array([r["patient"] for r in rows]))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def run_names(paths: list[Path]) -> list[str]:

@@ -25,7 +25,7 @@ from .config import TrainConfig, parse_hw
 from .engine import NonFiniteLoss, evaluate, train_one_epoch
 from .errors import UserError
 from .loader import Augment, DeviceImages, Loader
-from .models import amp_dtype, build_model, needs_grad_scaler, prepare_model, set_frozen
+from .models import amp_dtype, build_model, needs_grad_scaler, prepare_model, resolve_device, set_frozen
 from .optim import build_optimizer, build_scheduler, current_lr, step_schedule
 
 PARTS = ("train", "val", "test")
@@ -52,18 +52,6 @@ def label_of(record, task: str) -> int:
 
 def class_names(task: str) -> tuple[str, ...]:
     return tuple(data_mod.SUBTYPES) if task == "subtype" else ("benign", "malignant")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible on this machine; use --device cpu")
-    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -422,3 +422,12 @@ def mean_std(values: Sequence[dict], keys: Sequence[str]) -> dict:
             "n": len(xs),
         }
     return out
+
+
+def is_number(text) -> bool:
+    """Whether a --threshold value is a plain number (rather than youden / recall=R)."""
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -261,3 +261,16 @@ def prepare_model(model: nn.Module, device: torch.device, channels_last: bool, c
     if compile:
         model.compile(mode=compile_mode)
     return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto (cuda if visible, else cpu), cpu, cuda or cuda:N; a missing GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is visible on this machine; use --device cpu")
+    return dev
