@@ -1,6 +1,6 @@
 """Evaluate a run from its folder alone, or compare many runs side by side.
 
-    python evaluate.py results/<run>                        # "Model Evaluation" table of the test split
+    python evaluate.py results/<run>                        # "Model Evaluation" table of the test partition
     python evaluate.py results/<run> --tta --threshold youden   # 8 dihedral views; threshold chosen on val
     python evaluate.py results/<run> --by magnification     # per magnification / subtype / patient
     python evaluate.py results/<run> --data other/BreaKHis_v1   # score every image of another tree
@@ -14,20 +14,20 @@ The model is rebuilt from model.safetensors and config.json; the split from spli
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from breakhis.errors import UserError, guard
-from breakhis.metrics import is_number
 
 BY = ("magnification", "subtype", "patient")
+MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam")  # options that need one run's model
 
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folder(s), or a folder holding runs (e.g. results/)")
-    ap.add_argument("--split", default="test", choices=("val", "test"), help="partition to score")
+    ap.add_argument("--part", "--split", dest="part", default="test", choices=("val", "test"),
+                    help="partition to score (default test)")
     ap.add_argument("--tta", action="store_true", help="average the 8 dihedral views of each image")
     ap.add_argument("--threshold", default="0.5",
                     help="decision threshold: a number, youden or recall=0.95 (chosen on val, applied to test)")
@@ -45,105 +45,52 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
-def threshold_for(rule: str, run_dir: Path, val_ev, task: str) -> float:
-    """A number as given; youden / recall=R chosen on the validation predictions."""
-    from breakhis import metrics as M
+def compare(a, paths: list[Path]) -> int:
+    """The logbook: many runs from their predictions.csv, side by side."""
+    from breakhis import compare, io, report
 
-    try:
-        return float(rule)
-    except ValueError:
-        pass
-    if task != "binary":
-        raise UserError(f"--threshold {rule}: thresholds apply to the binary task only")
-    if val_ev is None:
-        raise UserError(f"--threshold {rule}: needs the run's validation predictions ({run_dir}/predictions.csv)")
-    return float(M.choose_threshold(val_ev["labels"], val_ev["probs"][:, 1], rule))
-
-
-def export(model, cfg, device, path: str) -> None:
-    """Save the model as a torch.export program taking (B, 3, S, S) float32 normalised images."""
-    import torch
-
-    from breakhis import atomic
-
-    if not path.endswith(".pt2"):
-        raise UserError(f"--export {path}: the file name must end in .pt2")
-    model = model.float().eval()
-    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=device)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    prog = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    with atomic.atomic_path(path) as tmp:
-        torch.export.save(prog, str(tmp))
-
-
-def evaluate_one(a, run_path: str) -> dict:
-    from breakhis import fit as F
-    from breakhis import metrics as M
-    from breakhis import report, runs
-    from breakhis.loader import DeviceImages
-
-    run_dir = runs.check_run(run_path)
-    cfg = runs.load_config(run_dir)
-    device = F.resolve_device(a.device or cfg.device)
-    cfg = dataclasses.replace(cfg, device=str(device))
-    if a.data:
-        prep = F.prepare_data(dataclasses.replace(cfg, data=a.data), whole=True)
-    else:
-        prep = F.prepare_data(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")))
-    model = F.load_exported(a.model) if a.model else F.load_run_model(run_dir, cfg, device)
-    if a.export:
-        export(model, cfg, device, a.export)
-        report.console.print(f"wrote {a.export} (torch.export program; load with torch.export.load(path).module())")
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
-    split = "test" if a.data else a.split
-    needs_val = not is_number(a.threshold) and not a.data
-    val_ev = F.predict(model, prep, "val", cfg, device, tta=a.tta, images=images) if needs_val else None
-    if a.data and not is_number(a.threshold):
-        raise UserError(f"--threshold {a.threshold} with --data: give a number (the other tree has no validation split)")
-    threshold = threshold_for(a.threshold, run_dir, val_ev, cfg.task)
-    ev = val_ev if split == "val" and val_ev is not None else F.predict(model, prep, split, cfg, device, tta=a.tta,
-                                                                        images=images)
-    result = F.score(ev, prep.parts[split], cfg.task, threshold=threshold, n_boot=a.boot)
-    saved = runs.read_json(run_dir / "metrics.json") or {}
-    out = {"run": str(run_dir), "split": split, "tta": a.tta, "threshold": threshold,
-           "best_val_acc": saved.get("best_val_acc"), "best_epoch": saved.get("best_epoch"), split: result}
-    if a.by:
-        keys = [_group_key(r, a.by) for r in prep.parts[split]]
-        out["by"] = M.breakdown(ev["labels"], ev["probs"][:, 1], keys, threshold=threshold,
-                                patients=[r.patient for r in prep.parts[split]]) if cfg.task == "binary" \
-            else None
-    if a.cam:
-        from breakhis.cam import save_cams
-
-        written = save_cams(F.load_run_model(run_dir, cfg, device), prep, ev, cfg, device, run_dir / "plots", a.cam)
-        out["cam"] = [str(p) for p in written]
-    return M.jsonable(out)
-
-
-def _group_key(record, by: str):
-    return {"magnification": lambda r: f"{r.magnification}X", "subtype": lambda r: r.subtype,
-            "patient": lambda r: r.patient}[by](record)
+    used = [f"--{k}" for k in MODEL_FLAGS if getattr(a, k, None)]
+    if used:
+        raise UserError(f"{', '.join(used)} apply to one run (they need its model); the comparison of "
+                        f"{len(paths)} runs reads their predictions.csv: give a single run folder")
+    book = compare.logbook(paths, part=a.part, threshold=a.threshold, sort=a.sort, n_boot=a.boot)
+    if a.csv:
+        io.write_csv(a.csv, compare.records(book.rows, book.keys))
+    if a.markdown:
+        io.write_text(a.markdown, compare.markdown(book))
+    if a.json:
+        print(json.dumps({"sort": a.sort, "split": a.part, "threshold": a.threshold, "boot": a.boot,
+                          "rows": compare.records(book.rows, book.keys)}))
+        return 0
+    report.console.print(compare.render(book))
+    for f in (a.csv, a.markdown):
+        if f:
+            report.console.print(f"wrote {f}")
+    return 0
 
 
 def main(argv=None) -> int:
     a = parse(argv)
     from breakhis import report, runs
+    from breakhis.predict import evaluate_run
 
     paths = runs.find_runs(a.runs)
     if len(paths) > 1:
-        from breakhis.compare import compare_main
-
-        return compare_main(a, paths)
-    out = evaluate_one(a, str(paths[0]))
-    if not a.json:
-        title = f"Model Evaluation: {Path(out['run']).name} ({out['split']}" + (", TTA" if out["tta"] else "") + ")"
-        report.console.print(report.evaluation_table(out, split=out["split"], title=title))
-        if out.get("by"):
-            report.console.print(report.breakdown_table(out["by"], f"By {a.by}"))
-        for p in out.get("cam", []):
-            report.console.print(f"wrote {p}")
-    else:
+        return compare(a, paths)
+    out = evaluate_run(paths[0], part=a.part, tta=a.tta, threshold=a.threshold, data=a.data, device=a.device,
+                       by=a.by, n_boot=a.boot, model_file=a.model, export=a.export, cam=a.cam)
+    if a.json:
         print(json.dumps(out))
+        return 0
+    if out.get("export"):
+        report.console.print(f"wrote {out['export']} (torch.export program; load with "
+                             f"torch.export.load(path).module())")
+    title = f"Model Evaluation: {Path(out['run']).name} ({out['split']}" + (", TTA" if out["tta"] else "") + ")"
+    report.console.print(report.evaluation_table(out, split=out["split"], title=title))
+    if out.get("by"):
+        report.console.print(report.breakdown_table(out["by"], f"By {a.by}"))
+    for p in out.get("cam", []):
+        report.console.print(f"wrote {p}")
     return 0
 
 

@@ -9,16 +9,19 @@
     python train.py --resume results/<run>                   # continue an interrupted run
 
 Precedence: defaults < --demo / --preset / --config < flags. Every setting is a flag
-(see --help); config.json in the run folder holds the resolved settings.
+(see --help); config.json in the run folder holds the resolved settings. Every setting is
+checked (TrainConfig.validate) before torch is imported, the tree read or a folder made.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from breakhis.config import add_flags, load_config_file, make_config, overrides_from_args
 from breakhis.errors import UserError, guard
+from breakhis.tuning.space import load_preset
 
 DEMO_DIR = Path("data/demo")
 # a small, fast model for the synthetic demo tree (CPU, about a minute)
@@ -47,8 +50,6 @@ def resolve(a):
     if a.demo:
         layers.append(DEMO)
     if a.preset:
-        from breakhis.tuning import load_preset
-
         layers.append(load_preset(a.preset))
     if a.config:
         layers.append(load_config_file(a.config))
@@ -56,56 +57,59 @@ def resolve(a):
     return make_config(*layers)
 
 
+def seed_list(text: str | None, default: int) -> list[int]:
+    """--seeds '0,1,2' -> [0, 1, 2]; without the flag, the config's one seed."""
+    if text is None:
+        return [default]
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise UserError("--seeds: give at least one seed")
+    return seeds
+
+
 def main(argv=None) -> int:
     a = parse(argv)
-    from breakhis import fit as F
+    # --- config: every setting checked before the heavy imports (torch: ~3 s) and any work ---
+    cfg = None if a.resume else resolve(a)
+    seeds = seed_list(a.seeds, cfg.seed if cfg else 0)
+
     from breakhis import report, runs
+    from breakhis.data.demo import make_demo
+    from breakhis.data.prepare import prepare
+    from breakhis.fit import fit
 
     # --- resume: the run's own config, nothing else ---
     if a.resume:
         run_dir = Path(a.resume)
         if not runs.is_run(run_dir):
             raise UserError(f"--resume {run_dir}: not a run folder (no config.json and split.json)")
-        status = (runs.read_json(run_dir / "status.json") or {}).get("status")
-        if status == "finished":
+        if runs.status_of(run_dir) == runs.FINISHED:
             raise UserError(f"--resume {run_dir}: the run already finished; train a new one instead")
         cfg = runs.load_config(run_dir)
-        metrics = F.fit(cfg, run_dir, resume=True, progress=not a.quiet)
+        metrics = fit(cfg, run_dir, resume=True, progress=not a.quiet)
         report.console.print(report.evaluation_table(metrics))
         report.console.print(f"run folder: {run_dir}")
         return 0
 
-    # --- config ---
-    cfg = resolve(a)
+    # --- data ---
     if a.demo and not Path(cfg.data).exists():
-        from breakhis.demo import make_demo
-
         make_demo(DEMO_DIR, patients=16, images_per_patient=16, size=(350, 230))
         report.console.print(f"made the SYNTHETIC demo tree {DEMO_DIR / 'BreaKHis_v1'}")
-    seeds = [cfg.seed]
-    if a.seeds:
-        try:
-            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds {a.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
-        if not seeds:
-            raise UserError("--seeds: give at least one seed")
 
     # --- one run per seed ---
     prep = None
     for seed in seeds:
-        import dataclasses
-
         run_cfg = dataclasses.replace(cfg, seed=seed, split_seed=seed if a.resplit else cfg.split_seed)
         if prep is None or a.resplit:
-            prep = F.prepare_data(run_cfg, progress=not a.quiet)
+            prep = prepare(run_cfg, progress=not a.quiet)
         name = a.name and (f"{a.name}-seed{seed}" if len(seeds) > 1 else a.name)
-        if not name and len(seeds) > 1:
-            name = None
         run_dir = runs.new_run_dir(a.results, name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
         report.console.print(f"run folder: {run_dir}")
         try:
-            metrics = F.fit(run_cfg, run_dir, data=prep, progress=not a.quiet)
+            metrics = fit(run_cfg, run_dir, data=prep, progress=not a.quiet)
         except KeyboardInterrupt:
             print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
                   file=sys.stderr)

@@ -56,10 +56,12 @@ def parse(argv):
 
 def main(argv=None) -> int:
     a = parse(argv)
-    from breakhis import fit as F
-    from breakhis import tuning
+    from breakhis import runs
+    from breakhis.data.prepare import prepare
     from breakhis.report import console
-    from breakhis.tuning_results import collect, results_table, write_results
+    from breakhis.tuning import experiment as tuning
+    from breakhis.tuning.results import collect, results_table, write_results
+    from breakhis.tuning.space import load_space, shipped
 
     results = Path(a.results).resolve() / "tune"
 
@@ -73,8 +75,8 @@ def main(argv=None) -> int:
         setup = tuning.Setup.load(exp_dir)
     else:
         if not a.space:
-            raise UserError(f"--space FILE is required, e.g. --space experiments/lr.py; shipped: {', '.join(tuning.shipped())}")
-        space = tuning.load_space(a.space)
+            raise UserError(f"--space FILE is required, e.g. --space experiments/lr.py; shipped: {', '.join(shipped())}")
+        space = load_space(a.space)
         setup = tuning.make_setup(space, overrides_from_args(a), metric=a.metric, mode=a.mode, max_epochs=a.max_epochs,
                                   grace_period=a.grace_period,
                                   reduction_factor=a.reduction_factor or REDUCTION_FACTOR,
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
 
     # --- data: index, split and decode once, before any trial starts; trials memory-map the cache ---
     base_cfg = tuning.absolute_paths(make_config(setup.base), setup.cwd)
-    F.prepare_data(base_cfg, progress=True)
+    prepare(base_cfg, progress=True)
     if not a.resume:
         exp_dir = tuning.new_experiment(results, name)
         setup.save(exp_dir)
@@ -102,10 +104,10 @@ def main(argv=None) -> int:
     # --- results: trials.csv, best.json, the table ---
     rows = collect(pairs, setup, exp_dir)
     best = write_results(exp_dir, rows, setup)
-    keys = list(tuning.load_space(setup.space).space)
+    keys = list(load_space(setup.space).space)
     console.print(results_table(rows, setup, keys, title=f"{exp_dir.name}: {setup.metric} ({setup.mode})"))
     console.print(f"trials.csv: {exp_dir / 'trials.csv'}", highlight=False)
-    if any(r["status"] == "unfinished" for r in rows):
+    if any(r["status"] == runs.INTERRUPTED for r in rows):
         print(f"interrupted; continue with: python tune.py --name {exp_dir.name} --resume"
               + (f" --results {a.results}" if a.results != "results" else ""), file=sys.stderr)
         return 130

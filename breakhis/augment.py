@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import UserError
+from .config import TrainConfig
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's weights expect
 STD = (0.229, 0.224, 0.225)
@@ -56,20 +56,10 @@ class Augment:
     dihedral: bool = True  # the 8 flips / 90-degree rotations, drawn per sample
     color_jitter: float = 0.2  # brightness/contrast/saturation in [1-s, 1+s]; hue in [-s/4, s/4] turn
     stain_jitter: float = 0.05  # HED scale ~ U(1-s, 1+s) and shift ~ U(-s, s) per stain
-
-    def __post_init__(self):
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise UserError(f"--crop-scale {lo},{hi}: give two area fractions lo,hi with 0 < lo <= hi <= 1")
-        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
-            raise UserError(f"--crop-ratio {self.crop_ratio[0]},{self.crop_ratio[1]}: give two aspect ratios lo,hi with 0 < lo <= hi")
-        if not 0 <= self.color_jitter < 1:
-            raise UserError(f"--color-jitter {self.color_jitter}: must lie in [0, 1) (0: off)")
-        if not 0 <= self.stain_jitter < 1:
-            raise UserError(f"--stain-jitter {self.stain_jitter}: must lie in [0, 1) (0: off)")
+    # the ranges (0 < crop lo <= hi <= 1, strengths in [0, 1)) are TrainConfig.validate()'s rules
 
     @classmethod
-    def from_config(cls, cfg) -> "Augment | None":
+    def from_config(cls, cfg: TrainConfig) -> Augment | None:
         """The augmentation a TrainConfig asks for; None when cfg.augment is False."""
         if not cfg.augment:
             return None

@@ -17,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import MEAN, STD
+from .data.dataset import class_names
 from .errors import UserError
+from .io import atomic_path
+from .loader import DeviceImages, Loader
 
 
 def target_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -86,8 +90,6 @@ def choose(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 
 def _view(x: torch.Tensor) -> np.ndarray:
     """(3, S, S) normalised input -> (S, S, 3) RGB in [0, 1]."""
-    from .loader import MEAN, STD
-
     mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(3, 1, 1)
     return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
@@ -103,10 +105,6 @@ def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_f
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from .atomic import atomic_path
-    from .fit import class_names
-    from .loader import DeviceImages, Loader
 
     if n < 1:
         raise UserError(f"--cam {n}: give the number of images to explain, e.g. --cam 8")

@@ -3,13 +3,16 @@
     python evaluate.py results/ --sort auroc --markdown logbook.md
     python evaluate.py results/a results/b results/c --csv logbook.csv --boot 2000
 
+    book = logbook(paths, part="test", threshold="0.5", sort="accuracy", n_boot=1000)
+    render(book); records(book); markdown(book)
+
 Works from each run folder's files alone (config.json, metrics.json, predictions.csv): no
 model is loaded. The choices made here:
 
 - Columns: the settings whose values differ between the runs. Settings that only say where
   or how fast the work ran are left out (device, workers, cache_dir, device_cache_gb) and so
   is split_file (a path; what it selects is checked below, by the test images themselves).
-- Figures come from the rows of predictions.csv for the partition (--split, test by
+- Figures come from the rows of predictions.csv for the partition (--part, test by
   default), at --threshold (a number, or youden / recall=R chosen on each run's own
   validation rows). Intervals: percentile bootstrap over patients (--boot resamples).
 - Comparable runs are runs scored on the same test images (same paths and labels). Each
@@ -31,7 +34,6 @@ model is loaded. The choices made here:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,8 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, metrics as M, report, runs
+from . import metrics as M
+from . import report
+from .config import renamed
 from .errors import UserError
+from .io import jsonable, number, read_csv, read_json
 
 # (key, column title) of the figures shown for every binary run
 METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
@@ -48,7 +53,7 @@ METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "rec
            ("patient_recognition_rate", "patient rec. rate"))
 IGNORED = ("device", "workers", "cache_dir", "device_cache_gb", "split_file")
 REPEAT_KEYS = ("seed", "split_seed")
-MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam")
+SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in M.CI_KEYS if k not in dict(METRICS))
 
 
 @dataclass
@@ -106,13 +111,13 @@ def _to_half(p: np.ndarray, t: float) -> np.ndarray:
 
 def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
-    raw = runs.read_json(path / "config.json") or {}
-    config = {k: v for k, v in raw.items() if not k.startswith("_")}
-    run = Run(path, name, config, runs.read_json(path / "metrics.json") or {})
+    raw = read_json(path / "config.json") or {}
+    config = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(path / "config.json"))
+    run = Run(path, name, config, read_json(path / "metrics.json") or {})
     if run.task != "binary":
         run.note = "subtype task: not ranked"
         return run
-    table = runs.read_csv(path / "predictions.csv")
+    table = read_csv(path / "predictions.csv")
     if not table:
         run.note = "no predictions.csv (unfinished run: resume it with train.py --resume)"
         return run
@@ -120,9 +125,9 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     missing = need - set(table[0])
     if missing:
         raise UserError(f"{path / 'predictions.csv'} lacks the column(s) {', '.join(sorted(missing))}; "
-                        f"the run folder is damaged (rewrite it with `python -c \"from breakhis.fit import finalize; "
+                        f"the run folder is damaged (rewrite it with `python -c \"from breakhis.predict import finalize; "
                         f"finalize('{path}')\"`)")
-    if M.is_number(rule):
+    if number(rule) is not None:
         threshold = M.choose_threshold([], [], rule)
     else:
         val = [r for r in table if r["split"] == "val"]
@@ -279,17 +284,11 @@ def _cell(row: Row, key: str) -> str:
     return text
 
 
-def _shown(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v)) or "none"
-    return "–" if v is None else str(v)
-
-
 def settings_of(row: Row, keys: list[str]) -> dict[str, str]:
     """Each differing setting of the row; repeats list their distinct seeds."""
     out = {}
     for k in keys:
-        values = list(dict.fromkeys(_shown(r.config.get(k)) for r in row.runs))
+        values = list(dict.fromkeys(report.show(r.config.get(k)) for r in row.runs))
         out[k] = ",".join(values)
     return out
 
@@ -336,15 +335,16 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
         rec.update(vs_best_diff=v.get("diff"), vs_best_lo=(v.get("ci") or (None, None))[0],
                    vs_best_hi=(v.get("ci") or (None, None))[1], vs_best_p=v.get("p_value"),
                    significant=v.get("significant"), note=r.note)
-        out.append(M.jsonable(rec))
+        out.append(jsonable(rec))
     return out
 
 
-def markdown(cols: list[str], cells: list[list[str]], caption: str) -> str:
+def markdown(book: Logbook) -> str:
+    """The logbook as a Markdown table with its caption."""
     def line(items):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in items) + " |"
-    right = ["---"] + ["---:" if c != "image set" else ":---:" for c in cols[1:]]
-    return "\n".join([line(cols), "| " + " | ".join(right) + " |", *map(line, cells), "", caption, ""])
+    right = ["---"] + ["---:" if c != "image set" else ":---:" for c in book.columns[1:]]
+    return "\n".join([line(book.columns), "| " + " | ".join(right) + " |", *map(line, book.cells), "", book.caption, ""])
 
 
 def caption(sort: str, part: str, n_boot: int, threshold: str) -> str:
@@ -355,42 +355,42 @@ def caption(sort: str, part: str, n_boot: int, threshold: str) -> str:
             f"(the same letter under 'image set').")
 
 
-def compare_main(a, paths: list[Path]) -> int:
-    """The logbook table of many run folders (evaluate.py with several runs)."""
-    choices = [k for k, _ in METRICS] + [k for k in M.CI_KEYS if k not in dict(METRICS)]
-    if a.sort not in choices:
-        raise UserError(f"--sort {a.sort!r}: choose one of {', '.join(choices)}")
-    if a.boot < 1:
-        raise UserError(f"--boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
-    used = [f"--{k}" for k in MODEL_FLAGS if getattr(a, k, None)]
-    if used:
-        raise UserError(f"{', '.join(used)} apply to one run (they need its model); the comparison of "
-                        f"{len(paths)} runs reads their predictions.csv: give a single run folder")
-    part = a.split
-    loaded = [load_run(p, n, part, a.threshold) for p, n in zip(paths, run_names(paths))]
+@dataclass
+class Logbook:
+    """Many runs compared: the rows (ranked), the differing settings, the display cells."""
+    rows: list[Row]
+    keys: list[str]           # the settings that differ between the runs (columns)
+    columns: list[str]
+    cells: list[list[str]]
+    caption: str
+    part: str
+    runs: int                 # run folders read
+
+
+def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", sort: str = "accuracy",
+            n_boot: int = 1000) -> Logbook:
+    """Read the run folders, group repeats, score with intervals, rank within comparable image sets."""
+    if sort not in SORT_KEYS:
+        raise UserError(f"--sort {sort!r}: choose one of {', '.join(SORT_KEYS)}")
+    if n_boot < 1:
+        raise UserError(f"--boot {n_boot}: give at least 1 resample (1000 or more for a paper)")
+    loaded = [load_run(p, n, part, threshold) for p, n in zip(paths, run_names(paths))]
     keys = differing_settings([r.config for r in loaded])
     scored = [r for r in loaded if r.scored]
     rows = [Row(g, _group_name([r.name for r in g])) for g in group_repeats(scored)]
     for row in rows:
-        score_row(row, a.boot)
-    rows = rank(rows, a.sort, a.boot)
+        score_row(row, n_boot)
+    rows = rank(rows, sort, n_boot)
     rows += [Row([r], r.name, note=r.note) for r in loaded if not r.scored]
-    cols, cells = table(rows, keys, a.sort)
-    text = caption(a.sort, part, a.boot, a.threshold)
-    if a.csv:
-        runs.write_csv(Path(a.csv), records(rows, keys))
-    if a.markdown:
-        atomic.write_text(a.markdown, markdown(cols, cells, text))
-    if a.json:
-        print(json.dumps({"sort": a.sort, "split": part, "threshold": a.threshold, "boot": a.boot,
-                          "rows": records(rows, keys)}))
-        return 0
+    cols, cells = table(rows, keys, sort)
+    return Logbook(rows, keys, cols, cells, caption(sort, part, n_boot, threshold), part, len(loaded))
+
+
+def render(book: Logbook):
+    """The rich table of the logbook: a line between image sets, the best rows in bold."""
+    rows = book.rows
     starts = {i for i in range(1, len(rows)) if rows[i].image_set != rows[i - 1].image_set}
-    stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in cells]  # narrower columns
-    report.console.print(report.logbook_table(cols, stacked, title=f"Logbook: {len(loaded)} runs, {part} split",
-                                              caption=text, best={i for i, r in enumerate(rows) if r.best},
-                                              sections=starts))
-    for f in (a.csv, a.markdown):
-        if f:
-            report.console.print(f"wrote {f}")
-    return 0
+    stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in book.cells]  # narrower
+    return report.logbook_table(book.columns, stacked, title=f"Logbook: {book.runs} runs, {book.part} split",
+                                caption=book.caption, best={i for i, r in enumerate(rows) if r.best},
+                                sections=starts)

@@ -8,12 +8,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .errors import UserError
+
+# old config keys -> new ones: old config.json files, presets and space files still load
+RENAMED = {"split": "split_ratio"}
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 def _f(default, help: str, **kw):
@@ -29,10 +37,11 @@ class TrainConfig:
     data: str = _f("data/BreaKHis_v1", "root of the BreaKHis tree (BreaKHis_v1, its parent, or the Kaggle mirror)")
     task: str = _f("binary", "binary (benign/malignant) or subtype (8 classes)", choices=("binary", "subtype"))
     magnification: str = _f("all", "40, 100, 200, 400 or all; applied after the patient split", choices=("all", "40", "100", "200", "400"))
-    split: str = _f("60:10:30", "train:val:test percentages of images, split by patient")
+    split_ratio: str = _f("60:10:30", "train:val:test percentages of images, split by patient", aliases=("--split",))
     split_seed: int = _f(0, "seed of the patient split (kept across --seeds unless --resplit)")
     group: str = _f("patient", "split unit: patient folder, or accession (slide ids that differ only in letter suffix)", choices=("patient", "accession"))
-    fold: int = _f(0, "official fold 1..5 from Folds.csv / mkfold (0: use --split)")
+    fold: int = _f(0, "official fold 1..5 from Folds.csv / mkfold (0: use --split-ratio)")
+    val_fraction: float = _f(0.1, "--fold: fraction of the fold's training units moved to validation")
     split_file: str = _f("", "reuse a split manifest (split.json) instead of drawing one")
     skip_bad: bool = _f(False, "skip unreadable images (recorded in the manifest) instead of failing")
     # --- fast data path ---
@@ -50,7 +59,7 @@ class TrainConfig:
     color_jitter: float = _f(0.2, "brightness/contrast/saturation jitter strength (hue: a quarter of it); 0 off")
     stain_jitter: float = _f(0.05, "H&E stain jitter strength in HED space; 0 off")
     # --- model ---
-    backbone: str = _f("resnet152", "torchvision backbone (see breakhis.models.BACKBONES)")
+    backbone: str = _f("resnet152", "torchvision backbone (see breakhis.registry.BACKBONES)", choices=tuple(registry.BACKBONES))
     pretrained: bool = _f(True, "start from torchvision's ImageNet weights (cached in TORCH_HOME)")
     weights: str = _f("", "backbone weights from a local .safetensors or .pth state dict")
     head: tuple[int, ...] = _f((1000,), "hidden sizes of the head, e.g. 1000,512,128; 'none' for one linear layer")
@@ -59,12 +68,12 @@ class TrainConfig:
     unfreeze_at: int = _f(0, "epoch at which a frozen backbone starts training (0: never)")
     # --- optimisation ---
     epochs: int = _f(60, "training epochs")
-    optimizer: str = _f("adamw", "adam, adamw or sgd")
+    optimizer: str = _f("adamw", "adam, adamw or sgd", choices=tuple(registry.OPTIMIZERS))
     lr: float = _f(1e-4, "learning rate (peak for onecycle)")
     weight_decay: float = _f(0.01, "weight decay")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(False, "SGD with Nesterov momentum")
-    scheduler: str = _f("multistep", "none, step, multistep, exponential, cosine, onecycle or plateau")
+    scheduler: str = _f("multistep", "none, step, multistep, exponential, cosine, onecycle or plateau", choices=tuple(registry.SCHEDULERS))
     step_size: int = _f(10, "step: epochs between decays")
     milestones: tuple[int, ...] = _f((10, 30, 50), "multistep: epochs at which lr is multiplied by gamma")
     gamma: float = _f(0.1, "decay factor of step, multistep and exponential")
@@ -76,7 +85,7 @@ class TrainConfig:
     class_weights: tuple[float, ...] = _f((0.5, 0.8), "cross-entropy class weights, one per class ('none' for equal)")
     label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
     # --- loop ---
-    select: str = _f("val_acc", "checkpoint selection metric", choices=("val_acc", "val_loss", "val_recall", "val_auroc", "val_f1"))
+    select: str = _f("val_acc", "checkpoint selection metric", choices=registry.SELECT_METRICS)
     patience: int = _f(0, "stop after this many epochs without improvement of --select (0: off)")
     seed: int = _f(0, "seed of initialisation, sampling and augmentation")
     # --- speed ---
@@ -92,34 +101,45 @@ class TrainConfig:
     def num_classes(self) -> int:
         return 8 if self.task == "subtype" else 2
 
-    def split_ratio(self) -> tuple[int, int, int]:
-        """The --split value as three whole percentages summing to 100."""
-        parts = self.split.replace("/", ":").split(":")
-        try:
-            r = tuple(int(p) for p in parts)
-        except ValueError:
-            r = ()
-        if len(r) != 3 or sum(r) != 100 or min(r) < 0 or r[0] == 0 or r[2] == 0:
-            raise UserError(f"--split {self.split!r}: give three whole percentages train:val:test summing to 100, e.g. 70:10:20 or 60:10:30")
-        return r  # type: ignore[return-value]
+    def split_percentages(self) -> tuple[int, int, int]:
+        """--split-ratio as three whole percentages (train, val, test) summing to 100."""
+        return parse_split_ratio(self.split_ratio)
 
-    def validate(self) -> "TrainConfig":
-        """Check values that do not need a registry; raise UserError in the user's words."""
-        self.split_ratio()
-        if self.lr <= 0:
-            raise UserError(f"--lr {self.lr}: the learning rate must be positive")
-        if self.epochs < 1:
-            raise UserError(f"--epochs {self.epochs}: must be at least 1")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.image_size < 16:
-            raise UserError(f"--image-size {self.image_size}: must be at least 16 pixels")
+    def cache_hw(self) -> tuple[int, int] | None:
+        """--cache-size as (H, W) pixels; None: chosen from --image-size."""
+        return parse_hw(self.cache_size, "--cache-size") if self.cache_size else None
+
+    def validate(self) -> TrainConfig:
+        """Check every setting, registry names included, before any work; raise UserError in the user's words.
+
+        This is the one place these rules live: the data pipeline, the model and optimizer
+        builders and tune.py rely on a validated config and do not check again.
+        """
+        for key in CHOICE_FIELDS:  # registry names (backbone, optimizer, scheduler, select) included
+            check_choice(key, getattr(self, key))
+        self.split_percentages()
+        self.cache_hw()
+        _positive_finite("--lr", self.lr)
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--image-size", self.image_size, 16)
+        _at_least("--workers", self.workers, 0)
+        _at_least("--patience", self.patience, 0)
+        _at_least("--unfreeze-at", self.unfreeze_at, 0)
+        _at_least("--plateau-patience", self.plateau_patience, 0)
+        for flag, value in (("--weight-decay", self.weight_decay), ("--momentum", self.momentum),
+                            ("--min-lr", self.min_lr), ("--device-cache-gb", self.device_cache_gb)):
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{flag} {value}: must be zero or positive")
         if self.class_weights:
             if len(self.class_weights) != self.num_classes:
                 raise UserError(f"--class-weights has {len(self.class_weights)} values; the {self.task} task has "
                                 f"{self.num_classes} classes: give one positive weight per class, e.g. 0.5,0.8")
-            if min(self.class_weights) <= 0:
+            if not all(math.isfinite(w) and w > 0 for w in self.class_weights):
                 raise UserError(f"--class-weights {self.class_weights}: weights must be positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
+        # the head: [Dropout(d0)] Linear(F, h1) ReLU [Dropout(d1)] ... Linear(., classes)
         if len(self.dropout) > len(self.head) + 1:
             raise UserError(f"--dropout has {len(self.dropout)} rates but the head has only {len(self.head) + 1} linear "
                             f"layer(s) (--head {','.join(map(str, self.head)) or 'none'}): give at most one rate per linear layer")
@@ -127,22 +147,74 @@ class TrainConfig:
             raise UserError(f"--dropout {self.dropout}: rates must lie in [0, 1)")
         if any(h < 1 for h in self.head):
             raise UserError(f"--head {self.head}: hidden sizes must be positive")
+        # augmentation
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise UserError(f"--crop-scale {self.crop_scale}: give two area fractions lo,hi with 0 < lo <= hi <= 1")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise UserError(f"--crop-ratio {self.crop_ratio}: give two aspect ratios lo,hi with 0 < lo <= hi")
+        if not 0 <= self.color_jitter < 1:
+            raise UserError(f"--color-jitter {self.color_jitter}: must lie in [0, 1) (0: off)")
+        if not 0 <= self.stain_jitter < 1:
+            raise UserError(f"--stain-jitter {self.stain_jitter}: must lie in [0, 1) (0: off)")
+        # split
         if not 0 <= self.fold <= 5:
-            raise UserError(f"--fold {self.fold}: official folds are 1..5 (0: use --split)")
-        if self.cache_size:
-            parse_hw(self.cache_size, "--cache-size")
+            raise UserError(f"--fold {self.fold}: official folds are 1..5 (0: use --split-ratio)")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction}: must lie in [0, 1)")
+        # optimizer and schedule
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise UserError(f"--nesterov needs --optimizer sgd with a positive --momentum "
+                            f"(got {self.optimizer}, momentum {self.momentum})")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs}: must be at least 0 and less than --epochs {self.epochs}")
+        if self.warmup_epochs and self.scheduler == "onecycle":
+            raise UserError("--warmup-epochs with --scheduler onecycle: onecycle has its own warmup (--pct-start); "
+                            "set --warmup-epochs 0")
+        if self.scheduler in ("step", "multistep", "exponential") and not 0 < self.gamma <= 1:
+            raise UserError(f"--gamma {self.gamma}: must lie in (0, 1]")
+        if self.scheduler == "step" and self.step_size < 1:
+            raise UserError(f"--step-size {self.step_size}: must be at least 1 epoch")
+        if self.scheduler == "multistep" and (not self.milestones or any(m < 1 for m in self.milestones)):
+            raise UserError(f"--milestones {tuple(self.milestones)}: give epochs >= 1, e.g. 10,30,50")
+        if self.scheduler == "onecycle" and not 0 < self.pct_start < 1:
+            raise UserError(f"--pct-start {self.pct_start}: must lie strictly between 0 and 1")
+        if self.scheduler == "plateau" and not 0 < self.plateau_factor < 1:
+            raise UserError(f"--plateau-factor {self.plateau_factor}: must lie strictly between 0 and 1")
+        if not _DEVICE.fullmatch(self.device):
+            raise UserError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+def _positive_finite(flag: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{flag} {value}: the learning rate must be positive and finite")
+
+
+
+def _at_least(flag: str, value: int, least: int) -> None:
+    if value < least:
+        raise UserError(f"{flag} {value}: must be at least {least}" + (" pixels" if flag == "--image-size" else ""))
+
+
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+CHOICE_FIELDS = tuple(k for k, f in FIELDS.items() if f.metadata.get("choices"))
 _HINTS = typing.get_type_hints(TrainConfig)
+
+
+def parse_split_ratio(text) -> tuple[int, int, int]:
+    """'70:10:20' (or '70/10/20', or (70, 10, 20)) -> three whole percentages summing to 100."""
+    text = text if isinstance(text, str) else ":".join(str(v) for v in text)
+    try:
+        r = tuple(int(p) for p in text.replace("/", ":").split(":"))
+    except ValueError:
+        r = ()
+    if len(r) != 3 or sum(r) != 100 or min(r) < 0 or r[0] == 0 or r[2] == 0:
+        raise UserError(f"--split-ratio {text!r}: give three whole percentages train:val:test summing to 100, "
+                        f"e.g. 70:10:20 or 60:10:30")
+    return r  # type: ignore[return-value]
 
 
 def parse_hw(text: str, flag: str) -> tuple[int, int]:
@@ -160,8 +232,26 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+_told: set[str] = set()
+
+
+def renamed(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """settings with old keys (RENAMED) under their new names; says so once per old key."""
+    out = {}
+    for k, v in settings.items():
+        if k in RENAMED:
+            if k not in _told:
+                _told.add(k)
+                print(f"note: setting {k!r} is now {RENAMED[k]!r}{f' ({where})' if where else ''}; "
+                      f"the old name still works", file=sys.stderr)
+            k = RENAMED[k]
+        out[k] = v
+    return out
+
+
 def coerce(key: str, value: Any) -> Any:
     """Convert a value from a flag, a JSON file or a search space to the field's type."""
+    key = RENAMED.get(key, key)
     if key not in FIELDS:
         raise UserError(f"unknown setting {key!r}; valid settings: {', '.join(FIELDS)}")
     hint = _HINTS[key]
@@ -190,9 +280,14 @@ def coerce(key: str, value: Any) -> Any:
         value = hint(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} {value!r}: expected {getattr(hint, '__name__', hint)}") from None
+    return check_choice(key, value)
+
+
+def check_choice(key: str, value: Any) -> Any:
+    """value, if the field has a list of choices and value is one of them (or has none); else a UserError."""
     choices = FIELDS[key].metadata.get("choices")
     if choices and value not in choices:
-        raise UserError(f"{name} {value!r}: choose one of {', '.join(choices)}")
+        raise UserError(f"{flag_name(key)} {value!r}: choose one of {', '.join(choices)}")
     return value
 
 
@@ -203,11 +298,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_ = f"{f.metadata['help']} (default: {shown if shown != '' else 'none'})"
+        names = (flag_name(f.name), *f.metadata.get("aliases", ()))
         if _HINTS[f.name] is bool:
-            group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_)
         else:
-            group.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, metavar="V", help=help_)
+            group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, metavar="V", help=help_)
 
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -219,7 +315,7 @@ def make_config(*layers: dict[str, Any], base: TrainConfig | None = None) -> Tra
     """Apply override layers in order (later wins) to the defaults and validate."""
     cfg = base or TrainConfig()
     for layer in layers:
-        cfg = dataclasses.replace(cfg, **{k: coerce(k, v) for k, v in layer.items()})
+        cfg = dataclasses.replace(cfg, **{k: coerce(k, v) for k, v in renamed(layer).items()})
     return cfg.validate()
 
 
@@ -236,7 +332,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         d = d["config"]
     if not isinstance(d, dict):
         raise UserError(f"config file {p}: expected a JSON object of settings")
-    d = {k: v for k, v in d.items() if not k.startswith("_")}  # a run's "_env" record is not a setting
+    d = renamed({k: v for k, v in d.items() if not k.startswith("_")}, str(p))  # "_env" is not a setting
     for k in d:
         if k not in FIELDS:
             raise UserError(f"config file {p}: unknown setting {k!r}; valid settings: {', '.join(FIELDS)}")

@@ -1,28 +1,54 @@
-"""The training loop as two plain functions: train_one_epoch() and evaluate(). No Trainer class.
+"""The training step and loop as plain functions: train_step(), train_one_epoch(), evaluate(). No Trainer class.
 
-Scheduler stepping goes through optim.step_schedule only: per batch here (OneCycle), per
-epoch and on the validation loss in the caller (fit.py).
+train_step is the one step: training runs it, and both benchmarks (bench loader, bench train)
+time it. Schedules step through optim.Schedule only: per batch here (onecycle), per epoch and
+on the validation loss in the caller (fit.py).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .loader import tta_views
+from .augment import tta_views
+from .device import autocast
 from .models import train_mode
-from .optim import Schedule, step_schedule
+from .optim import Schedule
 
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite."""
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+def make_loss(class_weights: tuple[float, ...], label_smoothing: float, device: torch.device) -> torch.nn.Module:
+    """Cross-entropy over the logits, class-weighted when weights are given (e.g. (0.5, 0.8) to raise recall)."""
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: Callable, *, amp: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch x (B, 3, S, S), y (B,); returns (loss, logits (B, C)), not synchronised.
+
+    The forward pass runs under autocast (amp None: fp32); the loss is taken in fp32. With an
+    enabled GradScaler (fp16) the loss is scaled and the step skipped on inf/nan gradients.
+    """
+    with autocast(x.device, amp):
+        logits = model(x)  # (B, C)
+    loss = loss_fn(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss, logits
 
 
 def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
@@ -40,18 +66,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
     n = 0
     t0 = time.perf_counter()
     for i, (x, y, _) in enumerate(batches):
-        with _autocast(device, amp):
-            logits = model(x)  # (B, C)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        step_schedule(schedule, "batch")
+        loss, logits = train_step(model, x, y, optimizer, loss_fn, amp=amp, scaler=scaler)
+        schedule.step_batch()
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         n += y.shape[0]
@@ -79,7 +95,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, loss_fn: Callable | None
     probs, idxs, labels = [], [], []
     loss_sum, n = 0.0, 0
     for x, y, idx in batches:
-        with _autocast(x.device, amp):
+        with autocast(x.device, amp):
             views = tta_views(x) if tta else [x]
             logits = torch.stack([model(v).float() for v in views])  # (V, B, C)
         p = F.softmax(logits, dim=-1).mean(0)

@@ -3,6 +3,7 @@
     data = DeviceImages(cache.images, "cuda", budget_gb=8)      # (N, H, W, 3) uint8, shared
     train = Loader(data, idx, labels, batch_size=32, image_size=224, train=True,
                    augment=Augment.from_config(cfg), drop_last=True, seed=cfg.seed, dtype=torch.bfloat16)
+    train = Loader.for_run(data, idx, labels, cfg, train=True, dtype=torch.bfloat16)   # the same, from a config
     for epoch in range(cfg.epochs):
         train.set_epoch(epoch)
         for x, y, idx in train: ...                             # x (B, 3, 224, 224) on the device
@@ -25,9 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import GREY, MEAN, NRAND, STD, Augment, colour_maps, crop_thetas, dihedral, draw, stain_maps, tta_views
-
-__all__ = ["MEAN", "STD", "Augment", "DeviceImages", "Loader", "tta_views", "dihedral", "colour_maps", "stain_maps"]
+from .augment import GREY, MEAN, NRAND, STD, Augment, crop_thetas, dihedral, draw
+from .config import TrainConfig
 
 CHUNK = 8  # samples rendered together on the CPU: their float planes (5 MB) stay in the cache
 
@@ -153,6 +153,13 @@ class Loader:
         self._std = torch.tensor(STD, device=dev).view(1, 3, 1)
         self._grey = torch.tensor(GREY, device=dev)
         self._slots: list[torch.Tensor] | None = None  # pinned host batches of the streamed CUDA path
+
+    @classmethod
+    def for_run(cls, data: DeviceImages, indices, labels, cfg: TrainConfig, *, train: bool, dtype) -> Loader:
+        """The training (train=True) or evaluation loader of a run's config."""
+        return cls(data, indices, labels, batch_size=cfg.batch_size, image_size=cfg.image_size, train=train,
+                   augment=Augment.from_config(cfg) if train else None, balanced=cfg.balanced_sampling and train,
+                   drop_last=cfg.drop_last and train, seed=cfg.seed, dtype=dtype, channels_last=cfg.channels_last)
 
     def __len__(self) -> int:
         n = len(self.indices)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
 
 from .errors import UserError
+from .io import jsonable, number, plain
 
 POSITIVE = 1  # malignant
 IMAGE_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr")
@@ -134,7 +135,7 @@ def multiclass_metrics(y, probs, class_names: Sequence[str]) -> dict:
 
 
 @dataclass
-class _Prepared:
+class _PatientCounts:
     """One prediction set reduced to what the resampled metrics need."""
 
     counts: np.ndarray  # (P, 4) per-patient tp, fp, fn, tn at the threshold
@@ -146,7 +147,7 @@ class _Prepared:
     members: list[np.ndarray]  # image indices of each patient
 
 
-def _prepare(y, p, patients, threshold: float) -> _Prepared:
+def _prepare(y, p, patients, threshold: float) -> _PatientCounts:
     y, p = _binary(y, p)
     names, idx = _patient_index(patients, y.size)
     n_pat = names.size
@@ -163,7 +164,7 @@ def _prepare(y, p, patients, threshold: float) -> _Prepared:
     patient_pred = per_patient(p) / size >= threshold
     order = np.argsort(p, kind="stable")
     ps = p[order]
-    return _Prepared(
+    return _PatientCounts(
         counts=counts,
         fraction=(counts[:, 0] + counts[:, 3]) / size,
         patient_correct=(label == patient_pred).astype(np.float64),
@@ -188,7 +189,7 @@ def _multiplicity(draws: np.ndarray) -> np.ndarray:
     return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
 
 
-def _ranked(w: np.ndarray, d: _Prepared) -> tuple[np.ndarray, np.ndarray]:
+def _ranked(w: np.ndarray, d: _PatientCounts) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and average precision (B,) with images weighted by their patient's multiplicity.
 
     Equal to scikit-learn's roc_auc_score / average_precision_score on the resampled images
@@ -213,7 +214,7 @@ def _ranked(w: np.ndarray, d: _Prepared) -> tuple[np.ndarray, np.ndarray]:
     return auroc, aucpr
 
 
-def _stats(w: np.ndarray, d: _Prepared, keys: Sequence[str]) -> dict[str, np.ndarray]:
+def _stats(w: np.ndarray, d: _PatientCounts, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """The CI_KEYS metrics (B,) for resamples given as patient multiplicities w (B, P)."""
     tp, fp, fn, tn = (w @ d.counts).T
     has_pos, has_neg = tp + fn > 0, tn + fp > 0
@@ -301,11 +302,8 @@ def paired_bootstrap(y, p_a, p_b, patients, metric: str = "accuracy", n_boot: in
 
 
 def _number(text: str, rule) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v):
+    v = number(text)
+    if v is None:
         raise UserError(f"bad threshold rule {rule!r}: use {THRESHOLD_FORMS}")
     return v
 
@@ -341,11 +339,6 @@ def choose_threshold(y_val, p_val, rule: str | float) -> float:
     return value
 
 
-def _plain(v):
-    """A Python scalar from a numpy scalar (so dict keys sort and serialise)."""
-    return v.item() if isinstance(v, np.generic) else v
-
-
 def breakdown(y, p, keys, threshold: float = 0.5, patients=None) -> dict:
     """Metrics per group value, e.g. keys = each image's magnification, subtype or patient.
 
@@ -357,31 +350,19 @@ def breakdown(y, p, keys, threshold: float = 0.5, patients=None) -> dict:
     if keys.shape != y.shape:
         raise ValueError(f"keys must have one entry per image ({y.size}), got shape {keys.shape}")
     pats = None if patients is None else np.asarray(patients).astype(str)
-    plain = [_plain(k) for k in keys]
-    values = set(plain)
+    given = [plain(k) for k in keys]
+    values = set(given)
     try:
         values = sorted(values)
     except TypeError:
         values = sorted(values, key=str)
     out = {}
     for v in values:
-        m = np.array([k == v for k in plain])
+        m = np.array([k == v for k in given])
         out[v] = binary_metrics(y[m], p[m], threshold)
         if pats is not None:
             out[v].update(patient_metrics(y[m], p[m], pats[m], threshold))
     return out
-
-
-def jsonable(obj: Any) -> Any:
-    """A copy fit for json.dumps: nan/inf -> None, numpy -> Python, tuples -> lists, keys -> str."""
-    if isinstance(obj, dict):
-        return {str(_plain(k)): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [jsonable(v) for v in obj]
-    obj = _plain(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def summarize(y, p, patients, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
@@ -422,12 +403,3 @@ def mean_std(values: Sequence[dict], keys: Sequence[str]) -> dict:
             "n": len(xs),
         }
     return out
-
-
-def is_number(text) -> bool:
-    """Whether a --threshold value is a plain number (rather than youden / recall=R)."""
-    try:
-        float(text)
-        return True
-    except (TypeError, ValueError):
-        return False

@@ -1,4 +1,4 @@
-"""Backbones, the classification head, freezing, and the speed settings (AMP, channels-last, compile).
+"""Backbones, the classification head, freezing, and weight files.
 
 The model is a torchvision backbone whose final classifier layer is replaced by nn.Identity,
 followed by our head. It outputs logits: two for the binary task, trained with cross-entropy.
@@ -19,19 +19,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from .errors import UserError
-
-# name -> dotted path of the final classifier layer that the head replaces. The layers before
-# it stay in the backbone: VGG and AlexNet keep their two 4096-wide fully connected layers
-# (features are 4096), ConvNeXt keeps its LayerNorm + Flatten. EfficientNet's classifier is
-# Dropout + Linear: both go, so our head's dropout is the only one.
-BACKBONES: dict[str, str] = {
-    **{f"resnet{n}": "fc" for n in (18, 34, 50, 101, 152)},
-    **{f"efficientnet_b{i}": "classifier" for i in range(8)},
-    **{f"densenet{n}": "classifier" for n in (121, 169, 201)},
-    **{f"vgg{n}{bn}": "classifier.6" for n in (11, 13, 16, 19) for bn in ("", "_bn")},
-    "alexnet": "classifier.6",
-    "convnext_tiny": "classifier.2",
-}
+from .registry import BACKBONES, unknown
 
 # Old DenseNet checkpoints (the files torchvision downloads) name layers 'norm.1' for 'norm1'.
 _DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
@@ -50,8 +38,9 @@ class Classifier(nn.Module):
 
 
 def _check_backbone(name: str) -> str:
+    """The classifier path of a registry name (TrainConfig.validate() refuses others first)."""
     if name not in BACKBONES:
-        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise UserError(unknown("backbone", name, BACKBONES))
     return BACKBONES[name]
 
 
@@ -65,16 +54,11 @@ def make_head(in_features: int, num_classes: int, head: tuple[int, ...], dropout
     """[Dropout(d0)] Linear(F, h1) ReLU [Dropout(d1)] Linear(h1, h2) ReLU ... Linear(., num_classes).
 
     Dropout rate i sits before linear layer i; fewer rates than linear layers leave the last
-    layers without dropout.
+    layers without dropout. The sizes and rates are those of a validated TrainConfig.
     """
     sizes = [in_features, *head, num_classes]
     if len(dropout) > len(sizes) - 1:
-        raise UserError(f"--dropout has {len(dropout)} rates but the head has only {len(sizes) - 1} linear layer(s) "
-                        f"(--head {','.join(map(str, head)) or 'none'}): give at most one rate per linear layer")
-    if any(not 0 <= d < 1 for d in dropout):
-        raise UserError(f"--dropout {tuple(dropout)}: rates must lie in [0, 1)")
-    if any(h < 1 for h in head):
-        raise UserError(f"--head {tuple(head)}: hidden sizes must be positive")
+        raise ValueError(f"{len(dropout)} dropout rates for {len(sizes) - 1} linear layer(s)")
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         if i < len(dropout):
@@ -208,69 +192,3 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # A fresh contiguous CPU copy of every tensor: never a view of the live parameter.
     return {k.removeprefix("_orig_mod."): v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
             for k, v in model.state_dict().items()}
-
-
-# --- speed settings ------------------------------------------------------------------------
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for --amp: None means full fp32.
-
-    'auto': bf16 on a CUDA device that supports it, fp16 on older CUDA devices, off on the CPU
-    (CPU autocast is rarely faster). 'bf16' is allowed on the CPU; 'fp16' needs a CUDA device
-    (UserError otherwise), as does bf16 support on a GPU.
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if not cuda:
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --amp fp16 or auto")
-        return torch.bfloat16
-    if amp == "fp16":
-        if not cuda:
-            raise UserError(f"--amp fp16 needs a CUDA device (this run is on {device}); use --amp bf16 or off")
-        return torch.float16
-    raise UserError(f"--amp {amp!r}: choose one of auto, bf16, fp16, off")
-
-
-def needs_grad_scaler(dtype: torch.dtype | None) -> bool:
-    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
-    return dtype == torch.float16
-
-
-def prepare_model(model: nn.Module, device: torch.device, channels_last: bool, compile: bool,
-                  compile_mode: str = "default") -> nn.Module:
-    """Move the model to the device, optionally channels-last and compiled, and tune CUDA.
-
-    Compiling is done in place (nn.Module.compile), so the returned module is `model` itself
-    and its state_dict keys stay the same. Inputs should then be channels-last too.
-    """
-    device = torch.device(device)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    if compile:
-        model.compile(mode=compile_mode)
-    return model
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto (cuda if visible, else cpu), cpu, cuda or cuda:N; a missing GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible on this machine; use --device cpu")
-    return dev

@@ -1,72 +1,50 @@
 """Optimizers, learning-rate schedules, and the one rule for when a schedule steps.
 
     opt = build_optimizer(model.parameters(), "adamw", lr=1e-4, weight_decay=0.01)
-    sched = build_scheduler(opt, "multistep", epochs=60, steps_per_epoch=len(batches), milestones=(10, 30, 50))
-    ... after each optimizer step:         step_schedule(sched, "batch")
-    ... after each epoch's validation:     step_schedule(sched, "epoch", val_loss=val_loss)
+    schedule = build_schedule(opt, cfg, steps_per_epoch=len(batches))
+    ... after each optimizer step:         schedule.step_batch()
+    ... after each epoch's validation:     schedule.step_epoch(val_loss)
 
-`step_schedule` is the only caller of a torch scheduler's .step(). The lr in use during epoch e
-(or batch t for onecycle) is the schedule's value at e (or t), counted from 0.
+Schedule is the only caller of a torch scheduler's .step(); each scheduler's rule (per batch,
+per epoch, on the validation loss, never) is registry.SCHEDULERS. The lr in use during epoch e
+(or batch t for onecycle) is the schedule's value at e (or t), counted from 0. The settings come
+from a validated TrainConfig (validate() holds the rules on lr, gamma, milestones, ...).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim import lr_scheduler
 
+from .config import TrainConfig
 from .errors import UserError
-
-
-def _fused(params: list) -> dict[str, bool]:
-    # The fused CUDA kernels update every parameter in one launch; only when all live on a GPU.
-    return {"fused": True} if params and all(p.is_cuda for p in params) else {}
-
-
-# name -> (params, lr, weight_decay, momentum, nesterov) -> optimizer. Adam's weight decay is
-# the classic L2 term added to the gradient; AdamW's is decoupled (applied to the weights).
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": lambda p, lr, wd, momentum, nesterov: torch.optim.Adam(p, lr=lr, weight_decay=wd, **_fused(p)),
-    "adamw": lambda p, lr, wd, momentum, nesterov: torch.optim.AdamW(p, lr=lr, weight_decay=wd, **_fused(p)),
-    "sgd": lambda p, lr, wd, momentum, nesterov: torch.optim.SGD(p, lr=lr, weight_decay=wd, momentum=momentum,
-                                                                 nesterov=nesterov),
-}
-
-# name -> when it steps: per optimizer step ('batch'), per epoch, on the validation loss, or never.
-SCHEDULERS: dict[str, str] = {
-    "none": "never",
-    "step": "epoch",
-    "multistep": "epoch",
-    "exponential": "epoch",
-    "cosine": "epoch",
-    "onecycle": "batch",
-    "plateau": "metric",
-}
+from .registry import OPTIMIZERS, SCHEDULERS, unknown
 
 WARMUP_START = 0.1  # linear warmup starts at lr * WARMUP_START
 
 
 def build_optimizer(params: Iterable, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = False) -> torch.optim.Optimizer:
-    """An optimizer over `params` (parameters or param groups).
+    """An optimizer (registry.OPTIMIZERS) over `params` (parameters or param groups).
 
     Build it over all parameters, frozen ones included: a parameter without .grad is skipped
     entirely (no update, no weight decay) until it is unfrozen.
     """
     if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if not lr > 0:
-        raise UserError(f"--lr {lr}: the learning rate must be positive")
-    if weight_decay < 0:
-        raise UserError(f"--weight-decay {weight_decay}: must be zero or positive")
-    if nesterov and (name != "sgd" or momentum <= 0):
-        raise UserError(f"--nesterov needs --optimizer sgd with a positive --momentum (got {name}, momentum {momentum})")
+        raise UserError(unknown("optimizer", name, OPTIMIZERS))
     params = list(params)
-    return OPTIMIZERS[name](params, lr, weight_decay, momentum, nesterov)
+    kw: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if name == "sgd":
+        kw.update(momentum=momentum, nesterov=nesterov)
+    elif params and all(p.is_cuda for p in params):
+        kw["fused"] = True  # the fused CUDA kernels update every parameter in one launch
+    return getattr(torch.optim, OPTIMIZERS[name])(params, **kw)
 
 
 class Schedule:
-    """A torch scheduler (or none) with its stepping rule `when` and an optional linear warmup.
+    """A torch scheduler (or none) with its stepping rule and an optional linear warmup.
 
     Warmup (per epoch): during epoch e < warmup_epochs the lr is
     lr * (WARMUP_START + (1 - WARMUP_START) * e / warmup_epochs); from epoch warmup_epochs on,
@@ -92,6 +70,27 @@ class Schedule:
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * f
 
+    def step_batch(self) -> None:
+        """After each optimizer step: onecycle advances; the others only count."""
+        self.steps += 1
+        # OneCycleLR raises past its end; steps beyond epochs * steps_per_epoch keep the final lr.
+        if self.when == "batch" and self.scheduler.last_epoch < self.total_steps - 1:
+            self.scheduler.step()
+
+    def step_epoch(self, val_loss: float | None = None) -> None:
+        """After each epoch's validation: warmup, then the per-epoch schedulers, or plateau on val_loss."""
+        self.epoch += 1
+        if self.epoch <= self.warmup_epochs:
+            # Still warming up (or just done: back to the base lr, the wrapped scheduler's epoch 0).
+            self._set_warmup_lr()
+            return
+        if self.when == "epoch":
+            self.scheduler.step()
+        elif self.when == "metric":
+            if val_loss is None:
+                raise ValueError("the plateau schedule steps on the validation loss: pass val_loss")
+            self.scheduler.step(val_loss)
+
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "epoch": self.epoch, "steps": self.steps, "base_lrs": self.base_lrs,
                 "lrs": [g["lr"] for g in self.optimizer.param_groups],
@@ -108,78 +107,37 @@ class Schedule:
             g["lr"] = lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, *, epochs: int, steps_per_epoch: int,
-                    step_size: int = 10, milestones: tuple[int, ...] = (10, 30, 50), gamma: float = 0.1,
-                    pct_start: float = 0.3, plateau_patience: int = 5, plateau_factor: float = 0.1,
-                    min_lr: float = 0.0, warmup_epochs: int = 0) -> Schedule:
-    """The schedule `name` for `epochs` epochs of `steps_per_epoch` optimizer steps.
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """The schedule cfg.scheduler for cfg.epochs epochs of `steps_per_epoch` optimizer steps.
 
     onecycle: max_lr is the optimizer's lr, over epochs * steps_per_epoch steps (torch defaults:
     start at max_lr/25, end at max_lr/25/1e4, cosine, momentum cycled). cosine: from lr to
     min_lr over the epochs after warmup. plateau: mode min on the validation loss.
     """
+    name = cfg.scheduler
     if name not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    if warmup_epochs < 0 or warmup_epochs >= epochs:
-        raise UserError(f"--warmup-epochs {warmup_epochs}: must be at least 0 and less than --epochs {epochs}")
-    if warmup_epochs and name == "onecycle":
-        raise UserError("--warmup-epochs with --scheduler onecycle: onecycle has its own warmup (--pct-start); "
-                        "set --warmup-epochs 0")
-    if name in ("step", "multistep", "exponential") and not 0 < gamma <= 1:
-        raise UserError(f"--gamma {gamma}: must lie in (0, 1]")
-    main_epochs = epochs - warmup_epochs
-    total = epochs * steps_per_epoch
+        raise UserError(unknown("scheduler", name, SCHEDULERS))
+    total = cfg.epochs * steps_per_epoch
     if name == "none":
         sched = None
     elif name == "step":
-        if step_size < 1:
-            raise UserError(f"--step-size {step_size}: must be at least 1 epoch")
-        sched = lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+        sched = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     elif name == "multistep":
-        if not milestones or any(m < 1 for m in milestones):
-            raise UserError(f"--milestones {tuple(milestones)}: give epochs >= 1, e.g. 10,30,50")
-        sched = lr_scheduler.MultiStepLR(optimizer, milestones=sorted(milestones), gamma=gamma)
+        sched = lr_scheduler.MultiStepLR(optimizer, milestones=sorted(cfg.milestones), gamma=cfg.gamma)
     elif name == "exponential":
-        sched = lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+        sched = lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
     elif name == "cosine":
-        sched = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs, eta_min=min_lr)
+        sched = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs - cfg.warmup_epochs, eta_min=cfg.min_lr)
     elif name == "onecycle":
-        if not 0 < pct_start < 1:
-            raise UserError(f"--pct-start {pct_start}: must lie strictly between 0 and 1")
         if total < 2:
-            raise UserError(f"onecycle needs at least 2 optimizer steps (epochs {epochs} x {steps_per_epoch} batches)")
+            raise UserError(f"onecycle needs at least 2 optimizer steps (epochs {cfg.epochs} x {steps_per_epoch} "
+                            f"batches)")
         sched = lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                        total_steps=total, pct_start=pct_start)
+                                        total_steps=total, pct_start=cfg.pct_start)
     else:  # plateau
-        if not 0 < plateau_factor < 1:
-            raise UserError(f"--plateau-factor {plateau_factor}: must lie strictly between 0 and 1")
-        sched = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=plateau_factor,
-                                               patience=plateau_patience, min_lr=min_lr)
-    return Schedule(optimizer, name, sched, warmup_epochs=warmup_epochs, total_steps=total)
-
-
-def step_schedule(schedule: Schedule, event: str, val_loss: float | None = None) -> None:
-    """Advance the schedule: event 'batch' after each optimizer step, 'epoch' after each epoch's
-    validation (with val_loss; required by plateau). The only place any scheduler steps."""
-    if event == "batch":
-        schedule.steps += 1
-        # OneCycleLR raises past its end; steps beyond epochs * steps_per_epoch keep the final lr.
-        if schedule.when == "batch" and schedule.scheduler.last_epoch < schedule.total_steps - 1:
-            schedule.scheduler.step()
-        return
-    if event != "epoch":
-        raise ValueError(f"step_schedule event must be 'batch' or 'epoch', not {event!r}")
-    schedule.epoch += 1
-    if schedule.epoch <= schedule.warmup_epochs:
-        # Still warming up (or just done: back to the base lr, the wrapped scheduler's epoch 0).
-        schedule._set_warmup_lr()
-        return
-    if schedule.when == "epoch":
-        schedule.scheduler.step()
-    elif schedule.when == "metric":
-        if val_loss is None:
-            raise ValueError("the plateau schedule steps on the validation loss: pass val_loss")
-        schedule.scheduler.step(val_loss)
+        sched = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
+                                               patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    return Schedule(optimizer, name, sched, warmup_epochs=cfg.warmup_epochs, total_steps=total)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

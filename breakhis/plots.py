@@ -6,15 +6,15 @@ state, nothing left open) and saved atomically. A plot without data is skipped.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-from .atomic import atomic_path
+from .io import atomic_path
 
 DPI = 120
 

@@ -1,22 +1,71 @@
-"""Terminal output: rich progress bars for training and rich tables of metrics."""
+"""Terminal output: progress bars, value formatting, and rich tables of metrics.
+
+Progress goes to stderr (stdout stays clean for --json) except the training bars, which share
+the console with the per-epoch lines.
+"""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 console = Console()
 
 
 def fmt(v, digits: int = 3) -> str:
+    """A figure for a table cell: floats to `digits` places, None and nan as '–'."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def show(value: Any, width: int | None = None) -> str:
+    """A setting as one short cell: tuples as 0.5,0.8 (empty: none), floats to 4 significant digits,
+    None as '–'; cut to `width` characters with an ellipsis."""
+    if isinstance(value, (list, tuple)):
+        text = ",".join(show(v) for v in value) or "none"
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, dict):
+        text = " ".join(f"{k}={show(v)}" for k, v in value.items())
+    elif value is None:
+        text = "–"
+    else:
+        text = str(value)
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
+
+
+@contextlib.contextmanager
+def progress_bar(on: bool, what: str, total: int | None, *, done: int = 0, unit: str = "items",
+                 transient: bool = True, tty_only: bool = True) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields `advance(k)`. Silent when off (or, with tty_only, when
+    stderr is not a terminal). unit "bytes" shows sizes and speed, anything else counts items."""
+    if not on or (tty_only and not sys.stderr.isatty()):
+        yield lambda k: None
+        return
+    cols = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn(), TimeElapsedColumn()]
+    bar = Progress(TextColumn(what), BarColumn(), *cols, TimeRemainingColumn(), transient=transient,
+                   console=Console(stderr=True))
+    with bar:
+        task = bar.add_task(what, total=total, completed=done)
+        yield lambda k: bar.advance(task, k)
 
 
 def fmt_ci(value, ci) -> str:

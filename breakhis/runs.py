@@ -3,7 +3,7 @@
 A run folder is self-describing (results/<name>/):
   config.json       the resolved TrainConfig plus environment (versions, git commit, device)
   split.json        the patient split manifest the run used
-  status.json       running | interrupted | failed | finished, the last epoch done
+  status.json       one of STATUSES, the last epoch done, a message
   history.csv       one row per epoch
   model.safetensors the best checkpoint by --select
   last.pt           the full training state of the last epoch (resume); removed when finished
@@ -13,23 +13,26 @@ A run folder is self-describing (results/<name>/):
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import platform
 import re
 import subprocess
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 
-from . import atomic
-from .config import FIELDS, TrainConfig, make_config
+from .config import FIELDS, TrainConfig, make_config, renamed
 from .errors import UserError
+from .io import atomic_path, read_json, write_bytes, write_json
+from .models import portable_state_dict
 
 RUN_MARKER = "config.json"
+# what status.json (and a tune trial's row in trials.csv) says of a run; one vocabulary everywhere
+RUNNING, INTERRUPTED, FAILED, STOPPED, FINISHED = "running", "interrupted", "failed", "stopped", "finished"
+STATUSES = (RUNNING, INTERRUPTED, FAILED, STOPPED, FINISHED)  # stopped: cut early by ASHA, then scored
 
 
 def new_run_dir(results: str | Path, name: str | None, backbone: str) -> Path:
@@ -65,12 +68,10 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    import numpy
-    import sklearn
-    import torchvision
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "numpy": numpy.__version__, "sklearn": sklearn.__version__, "git_commit": git_commit(),
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           **{name: version(dist) for name, dist in (("torchvision", "torchvision"), ("numpy", "numpy"),
+                                                     ("sklearn", "scikit-learn"))},
+           "git_commit": git_commit(),
            "host": platform.node(), "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -79,23 +80,34 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def start_run(run_dir: Path, cfg: TrainConfig, manifest: dict, device: torch.device) -> None:
     """Write config.json and split.json: from here on the folder is a (not yet finished) run."""
-    atomic.write_json(run_dir / "split.json", manifest)
-    atomic.write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device)})
-    set_status(run_dir, "running", epoch=0)
+    write_json(run_dir / "split.json", manifest)
+    write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device)})
+    set_status(run_dir, RUNNING, epoch=0)
 
 
 def set_status(run_dir: Path, status: str, epoch: int, message: str = "") -> None:
-    atomic.write_json(run_dir / "status.json", {"status": status, "epoch": epoch, "message": message,
-                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+    write_json(run_dir / "status.json", {"status": status, "epoch": epoch, "message": message,
+                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the run folder is damaged") from None
+def status_of(run_dir: Path) -> str | None:
+    """The status word of a run folder (None when it has no status.json)."""
+    return (read_json(run_dir / "status.json") or {}).get("status")
+
+
+def abandon(run_dir: Path, error: BaseException) -> None:
+    """After a failure: an empty folder (nothing written yet) is removed, a started run is marked
+    failed with the error's message, so that no folder is left saying "running"."""
+    if not run_dir.is_dir():
+        return
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    elif status_of(run_dir) == RUNNING:
+        epoch = (read_json(run_dir / "status.json") or {}).get("epoch", 0)
+        text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        set_status(run_dir, FAILED, epoch=epoch, message=text.splitlines()[0] if text.strip() else type(error).__name__)
 
 
 def is_run(path: str | Path) -> bool:
@@ -118,7 +130,8 @@ def check_run(path: str | Path) -> Path:
 
 def load_config(run_dir: Path) -> TrainConfig:
     """The run's TrainConfig (environment entries dropped)."""
-    d = read_json(run_dir / RUN_MARKER) or {}
+    d = renamed({k: v for k, v in (read_json(run_dir / RUN_MARKER) or {}).items() if not k.startswith("_")},
+                str(run_dir / RUN_MARKER))
     return make_config({k: v for k, v in d.items() if k in FIELDS})
 
 
@@ -141,16 +154,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 # --- weights and training state ---------------------------------------------------------------
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The model's state dict as safetensors (contiguous copies: shared storage is not allowed)."""
-    from safetensors.torch import save
-
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    atomic.write_bytes(path, save(sd))
+    """The model's state dict as safetensors (see models.portable_state_dict)."""
+    write_bytes(path, save(portable_state_dict(model)))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
     sd = load_file(str(path))
     try:
         model.load_state_dict(sd)
@@ -159,7 +167,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    with atomic.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
@@ -168,24 +176,3 @@ def load_state(path: Path) -> dict:
         raise UserError(f"{path.parent} has no last.pt training state to resume from "
                         f"(the run finished, or stopped before its first epoch ended)")
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-# --- tables -----------------------------------------------------------------------------------
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as CSV with the union of their keys as columns, in first-seen order."""
-    cols: dict[str, None] = {}
-    for r in rows:
-        cols.update(dict.fromkeys(r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(cols), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic.write_text(path, buf.getvalue())
-
-
-def read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

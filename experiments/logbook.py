@@ -31,6 +31,6 @@ PRESETS = {
     "plateau": {"scheduler": "plateau", "plateau_patience": 5, "plateau_factor": 0.1},
     # loss and split
     "equal_weights": {"class_weights": (0.5, 0.5)},
-    "split_70_10_20": {"split": "70:10:20"},
+    "split_70_10_20": {"split_ratio": "70:10:20"},
 }
 SPACE = {"preset": list(PRESETS)}

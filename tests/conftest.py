@@ -9,7 +9,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """A 16-patient, 12-images-per-patient synthetic tree at 96x64 px (shared; do not modify)."""
-    from breakhis.demo import make_demo
+    from breakhis.data.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo"), patients=16, images_per_patient=12, size=(96, 64))
 
@@ -17,7 +17,7 @@ def demo_root(tmp_path_factory):
 @pytest.fixture
 def fresh_demo(tmp_path):
     """A private small tree a test may modify."""
-    from breakhis.demo import make_demo
+    from breakhis.data.demo import make_demo
 
     return make_demo(tmp_path, patients=8, images_per_patient=8, size=(96, 64))
 

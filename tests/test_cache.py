@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakhis import cache as C
-from breakhis.cache import Cache, build_cache, cache_root, decode_resize, default_cache_size
+from breakhis.data import cache as C
+from breakhis.data.cache import Cache, build_cache, cache_root, decode_resize, default_cache_size
 
 SIZE = (40, 61)  # (H, W): a small cache field, downscaled from the 96x64 demo images
 
@@ -216,7 +216,7 @@ def test_killed_build_is_not_reused(fresh_demo, cache_dir):
     """A build killed with SIGKILL (no clean-up runs) is rebuilt, and its temp folder pruned."""
     script = textwrap.dedent(f"""
         import os, signal
-        from breakhis import cache as C
+        from breakhis.data import cache as C
         real, n = C.decode_resize, [0]
         def die(path, size):
             n[0] += 1

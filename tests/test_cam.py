@@ -84,15 +84,16 @@ def test_choose_puts_confident_errors_first():
 
 @pytest.fixture
 def evaluated(demo_root, cache_dir):
-    from breakhis import fit as F
     from breakhis.config import make_config
+    from breakhis.data.prepare import prepare
+    from breakhis.predict import predict
 
     cfg = make_config({"data": str(demo_root), "image_size": 48, "cache_dir": str(cache_dir), "backbone": "resnet18",
                        "pretrained": False, "head": "none", "dropout": "none", "device": "cpu", "workers": 1,
                        "class_weights": "none"})
-    prep = F.prepare_data(cfg, progress=False)
+    prep = prepare(cfg, progress=False)
     model = tiny()
-    ev = F.predict(model, prep, "test", cfg, torch.device("cpu"))
+    ev = predict(model, prep, "test", cfg, torch.device("cpu"))
     return model, prep, ev, cfg
 
 

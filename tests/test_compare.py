@@ -49,13 +49,13 @@ def write_run(folder, p, paths=None, patients=None, labels=None, val=None, best_
 
 
 def args(**kw):
-    base = dict(sort="accuracy", csv=None, markdown=None, boot=300, json=True, split="test", threshold="0.5",
+    base = dict(sort="accuracy", csv=None, markdown=None, boot=300, json=True, part="test", threshold="0.5",
                 tta=False, data=None, by=None, export=None, model=None, cam=0)
     return argparse.Namespace(**{**base, **kw})
 
 
 def run_json(paths, capsys, **kw):
-    assert C.compare_main(args(**kw), paths) == 0
+    assert evaluate.compare(args(**kw), paths) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -164,7 +164,7 @@ def test_only_differing_settings_become_columns(tmp_path, capsys):
     b = write_run(tmp_path / "b", np.full(y.size, 0.6), lr=1e-4, device="cuda", workers=4, cache_dir="/y",
                   data="data/./BreaKHis_v1")
     md = tmp_path / "log.md"
-    assert C.compare_main(args(json=False, markdown=str(md)), [a, b]) == 0
+    assert evaluate.compare(args(json=False, markdown=str(md)), [a, b]) == 0
     header = md.read_text().splitlines()[0]
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols[:2] == ["run", "lr"] and "accuracy" in cols
@@ -179,7 +179,7 @@ def test_csv_and_markdown_exports_hold_the_rows(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(report.console, "width", 250)
     perfect, coin = perfect_and_coin(tmp_path)
     out_csv, out_md = tmp_path / "t" / "log.csv", tmp_path / "log.md"
-    assert C.compare_main(args(json=False, csv=str(out_csv), markdown=str(out_md)), [perfect, coin]) == 0
+    assert evaluate.compare(args(json=False, csv=str(out_csv), markdown=str(out_md)), [perfect, coin]) == 0
     printed = capsys.readouterr().out
     assert "Logbook" in printed and "perfect" in printed
     with open(out_csv, newline="") as f:
@@ -225,7 +225,7 @@ def test_subtype_and_unfinished_runs_are_listed_not_ranked(tmp_path, capsys):
     assert "unfinished" in rows["unf"]["note"] and rows["unf"]["accuracy"] is None
     assert rows["perfect"]["best"] and not rows["sub"]["best"]
     md = tmp_path / "log.md"
-    assert C.compare_main(args(json=False, markdown=str(md)), [perfect, coin, sub, unfinished]) == 0
+    assert evaluate.compare(args(json=False, markdown=str(md)), [perfect, coin, sub, unfinished]) == 0
     lines = md.read_text().splitlines()
     assert "task" in lines[0] and lines[4].startswith("| sub | subtype |") and "macro F1 0.420" in lines[4]
     assert lines[5].startswith("| unf |") and "unfinished" in lines[5]

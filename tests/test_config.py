@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from breakhis.config import (FIELDS, TrainConfig, add_flags, coerce, load_config_file, make_config,
-                             overrides_from_args)
+from breakhis.config import FIELDS, TrainConfig, add_flags, coerce, load_config_file, make_config, overrides_from_args
 from breakhis.errors import UserError
 
 
@@ -19,7 +18,7 @@ def test_defaults_are_the_logbook_best_entry():
     c = TrainConfig()
     assert (c.backbone, c.head, c.dropout, c.optimizer, c.lr, c.weight_decay) == \
         ("resnet152", (1000,), (0.5, 0.5), "adamw", 1e-4, 0.01)
-    assert (c.scheduler, c.milestones, c.gamma, c.class_weights, c.split) == \
+    assert (c.scheduler, c.milestones, c.gamma, c.class_weights, c.split_ratio) == \
         ("multistep", (10, 30, 50), 0.1, (0.5, 0.8), "60:10:30")
     assert c.pretrained and not c.freeze
 

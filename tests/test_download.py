@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from breakhis.demo import make_demo
-from breakhis.download import check_member, download_and_extract
+from breakhis.data.demo import make_demo
+from breakhis.data.download import check_member, download_and_extract
 from breakhis.errors import UserError
 
 

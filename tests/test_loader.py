@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from breakhis.config import TrainConfig
+from breakhis.augment import MEAN, STD, Augment, colour_maps, dihedral, stain_maps, tta_views
+from breakhis.config import TrainConfig, make_config
 from breakhis.errors import UserError
-from breakhis.augment import colour_maps, stain_maps
-from breakhis.loader import MEAN, STD, Augment, DeviceImages, Loader, dihedral, tta_views
+from breakhis.loader import DeviceImages, Loader
 
 S = 32
 NONE = dict(crop_scale=(1.0, 1.0), dihedral=False, color_jitter=0.0, stain_jitter=0.0)
@@ -377,9 +377,9 @@ def test_augment_from_config():
 @pytest.mark.parametrize("kw, flag", [({"crop_scale": (0.0, 1.0)}, "--crop-scale"), ({"crop_scale": (0.8, 0.5)}, "--crop-scale"),
                                       ({"crop_ratio": (1.5, 1.0)}, "--crop-ratio"), ({"color_jitter": 1.0}, "--color-jitter"),
                                       ({"stain_jitter": -0.1}, "--stain-jitter")])
-def test_bad_augment_settings_are_user_errors(kw, flag):
+def test_bad_augment_settings_are_user_errors(kw, flag):  # TrainConfig.validate() holds the rules
     with pytest.raises(UserError, match=flag):
-        Augment(**kw)
+        make_config(kw)
 
 
 def test_bad_arrays_and_indices_raise():
@@ -411,54 +411,3 @@ def test_tensor_and_memmap_inputs(tmp_path):
             ld = Loader(DeviceImages(src, "cpu", budget_gb=budget), np.arange(24), np.arange(24) % 2,
                         batch_size=10, image_size=S, train=True, augment=Augment())
             assert all(torch.equal(p[0], q[0]) for p, q in zip(ref, batches(ld)))
-
-
-# ---------------------------------------------------------------------------- the benchmark
-def test_bench_loader_json_last_line(demo_root, cache_dir, capsys):
-    import json
-
-    from breakhis.bench import main
-
-    assert main(["loader", "--data", str(demo_root), "--json", "--batches", "2", "--batch-size", "8",
-                 "--image-size", "32", "--workers", "1", "--cache-dir", str(cache_dir)]) == 0
-    out = capsys.readouterr()
-    last = json.loads(out.out.strip().splitlines()[-1])
-    assert list(last) == ["ours_img_s", "baseline_img_s", "ratio", "cache_build_s"]
-    assert last["ours_img_s"] > 0 and last["baseline_img_s"] > 0 and last["cache_build_s"] > 0
-    assert last["ratio"] == pytest.approx(last["ours_img_s"] / last["baseline_img_s"], rel=0.02)
-    assert "needs a GPU" in out.err  # the table goes to stderr with --json
-    assert list(cache_dir.iterdir())  # --cache-dir kept the cache
-
-
-@pytest.mark.parametrize("argv, match", [([], "choose a benchmark"), (["speed"], "unknown benchmark 'speed'"),
-                                         (["loader", "--data", "/no/such/folder"], "not found"),
-                                         (["loader", "--data", ".", "--batches", "0"], "--batches 0"),
-                                         (["loader", "--data", ".", "--workers", "-1"], "--workers -1"),
-                                         (["loader", "--data", "DEMO", "--batch-size", "100"], "at most 96")])
-def test_bench_user_errors(argv, match, capsys, demo_root):
-    from breakhis.bench import main
-    from breakhis.errors import guard
-
-    argv = [str(demo_root) if a == "DEMO" else a for a in argv]
-
-    with pytest.raises(UserError, match=match):
-        main(argv)
-    assert guard(main, argv) == 2 and capsys.readouterr().err.startswith("error: ")
-
-
-def test_bench_train_is_dispatched_to_bench_train(monkeypatch):
-    import breakhis.bench_train
-    from breakhis.bench import main
-
-    seen = []
-    monkeypatch.setattr(breakhis.bench_train, "main", lambda argv: seen.append(list(argv)) or 0)
-    assert main(["train", "--backbone", "resnet18"]) == 0 and seen == [["--backbone", "resnet18"]]
-
-
-def test_bench_training_epoch_comparison_runs_on_cpu():
-    from breakhis.bench import train_epochs
-
-    tiny = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                       torch.nn.Linear(4, 2))
-    fed, premade = train_epochs(images(n=16), np.arange(16) % 2, torch.device("cpu"), 8, S, model_fn=tiny)
-    assert fed > 0 and premade > 0

@@ -8,9 +8,11 @@ from torch import nn
 from torchvision.models import get_model
 
 from breakhis import models
+from breakhis.config import make_config
+from breakhis.device import prepare_model
 from breakhis.errors import UserError
-from breakhis.models import (BACKBONES, amp_dtype, build_model, feature_dim, needs_grad_scaler,
-                             portable_state_dict, prepare_model, set_frozen, train_mode)
+from breakhis.models import build_model, feature_dim, portable_state_dict, set_frozen, train_mode
+from breakhis.registry import BACKBONES
 
 REQUIRED = ([f"resnet{n}" for n in (18, 34, 50, 101, 152)] + [f"efficientnet_b{i}" for i in range(8)]
             + ["densenet121", "densenet169", "densenet201", "alexnet", "convnext_tiny"]
@@ -62,13 +64,15 @@ def test_head_structure():
     assert _layout(model.head) == [("Dropout", 0.3), ("Linear", (512, 2))]
 
 
-def test_head_errors():
+def test_head_errors():  # the rules are TrainConfig.validate()'s: before any model is built
     with pytest.raises(UserError, match="--dropout has 2 rates.*1 linear"):
-        build_model("resnet18", head=(), dropout=(0.5, 0.5), pretrained=False)
+        make_config({"backbone": "resnet18", "head": (), "dropout": (0.5, 0.5)})
     with pytest.raises(UserError, match=r"\[0, 1\)"):
-        build_model("resnet18", dropout=(1.0,), pretrained=False)
+        make_config({"backbone": "resnet18", "dropout": (1.0,)})
     with pytest.raises(UserError, match="--head"):
-        build_model("resnet18", head=(0,), pretrained=False)
+        make_config({"backbone": "resnet18", "head": (0,)})
+    with pytest.raises(ValueError, match="dropout rates"):  # a caller that skipped validation is a bug
+        build_model("resnet18", head=(), dropout=(0.5, 0.5), pretrained=False)
 
 
 def test_probability_of_malignant_is_softmax_of_two_logits():
@@ -208,69 +212,3 @@ def test_portable_state_dict_copies():
     state = portable_state_dict(model)
     state["head.0.weight"].zero_()
     assert model.head[0].weight.abs().sum() > 0
-
-
-def test_amp_dtype_on_cpu():
-    cpu = torch.device("cpu")
-    assert amp_dtype("auto", cpu) is None
-    assert amp_dtype("off", cpu) is None
-    assert amp_dtype("bf16", cpu) is torch.bfloat16
-    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
-        amp_dtype("fp16", cpu)
-    with pytest.raises(UserError, match="auto, bf16, fp16, off"):
-        amp_dtype("fp8", cpu)
-    assert needs_grad_scaler(torch.float16) and not needs_grad_scaler(torch.bfloat16) and not needs_grad_scaler(None)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_amp_dtype_on_cuda():
-    dev = torch.device("cuda")
-    assert amp_dtype("auto", dev) is (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    assert amp_dtype("fp16", dev) is torch.float16
-
-
-def test_prepare_model_keeps_state_dict_keys():
-    model = build_model("resnet18", head=(), dropout=(), pretrained=False)
-    keys = list(model.state_dict())
-    out = prepare_model(model, torch.device("cpu"), channels_last=True, compile=True)
-    assert out is model and list(model.state_dict()) == keys
-    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-
-
-# --- the training benchmark (python -m breakhis.bench train) ---------------------------------
-
-def test_bench_train_on_cpu(capsys):
-    import json
-
-    from breakhis import bench_train
-    assert bench_train.main(["--backbone", "resnet18", "--image-size", "64", "--batch-size", "2", "--steps", "1",
-                             "--warmup", "0", "--device", "cpu", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["gflop_forward_per_image"] == pytest.approx(1.82 * 2 * (64 / 224) ** 2, rel=0.05)  # torchvision: 1.82 GMACs at 224
-    timed = [r for r in out["rows"] if not r["skipped"]]
-    assert [(r["channels_last"], r["amp"], r["compile"]) for r in timed] == [(False, "off", False), (True, "off", False)]
-    assert timed[0]["ratio"] == 1.0 and timed[1]["img_s"] > 0 and "mfu" not in timed[0]
-    assert len(out["rows"]) == 8 and all("CPU" in r["skipped"] for r in out["rows"] if r not in timed)
-
-
-def test_bench_train_errors():
-    from breakhis import bench_train
-    with pytest.raises(UserError, match="resnet50"):
-        bench_train.main(["--backbone", "lenet", "--device", "cpu"])
-    with pytest.raises(UserError, match="--image-size 16"):
-        bench_train.main(["--image-size", "16", "--device", "cpu"])
-    with pytest.raises(UserError, match="fp16 needs a CUDA device"):
-        bench_train.main(["--amp", "fp16", "--device", "cpu", "--backbone", "resnet18"])
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="no CUDA device"):
-            bench_train.main(["--device", "cuda"])
-
-
-def test_peak_table(monkeypatch):
-    from breakhis.bench_train import peak_tflops
-    assert peak_tflops(torch.device("cpu"), "bf16") is None
-    for name, bf16, tf32 in [("NVIDIA H100 80GB HBM3", 989.0, 494.5), ("NVIDIA H100 PCIe", 756.0, 378.0),
-                             ("NVIDIA H200", 989.0, 494.5), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0),
-                             ("Tesla T4", None, None)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
-        assert (peak_tflops(torch.device("cuda"), "bf16"), peak_tflops(torch.device("cuda"), "tf32")) == (bf16, tf32)

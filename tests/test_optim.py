@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from breakhis.config import make_config
 from breakhis.errors import UserError
 from breakhis.models import build_model, set_frozen
-from breakhis.optim import (OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, current_lr,
-                            step_schedule)
+from breakhis.optim import build_optimizer, build_schedule, current_lr
+from breakhis.registry import OPTIMIZERS, SCHEDULERS
 
 E, S, LR = 8, 3, 1.0  # epochs, optimizer steps per epoch, base lr
 
@@ -16,7 +17,7 @@ E, S, LR = 8, 3, 1.0  # epochs, optimizer steps per epoch, base lr
 def _setup(name, lr=LR, **kw):
     p = nn.Parameter(torch.zeros(2))
     opt = build_optimizer([p], "sgd", lr=lr, weight_decay=0.0)
-    return p, opt, build_scheduler(opt, name, epochs=E, steps_per_epoch=S, **kw)
+    return p, opt, build_schedule(opt, make_config({"scheduler": name, "epochs": E, **kw}), steps_per_epoch=S)
 
 
 def _run(opt, sched, p, epochs, losses=None, start=0):
@@ -27,8 +28,8 @@ def _run(opt, sched, p, epochs, losses=None, start=0):
             lrs.append(current_lr(opt))
             p.grad = torch.zeros_like(p)
             opt.step()
-            step_schedule(sched, "batch")
-        step_schedule(sched, "epoch", val_loss=None if losses is None else losses[e])
+            sched.step_batch()
+        sched.step_epoch(None if losses is None else losses[e])
     return lrs
 
 
@@ -92,7 +93,7 @@ def test_onecycle_keeps_final_lr_past_its_end():
     p, opt, sched = _setup("onecycle", pct_start=0.25)
     _run(opt, sched, p, E)
     for _ in range(5):
-        step_schedule(sched, "batch")
+        sched.step_batch()
     assert current_lr(opt) == pytest.approx(LR / 25 / 1e4)
 
 
@@ -109,7 +110,7 @@ def test_plateau_min_lr_and_needs_loss():
     assert got == pytest.approx([1, 1, 0.5, 0.25, 0.2, 0.2, 0.2, 0.2])
     p, opt, sched = _setup("plateau")
     with pytest.raises(ValueError, match="val_loss"):
-        step_schedule(sched, "epoch")
+        sched.step_epoch()
 
 
 def test_warmup_then_step():
@@ -164,25 +165,25 @@ def test_errors():
     p = [nn.Parameter(torch.zeros(1))]
     with pytest.raises(UserError, match="adam, adamw, sgd"):
         build_optimizer(p, "rmsprop", 1e-3, 0.0)
-    for lr in (0.0, -1e-3):
+    # the rules on the settings are TrainConfig.validate()'s, checked before anything is built
+    for lr in (0.0, -1e-3, float("nan"), float("inf")):
         with pytest.raises(UserError, match="--lr"):
-            build_optimizer(p, "adamw", lr, 0.0)
+            make_config({"optimizer": "adamw", "lr": lr})
     with pytest.raises(UserError, match="--nesterov"):
-        build_optimizer(p, "adamw", 1e-3, 0.0, nesterov=True)
-    opt = build_optimizer(p, "sgd", 1e-3, 0.0)
+        make_config({"optimizer": "adamw", "nesterov": True})
     with pytest.raises(UserError, match="none, step, multistep, exponential, cosine, onecycle, plateau"):
-        build_scheduler(opt, "linear", epochs=4, steps_per_epoch=2)
+        make_config({"scheduler": "linear", "epochs": 4})
     with pytest.raises(UserError, match="onecycle has its own warmup"):
-        build_scheduler(opt, "onecycle", epochs=4, steps_per_epoch=2, warmup_epochs=1)
+        make_config({"scheduler": "onecycle", "epochs": 4, "warmup_epochs": 1})
     with pytest.raises(UserError, match="--warmup-epochs"):
-        build_scheduler(opt, "step", epochs=4, steps_per_epoch=2, warmup_epochs=4)
+        make_config({"scheduler": "step", "epochs": 4, "warmup_epochs": 4})
     with pytest.raises(UserError, match="--milestones"):
-        build_scheduler(opt, "multistep", epochs=4, steps_per_epoch=2, milestones=(0, 2))
+        make_config({"scheduler": "multistep", "epochs": 4, "milestones": (0, 2)})
     with pytest.raises(UserError, match="--gamma"):
-        build_scheduler(opt, "exponential", epochs=4, steps_per_epoch=2, gamma=1.5)
-    sched = build_scheduler(opt, "step", epochs=4, steps_per_epoch=2)
-    with pytest.raises(ValueError, match="event"):
-        step_schedule(sched, "step")
+        make_config({"scheduler": "exponential", "epochs": 4, "gamma": 1.5})
+    opt = build_optimizer(p, "sgd", 1e-3, 0.0)
+    with pytest.raises(UserError, match="onecycle needs at least 2 optimizer steps"):
+        build_schedule(opt, make_config({"scheduler": "onecycle", "epochs": 1}), steps_per_epoch=1)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

@@ -1,19 +1,17 @@
 """train.py and evaluate.py end to end on a generated tree (CPU, tiny model and images)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import evaluate  # noqa: E402
-import train  # noqa: E402
-from breakhis import fit as F  # noqa: E402
-from breakhis import runs  # noqa: E402
-from breakhis.config import make_config  # noqa: E402
-from breakhis.errors import guard  # noqa: E402
+import breakhis.fit
+import evaluate
+import train
+from breakhis.config import make_config
+from breakhis.data.prepare import prepare
+from breakhis.errors import guard
+from breakhis.fit import fit
+from breakhis.io import read_csv, read_json
 
 
 def tiny(demo_root, cache_dir, **extra):
@@ -41,19 +39,19 @@ def test_run_folder_is_complete(trained):
               "status.json"):
         assert (run / f).is_file(), f
     assert not (run / "last.pt").exists()
-    assert runs.read_json(run / "status.json")["status"] == "finished"
-    cfg = runs.read_json(run / "config.json")
+    assert read_json(run / "status.json")["status"] == "finished"
+    cfg = read_json(run / "config.json")
     assert cfg["backbone"] == "resnet18" and cfg["_env"]["torch"]
-    hist = runs.read_csv(run / "history.csv")
+    hist = read_csv(run / "history.csv")
     assert [int(h["epoch"]) for h in hist] == [1, 2]
     assert {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_recall", "val_auroc", "img_s",
             "seconds"} <= set(hist[0])
-    m = runs.read_json(run / "metrics.json")
+    m = read_json(run / "metrics.json")
     assert m["best_epoch"] in (1, 2) and {"val", "test"} <= set(m)
     for k in ("accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr", "patient_recognition_rate"):
         assert k in m["test"], k
-    split = runs.read_json(run / "split.json")
-    preds = runs.read_csv(run / "predictions.csv")
+    split = read_json(run / "split.json")
+    preds = read_csv(run / "predictions.csv")
     assert {p["split"] for p in preds} == {"val", "test"}
     assert len(preds) == len(split["val"]) + len(split["test"])  # magnification "all"
     assert {"path", "patient", "magnification", "subtype", "label", "p_benign", "p_malignant", "prediction"} <= set(preds[0])
@@ -61,7 +59,7 @@ def test_run_folder_is_complete(trained):
 
 
 def test_no_patient_leaks_between_partitions(trained):
-    split = runs.read_json(trained[0] / "split.json")
+    split = read_json(trained[0] / "split.json")
     parts = [set(split["patients"][k]) for k in ("train", "val", "test")]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
 
@@ -70,7 +68,7 @@ def test_evaluate_recomputes_saved_metrics(trained, capsys):
     run, _ = trained
     assert guard(evaluate.main, [str(run), "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    saved = runs.read_json(run / "metrics.json")["test"]
+    saved = read_json(run / "metrics.json")["test"]
     for k in ("accuracy", "precision", "recall", "f1", "auroc", "aucpr", "patient_recognition_rate"):
         assert out["test"][k] == pytest.approx(saved[k]), k
     assert out["test"]["ci"]["accuracy"] == pytest.approx(saved["ci"]["accuracy"])
@@ -100,10 +98,10 @@ def test_resume_equals_uninterrupted(demo_root, cache_dir, tmp_path):
     cfg = make_config({"data": str(demo_root), "cache_dir": str(cache_dir), "backbone": "resnet18", "pretrained": False,
                        "image_size": 32, "batch_size": 16, "epochs": 3, "head": (16,), "dropout": (0.3,),
                        "lr": 1e-3, "milestones": (2,), "device": "cpu"})
-    prep = F.prepare_data(cfg, progress=False)
+    prep = prepare(cfg, progress=False)
     full = tmp_path / "full"
     full.mkdir()
-    F.fit(cfg, full, data=prep, progress=False)
+    fit(cfg, full, data=prep, progress=False)
 
     cut = tmp_path / "cut"
     cut.mkdir()
@@ -113,16 +111,16 @@ def test_resume_equals_uninterrupted(demo_root, cache_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        F.fit(cfg, cut, data=prep, progress=False, on_epoch=stop)
-    assert runs.read_json(cut / "status.json")["status"] == "interrupted"
+        fit(cfg, cut, data=prep, progress=False, on_epoch=stop)
+    assert read_json(cut / "status.json")["status"] == "interrupted"
     assert (cut / "last.pt").is_file()
     assert guard(train.main, ["--resume", str(cut), "--quiet"]) == 0
-    a, b = runs.read_csv(full / "history.csv"), runs.read_csv(cut / "history.csv")
+    a, b = read_csv(full / "history.csv"), read_csv(cut / "history.csv")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-6)
         assert float(ra["val_loss"]) == pytest.approx(float(rb["val_loss"]), rel=1e-6)
-    ma, mb = runs.read_json(full / "metrics.json"), runs.read_json(cut / "metrics.json")
+    ma, mb = read_json(full / "metrics.json"), read_json(cut / "metrics.json")
     assert ma["test"]["accuracy"] == mb["test"]["accuracy"]
     assert guard(train.main, ["--resume", str(cut)]) == 2  # finished runs are not resumed
 
@@ -133,9 +131,9 @@ def test_seeds_make_one_run_each(demo_root, cache_dir, tmp_path):
                                                                                   "--seeds", "0,1"]) == 0
     got = sorted(p.name for p in res.iterdir())
     assert got == ["rep-seed0", "rep-seed1"]
-    s0, s1 = (runs.read_json(res / n / "split.json") for n in got)
+    s0, s1 = (read_json(res / n / "split.json") for n in got)
     assert s0["test"] == s1["test"]  # same split unless --resplit
-    assert [runs.read_json(res / n / "config.json")["seed"] for n in got] == [0, 1]
+    assert [read_json(res / n / "config.json")["seed"] for n in got] == [0, 1]
 
 
 def test_nan_loss_stops_with_a_clear_message(demo_root, cache_dir, tmp_path, monkeypatch, capsys):
@@ -145,11 +143,11 @@ def test_nan_loss_stops_with_a_clear_message(demo_root, cache_dir, tmp_path, mon
         def forward(self, logits, y):
             return (logits * float("nan")).sum()
 
-    monkeypatch.setattr(F, "make_loss", lambda cfg, device: NaNLoss())
+    monkeypatch.setattr(breakhis.fit, "make_loss", lambda weights, smoothing, device: NaNLoss())
     assert guard(train.main, tiny(demo_root, cache_dir, name="nan") + ["--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "training loss is nan" in err and "Traceback" not in err
-    assert runs.read_json(tmp_path / "nan" / "status.json")["status"] == "failed"
+    assert read_json(tmp_path / "nan" / "status.json")["status"] == "failed"
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -169,7 +167,7 @@ def test_train_user_errors(demo_root, cache_dir, tmp_path, extra, words, capsys)
 
 def test_missing_data_root_and_existing_name(demo_root, cache_dir, trained, tmp_path, capsys):
     assert guard(train.main, tiny(tmp_path / "nowhere", cache_dir)) == 2
-    assert "breakhis.demo" in capsys.readouterr().err
+    assert "breakhis.data.demo" in capsys.readouterr().err
     run, _ = trained
     before = (run / "model.safetensors").read_bytes()
     assert guard(train.main, tiny(demo_root, cache_dir, name="r1") + ["--results", str(run.parent)]) == 2
@@ -189,9 +187,9 @@ def test_config_file_retrains_same_settings(trained, demo_root, cache_dir, tmp_p
     run, _ = trained
     assert guard(train.main, ["--config", str(run / "config.json"), "--epochs", "1", "--quiet", "--name", "again0",
                               "--results", str(tmp_path)]) == 0  # a run's own config.json (its _env is skipped)
-    cfg = {k: v for k, v in runs.read_json(run / "config.json").items() if not k.startswith("_")}
+    cfg = {k: v for k, v in read_json(run / "config.json").items() if not k.startswith("_")}
     (tmp_path / "best.json").write_text(json.dumps({"config": cfg}))
     assert guard(train.main, ["--config", str(tmp_path / "best.json"), "--epochs", "1", "--quiet", "--name",
                               "again", "--results", str(tmp_path)]) == 0
-    assert runs.read_json(tmp_path / "again" / "config.json")["head"] == [32]
-    assert np.isfinite(runs.read_json(tmp_path / "again" / "metrics.json")["test"]["accuracy"])
+    assert read_json(tmp_path / "again" / "config.json")["head"] == [32]
+    assert np.isfinite(read_json(tmp_path / "again" / "metrics.json")["test"]["accuracy"])

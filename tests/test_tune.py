@@ -3,20 +3,20 @@ import csv
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import train  # noqa: E402
-import tune  # noqa: E402
-from breakhis import runs, tuning  # noqa: E402
-from breakhis.config import FIELDS, TrainConfig, make_config  # noqa: E402
-from breakhis.errors import UserError, guard  # noqa: E402
+import train
+import tune
+from breakhis import runs
+from breakhis.config import FIELDS, TrainConfig, make_config
+from breakhis.errors import UserError, guard
+from breakhis.io import read_csv, read_json
+from breakhis.tuning import experiment as tune_exp
+from breakhis.tuning import space
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -40,10 +40,10 @@ MODE = "min"
 def test_good_space_file(tmp_path):
     from ray import tune as rt
 
-    s = tuning.load_space(write(tmp_path / "good.py", GOOD))
+    s = space.load_space(write(tmp_path / "good.py", GOOD))
     assert s.doc == "Asks which lr and head." and s.metric == "val_loss" and s.mode == "min"
     assert s.base == {"batch_size": 16, "lr": 1e-3}
-    ps = tuning.param_space(s)
+    ps = space.param_space(s)
     assert ps["head"] == rt.grid_search([(64,), (64, 32)])  # a plain list is a grid
     assert isinstance(ps["lr"], rt.search.sample.Domain) and ps["augment"] is False
 
@@ -65,23 +65,23 @@ def test_good_space_file(tmp_path):
 ])
 def test_bad_space_files(tmp_path, text, needle):
     with pytest.raises(UserError) as e:
-        tuning.load_space(write(tmp_path / "bad.py", text))
+        space.load_space(write(tmp_path / "bad.py", text))
     assert needle in str(e.value)
     assert str(tmp_path / "bad.py") in str(e.value)  # says where
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):
     with pytest.raises(UserError) as e:
-        tuning.load_space(write(tmp_path / "bad.py", "SPACE = {'learning_rate': [1]}\n"))
+        space.load_space(write(tmp_path / "bad.py", "SPACE = {'learning_rate': [1]}\n"))
     listed = str(e.value).split("valid keys: ")[1].split(", ")
     assert listed == ["preset", *FIELDS]
 
 
 def test_missing_or_non_python_space_file(tmp_path):
     with pytest.raises(UserError, match="not found; shipped files: .*experiments/lr.py"):
-        tuning.load_space(tmp_path / "nope.py")
+        space.load_space(tmp_path / "nope.py")
     with pytest.raises(UserError, match="not a Python file"):
-        tuning.load_space(write(tmp_path / "space.txt", "SPACE = {}"))
+        space.load_space(write(tmp_path / "space.txt", "SPACE = {}"))
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.py")), ids=lambda p: p.name)
@@ -89,7 +89,7 @@ def test_shipped_spaces_give_valid_configs(path):
     """Every grid value and preset of every shipped file resolves to a valid TrainConfig."""
     import itertools
 
-    s = tuning.load_space(path)
+    s = space.load_space(path)
     assert s.doc and "python tune.py --space experiments/" in s.doc
     grids = {k: v for k, v in s.space.items() if isinstance(v, list)}
     for combo in itertools.product(*grids.values()):
@@ -98,20 +98,20 @@ def test_shipped_spaces_give_valid_configs(path):
             for _ in range(50):
                 sample["dropout"] = s.space["dropout"].func({"head": sample["head"]})
                 assert 1 <= len(sample["dropout"]) <= min(3, len(sample["head"]) + 1)
-                tuning.trial_config({}, sample, s.presets, "/")
+                tune_exp.trial_config({}, sample, s.presets, "/")
         else:
-            assert isinstance(tuning.trial_config({}, sample, s.presets, "/"), TrainConfig)
+            assert isinstance(tune_exp.trial_config({}, sample, s.presets, "/"), TrainConfig)
 
 
 def test_shipped_grids_cover_the_logbook():
-    weights = tuning.load_space(EXPERIMENTS / "weights.py").space["class_weights"]
+    weights = space.load_space(EXPERIMENTS / "weights.py").space["class_weights"]
     assert weights[0] == (0.5, 0.5) and weights[-1] == (0.5, 0.85)
-    backbones = tuning.load_space(EXPERIMENTS / "backbones.py").space
+    backbones = space.load_space(EXPERIMENTS / "backbones.py").space
     assert len(backbones["backbone"]) == 7 and backbones["freeze"] == [False, True]
-    sched = tuning.load_space(EXPERIMENTS / "schedulers.py")
-    kinds = {tuning.trial_config({}, {"preset": p}, sched.presets, "/").scheduler for p in sched.space["preset"]}
+    sched = space.load_space(EXPERIMENTS / "schedulers.py")
+    kinds = {tune_exp.trial_config({}, {"preset": p}, sched.presets, "/").scheduler for p in sched.space["preset"]}
     assert kinds == {"none", "step", "multistep", "exponential", "onecycle", "plateau"}
-    milestones = {tuning.trial_config({}, {"preset": p}, sched.presets, "/").milestones
+    milestones = {tune_exp.trial_config({}, {"preset": p}, sched.presets, "/").milestones
                   for p in ("multistep_20_40_60", "multistep_10_30_50")}
     assert milestones == {(20, 40, 60), (10, 30, 50)}
 
@@ -119,12 +119,12 @@ def test_shipped_grids_cover_the_logbook():
 # --- presets ----------------------------------------------------------------------------------
 
 def test_load_preset():
-    assert tuning.load_preset("logbook:resnet50_frozen") == {"backbone": "resnet50", "freeze": True}
-    assert tuning.load_preset(f"{EXPERIMENTS / 'logbook.py'}:deep_head")["head"] == (1000, 512, 128)
-    best = make_config(tuning.load_preset("logbook:best"))
+    assert space.load_preset("logbook:resnet50_frozen") == {"backbone": "resnet50", "freeze": True}
+    assert space.load_preset(f"{EXPERIMENTS / 'logbook.py'}:deep_head")["head"] == (1000, 512, 128)
+    best = make_config(space.load_preset("logbook:best"))
     assert best == TrainConfig()  # the logbook's best entry is train.py's default
     assert (best.backbone, best.lr, best.milestones, best.class_weights) == ("resnet152", 1e-4, (10, 30, 50), (0.5, 0.8))
-    logbook = tuning.load_space(EXPERIMENTS / "logbook.py")
+    logbook = space.load_space(EXPERIMENTS / "logbook.py")
     assert logbook.space == {"preset": list(logbook.presets)} and 10 <= len(logbook.presets) <= 20
 
 
@@ -136,7 +136,7 @@ def test_load_preset():
 ])
 def test_preset_errors(ref, needle):
     with pytest.raises(UserError) as e:
-        tuning.load_preset(ref)
+        space.load_preset(ref)
     assert needle in str(e.value)
 
 
@@ -148,21 +148,21 @@ def test_train_py_runs_a_preset(monkeypatch):
 
 def test_sample_overrides_expand_presets():
     presets = {"a": {"lr": 1e-3, "freeze": True}}
-    assert tuning.sample_overrides({"preset": "a", "lr": 5e-4}, presets) == {"lr": 5e-4, "freeze": True}
-    assert tuning.sample_overrides({"preset": {"seed": 3}}, presets) == {"seed": 3}
-    assert tuning.sample_overrides({"preset": "logbook:alexnet"}, presets) == {"backbone": "alexnet"}
+    assert space.sample_overrides({"preset": "a", "lr": 5e-4}, presets) == {"lr": 5e-4, "freeze": True}
+    assert space.sample_overrides({"preset": {"seed": 3}}, presets) == {"seed": 3}
+    assert space.sample_overrides({"preset": "logbook:alexnet"}, presets) == {"backbone": "alexnet"}
     with pytest.raises(UserError, match="unknown preset 'b'; presets: a"):
-        tuning.sample_overrides({"preset": "b"}, presets)
+        space.sample_overrides({"preset": "b"}, presets)
 
 
 # --- precedence and the experiment's settings -------------------------------------------------
 
 def test_precedence_defaults_base_flags_sample(tmp_path):
-    s = tuning.load_space(write(tmp_path / "s.py", GOOD))
-    setup = tuning.make_setup(s, {"batch_size": 4, "image_size": 64}, metric=None, mode=None, max_epochs=7,
+    s = space.load_space(write(tmp_path / "s.py", GOOD))
+    setup = tune_exp.make_setup(s, {"batch_size": 4, "image_size": 64}, metric=None, mode=None, max_epochs=7,
                               grace_period=1, reduction_factor=2, samples=1, concurrent=None)
     assert (setup.metric, setup.mode) == ("val_loss", "min")  # from the file
-    cfg = tuning.trial_config(setup.base, {"image_size": 48, "head": [64, 32]}, s.presets, str(tmp_path))
+    cfg = tune_exp.trial_config(setup.base, {"image_size": 48, "head": [64, 32]}, s.presets, str(tmp_path))
     assert cfg.lr == 1e-3                # BASE over the default
     assert cfg.batch_size == 4           # flag over BASE
     assert cfg.image_size == 48          # sample over flag
@@ -172,24 +172,24 @@ def test_precedence_defaults_base_flags_sample(tmp_path):
 
 
 def test_make_setup_defaults_and_errors(tmp_path):
-    s = tuning.load_space(write(tmp_path / "s.py", "SPACE = {'lr': [1e-3]}\n"))
+    s = space.load_space(write(tmp_path / "s.py", "SPACE = {'lr': [1e-3]}\n"))
     kw = dict(metric=None, mode=None, max_epochs=None, grace_period=None, reduction_factor=2, samples=1, concurrent=None)
-    setup = tuning.make_setup(s, {"epochs": 9}, **kw)
+    setup = tune_exp.make_setup(s, {"epochs": 9}, **kw)
     assert (setup.metric, setup.mode, setup.max_epochs, setup.base["select"]) == ("val_acc", "max", 9, "val_acc")
-    assert setup.grace_period == 5 and tuning.make_setup(s, {"epochs": 3}, **kw).grace_period == 3
-    assert tuning.make_setup(s, {}, **{**kw, "metric": "train_loss"}).mode == "min"
-    assert "select" not in tuning.make_setup(s, {}, **{**kw, "metric": "train_acc"}).base
+    assert setup.grace_period == 5 and tune_exp.make_setup(s, {"epochs": 3}, **kw).grace_period == 3
+    assert tune_exp.make_setup(s, {}, **{**kw, "metric": "train_loss"}).mode == "min"
+    assert "select" not in tune_exp.make_setup(s, {}, **{**kw, "metric": "train_acc"}).base
     for change, needle in [({"metric": "acc"}, "--metric 'acc'"), ({"grace_period": 10, "max_epochs": 5}, "--grace-period"),
                            ({"reduction_factor": 1}, "--reduction-factor 1"), ({"samples": 0}, "--samples 0"),
                            ({"concurrent": 0}, "--concurrent 0")]:
         with pytest.raises(UserError, match=needle):
-            tuning.make_setup(s, {}, **{**kw, **change})
+            tune_exp.make_setup(s, {}, **{**kw, **change})
     with pytest.raises(UserError, match="--lr"):
-        tuning.make_setup(s, {"lr": -1.0}, **kw)  # a bad flag fails before Ray starts
+        tune_exp.make_setup(s, {"lr": -1.0}, **kw)  # a bad flag fails before Ray starts
     setup.save(tmp_path)
-    assert tuning.Setup.load(tmp_path) == setup
+    assert tune_exp.Setup.load(tmp_path) == setup
     with pytest.raises(UserError, match="not a tune experiment folder"):
-        tuning.Setup.load(tmp_path / "nothing")
+        tune_exp.Setup.load(tmp_path / "nothing")
 
 
 def test_cli_errors_before_ray(tmp_path):
@@ -201,7 +201,7 @@ def test_cli_errors_before_ray(tmp_path):
     with pytest.raises(UserError, match="no experiment"):
         tune.main(["--resume", "--name", "x", *res])
     (tmp_path / "tune" / "x").mkdir(parents=True)
-    tuning.Setup(str(EXPERIMENTS / "lr.py"), {}, "val_acc", "max", 2, 1, 2, 1, None, "/").save(tmp_path / "tune" / "x")
+    tune_exp.Setup(str(EXPERIMENTS / "lr.py"), {}, "val_acc", "max", 2, 1, 2, 1, None, "/").save(tmp_path / "tune" / "x")
     with pytest.raises(UserError, match="stored settings .*drop --samples --lr"):
         tune.main(["--resume", "--name", "x", "--samples", "2", "--lr", "1e-3", *res])
     with pytest.raises(UserError, match="already exists; finished experiments are never overwritten"):
@@ -210,7 +210,7 @@ def test_cli_errors_before_ray(tmp_path):
 
 
 def test_short_error_unwraps_ray_errors():
-    from breakhis.tuning_results import short_error
+    from breakhis.tuning.experiment import short_error
 
     class Wrapped(Exception):
         cause = UserError("--dropout has 3 rates but the head has only 2 linear layer(s)")
@@ -227,8 +227,8 @@ FLAGS = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--b
 ASHA = ["--grace-period", "1", "--reduction-factor", "2"]
 # val_loss stays near ln 2 at lr 1e-7 and blows up at lr 5e-3 on a randomly initialised resnet18
 # (eval-mode BatchNorm statistics lag behind): a gap ASHA cannot miss at its first rung
-MAIN_SPACE = '''"""Calm against wild learning rates, and a trial whose settings do not fit together."""
-PRESETS = {"calm": {"lr": 1e-7}, "broken": {"head": (64,), "dropout": (0.5, 0.5, 0.5)},
+MAIN_SPACE = '''"""Calm against wild learning rates, and a trial whose batch does not fit its data (found only in the trial)."""
+PRESETS = {"calm": {"lr": 1e-7}, "broken": {"batch_size": 100000},
            "calm2": {"lr": 1e-7, "seed": 1}, "wild": {"lr": 5e-3}}
 SPACE = {"preset": ["calm", "broken", "calm2", "wild"]}
 METRIC = "val_loss"
@@ -248,7 +248,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    from breakhis.demo import make_demo
+    from breakhis.data.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("tune-demo"), patients=12, images_per_patient=6, size=(64, 48))
 
@@ -281,11 +281,11 @@ def test_trials_csv(experiment):
     assert (wild["status"], wild["epochs"], wild["stopped_early"]) == ("stopped", "1", "True")
     assert float(wild["best_val_loss"]) > 2 * float(rows["calm"]["best_val_loss"])
     for name in ("calm", "calm2"):
-        assert rows[name]["status"] in ("done", "stopped") and rows[name]["error"] == ""
-    assert rows["calm"]["status"] == "done" and rows["calm"]["epochs"] == "3" and rows["calm"]["stopped_early"] == "False"
+        assert rows[name]["status"] in ("finished", "stopped") and rows[name]["error"] == ""
+    assert rows["calm"]["status"] == "finished" and rows["calm"]["epochs"] == "3" and rows["calm"]["stopped_early"] == "False"
     broken = rows["broken"]
     assert broken["status"] == "failed" and broken["stopped_early"] == "False"
-    assert "--dropout has 3 rates but the head has only 2 linear layer(s)" in broken["error"]
+    assert "fewer than one batch of 100000" in broken["error"]
     # every finished or stopped trial is a complete run folder, scored on the test set
     for name in ("calm", "calm2", "wild"):
         run = Path(rows[name]["run"])
@@ -293,16 +293,16 @@ def test_trials_csv(experiment):
         assert not (run / "last.pt").exists()
         metrics = json.loads((run / "metrics.json").read_text())
         assert float(rows[name]["test_accuracy"]) == pytest.approx(metrics["test"]["accuracy"])
-        history = runs.read_csv(run / "history.csv")
+        history = read_csv(run / "history.csv")
         assert [int(h["epoch"]) for h in history] == list(range(1, int(rows[name]["epochs"]) + 1))
         assert float(rows[name]["best_val_loss"]) == pytest.approx(min(float(h["val_loss"]) for h in history))
-    assert runs.read_json(Path(wild["run"]) / "status.json")["status"] == "stopped"
+    assert read_json(Path(wild["run"]) / "status.json")["status"] == "stopped"
 
 
 def test_best_json_is_retrained_by_train_py(experiment, tmp_path):
     _, exp, rows, _, cache = experiment
     best = json.loads((exp / "best.json").read_text())
-    calm = [rows[n] for n in ("calm", "calm2") if rows[n]["status"] in ("done", "stopped")]
+    calm = [rows[n] for n in ("calm", "calm2") if rows[n]["status"] in ("finished", "stopped")]
     winner = min(calm, key=lambda r: float(r["best_val_loss"]))
     assert (best["metric"], best["trial"], best["run"]) == ("val_loss", winner["trial"], winner["run"])
     assert best["value"] == pytest.approx(float(winner["best_val_loss"]))
@@ -325,10 +325,10 @@ def test_finished_experiment_is_not_overwritten(experiment):
 def test_results_table_marks_best_stopped_and_failed(experiment):
     from rich.console import Console
 
-    from breakhis.tuning_results import results_table
+    from breakhis.tuning.results import results_table
 
     _, exp, rows, _, _ = experiment
-    setup = tuning.Setup.load(exp)
+    setup = tune_exp.Setup.load(exp)
     with open(exp / "trials.csv") as f:
         table_rows = [{**r, "epochs": int(r["epochs"]), "stopped_early": r["stopped_early"] == "True",
                        "best_val_loss": float(r["best_val_loss"]) if r["best_val_loss"] else None,
@@ -342,14 +342,14 @@ def test_results_table_marks_best_stopped_and_failed(experiment):
     assert "★ " + best in lines[0]  # sorted by val_loss (min): the best first
     assert "stopped early" in next(ln for ln in lines if "wild" in ln)
     assert "broken" in lines[-1] and "failed" in lines[-1]
-    assert f"{rows['broken']['trial']} failed: --dropout has 3 rates" in text
+    assert f"{rows['broken']['trial']} failed: the training partition has" in text
 
 
 def _interrupt_after_first_epoch(exp: Path):
     """Send Ctrl-C to this process once a trial has finished its first epoch."""
     def watch():
         for _ in range(6000):
-            if any(len(runs.read_csv(p)) >= 1 for p in exp.glob("runs/*/history.csv")):
+            if any(len(read_csv(p)) >= 1 for p in exp.glob("runs/*/history.csv")):
                 os.kill(os.getpid(), signal.SIGINT)
                 return
             time.sleep(0.05)
@@ -365,13 +365,13 @@ def test_resume_after_interruption(ray_cluster, tree, tmp_path):
     _interrupt_after_first_epoch(exp)
     assert tune.main(argv) == 130
     with open(exp / "trials.csv") as f:
-        assert "unfinished" in {r["status"] for r in csv.DictReader(f)}
+        assert "interrupted" in {r["status"] for r in csv.DictReader(f)}
     assert not (exp / "best.json").exists()
     # what the interrupted trials had done: epochs with their measured seconds, and the state to continue from
-    done = {p.parent.name: runs.read_csv(p) for p in exp.glob("runs/*/history.csv")}
+    done = {p.parent.name: read_csv(p) for p in exp.glob("runs/*/history.csv")}
     assert any(done.values())
-    for trial_id, history in done.items():
-        if runs.read_json(exp / "runs" / trial_id / "status.json")["status"] != "finished":
+    for trial_id in done:
+        if read_json(exp / "runs" / trial_id / "status.json")["status"] != "finished":
             assert (exp / "runs" / trial_id / "last.pt").is_file()
     assert guard(tune.main, argv) == 2  # an interrupted experiment is not restarted from scratch either
 
@@ -380,9 +380,25 @@ def test_resume_after_interruption(ray_cluster, tree, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["seed"] for r in rows] == ["0", "1"]
     for r in rows:
-        assert (r["status"], r["epochs"]) in {("done", "2"), ("stopped", "1")}
-        history = runs.read_csv(Path(r["run"]) / "history.csv")
+        assert (r["status"], r["epochs"]) in {("finished", "2"), ("stopped", "1")}
+        history = read_csv(Path(r["run"]) / "history.csv")
         assert [int(h["epoch"]) for h in history] == list(range(1, int(r["epochs"]) + 1))
         before = done.get(r["trial"], [])
         assert history[:len(before)] == before  # continued from its last epoch, not redone
     assert (exp / "best.json").is_file()
+
+
+def test_grid_values_are_checked_before_ray(tmp_path):
+    """Settings that do not fit together fail when the experiment is set up, naming the trial, not in Ray."""
+    s = space.load_space(write(tmp_path / "s.py", '''PRESETS = {"ok": {}, "broken": {"head": (64,), "dropout": (0.5, 0.5, 0.5)}}
+SPACE = {"preset": ["ok", "broken"], "backbone": ["resnet18", "resnet999"]}
+'''))
+    kw = dict(metric=None, mode=None, max_epochs=2, grace_period=1, reduction_factor=2, samples=1, concurrent=None)
+    with pytest.raises(UserError, match="resnet999"):
+        tune_exp.make_setup(s, {}, **kw)
+    s = space.load_space(write(tmp_path / "t.py", '''PRESETS = {"ok": {}, "broken": {"head": (64,), "dropout": (0.5, 0.5, 0.5)}}
+SPACE = {"preset": ["ok", "broken"]}
+'''))
+    with pytest.raises(UserError, match="preset='broken' would fail: --dropout has 3 rates"):
+        tune_exp.make_setup(s, {}, **kw)
+    assert space.check_grid(space.load_space(EXPERIMENTS / "logbook.py"), {}) == len(space.load_space(EXPERIMENTS / "logbook.py").presets)

@@ -1,8 +1,7 @@
-"""Benchmarks that print numbers (speed is measured here, never asserted by a timed test).
+"""Loader throughput: our device loader vs the loader one writes by hand, side by side.
 
     python -m breakhis.bench loader --data data/BreaKHis_v1            # our loader vs the hand-written one
     python -m breakhis.bench loader --data data/demo --json            # last line: one JSON object
-    python -m breakhis.bench train --backbone resnet50                 # training throughput (bench_train.py)
 
 `loader` decodes every image under --data once into a fresh uint8 cache (timed: the cache
 build), then, on the same images and the same augmentations (random resized crop to
@@ -12,7 +11,8 @@ build), then, on the same images and the same augmentations (random resized crop
     torchvision transforms, through a DataLoader with one worker per core (--workers).
 Both skip their first batch (start-up) and time --batches batches; ours also runs at least
 two seconds. On a GPU it also trains ResNet-50 (channels-last, bf16 autocast) for one epoch
-fed by our loader and for the same epoch fed from batches made beforehand on the device.
+fed by our loader and for the same epoch fed from batches made beforehand on the device; both
+run engine.train_step, the step training runs.
 """
 from __future__ import annotations
 
@@ -20,39 +20,26 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from torchvision import transforms as T
+from torchvision.models import resnet50
 
-from .errors import UserError, guard
-
-USAGE = ("usage: python -m breakhis.bench {loader,train} ...\n"
-         "  loader  our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
-         "  train   training throughput of a backbone (python -m breakhis.bench train -h)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch to a benchmark: `loader` here, `train` in bench_train.py."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    if argv[:1] == ["train"]:
-        from .bench_train import main as train_main  # imported only when asked for
-        return train_main(argv[1:])
-    if argv[:1] == ["loader"]:
-        return loader_main(argv[1:])
-    raise UserError(f"unknown benchmark {argv[0]!r}: choose loader or train, e.g. python -m breakhis.bench loader "
-                    f"--data data/demo" if argv else "choose a benchmark: python -m breakhis.bench loader --data ROOT "
-                                                      "(or train; -h for help)")
+from ..augment import MEAN, STD, Augment
+from ..data.cache import build_cache, default_cache_size
+from ..data.dataset import index_tree
+from ..engine import train_step
+from ..errors import UserError
+from ..loader import DeviceImages, Loader
 
 
-def loader_main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m breakhis.bench loader", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="BreaKHis_v1 root (or its parent, or a demo tree)")
@@ -72,20 +59,17 @@ def loader_main(argv: Sequence[str]) -> int:
     workers = args.workers or os.cpu_count() or 1
     console = Console(stderr=args.json)
 
-    from . import cache as cache_mod
-    from .data import index_tree
-
     index = index_tree(args.data)  # UserError for a missing root or one without BreakHis images
     paths = [r.path for r in index.records]
     labels = [r.label for r in index.records]
     if len(paths) < 2 * args.batch_size:  # a first (untimed) batch and at least one timed one per epoch
         raise UserError(f"--batch-size {args.batch_size}: {index.root} has only {len(paths)} images; "
                         f"give a batch size of at most {len(paths) // 2}")
-    size = cache_mod.default_cache_size(args.image_size)
+    size = default_cache_size(args.image_size)
     tmp = None if args.cache_dir else tempfile.mkdtemp(prefix="breakhis-bench-")
     try:
         t0 = time.perf_counter()
-        cache = cache_mod.build_cache(index.root, paths, size, cache_dir=args.cache_dir or tmp, workers=workers,
+        cache = build_cache(index.root, paths, size, cache_dir=args.cache_dir or tmp, workers=workers,
                                       progress=not args.json)
         build_s = time.perf_counter() - t0
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,8 +134,6 @@ def timed(batches: Iterable, count: int, device: torch.device, min_s: float = 0.
 
 def bench_augment():
     """The augmentation both loaders apply: RandomResizedCrop's defaults, flips, ColorJitter(0.2, 0.2, 0.2, 0.05)."""
-    from .loader import Augment
-
     return Augment(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), dihedral=True, color_jitter=0.2, stain_jitter=0.0)
 
 
@@ -165,8 +147,6 @@ def epochs(loader) -> Iterable:
 
 
 def time_ours(images, labels, device, batch_size: int, image_size: int, batches: int) -> float:
-    from .loader import DeviceImages, Loader
-
     data = DeviceImages(images, device)
     ld = Loader(data, range(len(labels)), labels, batch_size=batch_size, image_size=image_size, train=True,
                 augment=bench_augment(), drop_last=True)
@@ -177,10 +157,6 @@ class PillowDataset(torch.utils.data.Dataset):
     """The hand-written loader: decode a PNG with Pillow, torchvision transforms."""
 
     def __init__(self, paths: list[str], image_size: int):
-        from torchvision import transforms as T
-
-        from .loader import MEAN, STD
-
         self.paths = paths
         self.tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
                              T.ColorJitter(0.2, 0.2, 0.2, 0.05), T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -189,8 +165,6 @@ class PillowDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         with Image.open(self.paths[i]) as im:
             return self.tf(im.convert("RGB")), 0
 
@@ -214,35 +188,22 @@ def train_epochs(images, labels, device, batch_size: int, image_size: int,
     ResNet-50 (random init), channels-last, bf16 autocast, AdamW; one untimed warm-up epoch
     of each kind first (cudnn autotuning, allocator growth).
     """
-    from torchvision.models import resnet50
-
-    from .loader import DeviceImages, Loader
-
     model = (model_fn or (lambda: resnet50(weights=None, num_classes=2)))().to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ld = Loader(DeviceImages(images, device), range(len(labels)), labels, batch_size=batch_size,
                 image_size=image_size, train=True, augment=bench_augment(), drop_last=True, dtype=torch.bfloat16)
     premade = [(x.clone(), y.clone()) for x, y, _ in ld]
 
-    def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    loss_fn = torch.nn.CrossEntropyLoss()
 
     def epoch(batches) -> float:
         _sync(device)
         t0 = time.perf_counter()
         for x, y, *_ in batches:
-            step(x, y)
+            train_step(model, x, y, opt, loss_fn, amp=torch.bfloat16)
         _sync(device)
         return time.perf_counter() - t0
 
     epoch(premade), epoch(ld)  # warm-up
     fed, made = zip(*[(epoch(ld), epoch(premade)) for _ in range(2)])  # alternated, best of two
     return min(fed), min(made)
-
-
-if __name__ == "__main__":
-    sys.exit(guard(main))

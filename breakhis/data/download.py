@@ -22,8 +22,9 @@ import uuid
 import zlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .atomic import write_text
-from .errors import UserError
+from ..errors import UserError
+from ..io import write_text
+from ..report import progress_bar
 
 URL = "http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz"
 TIMEOUT_S = 60  # seconds without data before a connection counts as failed
@@ -96,7 +97,7 @@ def _receive(resp, part: Path, start: int, length: int | None, url: str, archive
              progress: bool) -> None:
     """Write the body of `resp` into `part` from byte `start` (0: truncate, else append)."""
     got = 0
-    with open(part, "ab" if start else "wb") as f, _bar(progress, archive.name, start, length) as advance:
+    with open(part, "ab" if start else "wb") as f, progress_bar(progress, archive.name, length, done=start, unit="bytes", transient=False, tty_only=False) as advance:
         try:
             while chunk := resp.read(CHUNK):
                 f.write(chunk)
@@ -175,7 +176,7 @@ def extract(archive: Path, dest: Path, progress: bool = True) -> str:
                                 f"or move it away to extract {archive.name} again")
         tmp = dest / f".tmp-extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            with _bar(progress, f"extracting {archive.name}", 0, len(members), unit="files") as advance:
+            with progress_bar(progress, f"extracting {archive.name}", len(members), transient=False, tty_only=False) as advance:
                 tar.extractall(tmp, members=_counted(members, advance), filter="data")
             for t in tops:
                 os.rename(tmp / t, dest / t)
@@ -194,28 +195,3 @@ def _counted(members, advance):
     for m in members:
         yield m
         advance(1)
-
-
-class _bar:
-    """A rich progress bar for bytes (or files); `advance(k)` moves it; silent when off."""
-
-    def __init__(self, on: bool, what: str, done: int, total: int | None, unit: str = "bytes"):
-        self.on, self.what, self.done, self.total, self.unit, self.bar = on, what, done, total, unit, None
-
-    def __enter__(self):
-        if not self.on:
-            return lambda k: None
-        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-        cols = ([DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes" else [MofNCompleteColumn()])
-        from rich.console import Console
-        self.bar = Progress(TextColumn(self.what), BarColumn(), *cols, TimeRemainingColumn(),
-                            console=Console(stderr=True))  # stdout stays clean for --json
-        self.bar.start()
-        task = self.bar.add_task(self.what, total=self.total, completed=self.done)
-        return lambda k: self.bar.advance(task, k)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

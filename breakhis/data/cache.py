@@ -41,7 +41,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .atomic import write_json
+from ..io import write_json
+from ..report import progress_bar
 
 FORMAT_VERSION = 1  # bump when the pixels or the index format change: every key changes
 RESAMPLE = Image.Resampling.BILINEAR
@@ -260,7 +261,7 @@ def _decode_all(root: Path, paths: list[str], size: tuple[int, int], npy: Path, 
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     info: list[dict | None] = [None] * n
     if n < INPROCESS_BELOW or workers == 1:
-        with _progress_bar(progress, n) as advance:
+        with progress_bar(progress, "decoding into cache", n) as advance:
             for i, p in enumerate(paths):
                 out[i], info[i] = decode_resize(root / p, size)
                 advance(1)
@@ -275,7 +276,7 @@ def _decode_all(root: Path, paths: list[str], size: tuple[int, int], npy: Path, 
         # submit before the progress bar starts its thread: with fork, the workers start here
         futures = [ex.submit(_worker_decode, t, size) for t in tasks]
         try:
-            with _progress_bar(progress, n) as advance:
+            with progress_bar(progress, "decoding into cache", n) as advance:
                 for fut in cf.as_completed(futures):
                     done = fut.result()
                     for i, inf in done:
@@ -308,29 +309,3 @@ def _worker_decode(items: list[tuple[int, str]], size: tuple[int, int]) -> list[
         _OUT[i], inf = decode_resize(p, size)
         done.append((i, inf))
     return done
-
-
-class _progress_bar:
-    """Transient rich progress bar on stderr; `advance(k)` moves it. Silent when off or when
-    stderr is not a terminal."""
-
-    def __init__(self, on: bool, total: int):
-        self.on, self.total, self.bar = on and sys.stderr.isatty(), total, None
-
-    def __enter__(self):
-        if not self.on:
-            return lambda k: None
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-        self.bar = Progress(TextColumn("decoding into cache"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
-                            console=Console(stderr=True))
-        self.bar.start()
-        task = self.bar.add_task("decode", total=self.total)
-        return lambda k: self.bar.advance(task, k)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False

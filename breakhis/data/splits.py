@@ -3,7 +3,7 @@
 No patient (or accession, with group="accession") is ever in two partitions; both classes
 are in every partition; subtypes are spread as far as patient counts allow; image
 proportions are close to the ratio. A manifest (split.json) lists image paths of all
-magnifications; select() applies the magnification filter after the split.
+magnifications; part_records() applies the magnification filter after the split.
 """
 from __future__ import annotations
 
@@ -14,19 +14,13 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import MAGNIFICATIONS, PARTS, SUBTYPES, Record, parse_name
-from .errors import UserError
+from ..config import parse_split_ratio
+from ..errors import UserError
+from .dataset import MAGNIFICATIONS, PARTS, SUBTYPES, Record, parse_name
 
 TRIALS = 4000  # seeded assignments tried per split
 CLASS_COST = 0.5  # weight of the per-class image-fraction error next to the overall one
 SPREAD_COST = 0.1  # a (subtype, partition) pair left empty costs as much as 10 points of image-fraction error
-
-
-def parse_ratio(ratio) -> tuple[int, int, int]:
-    """'70:10:20' or (70, 10, 20) -> three whole percentages summing to 100 (TrainConfig's rule)."""
-    text = ratio if isinstance(ratio, str) else ":".join(str(v) for v in ratio)
-    return TrainConfig(split=text).split_ratio()
 
 
 def parse_magnification(magnification: str | int) -> int | None:
@@ -35,20 +29,21 @@ def parse_magnification(magnification: str | int) -> int | None:
         return None
     if str(magnification).upper().rstrip("X") in {str(m) for m in MAGNIFICATIONS}:
         return int(str(magnification).upper().rstrip("X"))
-    raise UserError(f"--magnification {magnification!r}: choose 40, 100, 200, 400 or all")
+    raise ValueError(f"magnification must be 40, 100, 200, 400 or all, not {magnification!r}")
 
 
-def _group_key(group: str):
+def group_key(group: str):
+    """The split unit of a record: its patient, or its accession (group="accession")."""
     if group == "patient":
         return lambda r: r.patient
     if group == "accession":
         return lambda r: r.accession
-    raise UserError(f"--group {group!r}: choose patient or accession")
+    raise ValueError(f"group must be patient or accession, not {group!r}")
 
 
 def _units(records: list[Record], group: str):
     """Split units (patients or accessions) in sorted order: (key fn, keys, images (U,), label (U,), subtype (U,))."""
-    key = _group_key(group)
+    key = group_key(group)
     count, first = Counter(key(r) for r in records), {}
     for r in records:
         first.setdefault(key(r), r)
@@ -62,7 +57,7 @@ def _require(label: np.ndarray, parts: int, group: str, what: str) -> None:
     if per.min() < parts:
         raise UserError(f"cannot split {what}: {per[0]} benign and {per[1]} malignant {group}s, but both classes in "
                         f"each of {parts} partitions need at least {parts} {group}s per class; use a bigger tree "
-                        f"(python -m breakhis.demo OUT --patients 8) or fewer partitions (e.g. --split 80:0:20)")
+                        f"(python -m breakhis.data.demo OUT --patients 8) or fewer partitions (e.g. --split-ratio 80:0:20)")
 
 
 def _score(assign: np.ndarray, n, label, sub, fracs) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +173,7 @@ def make_split(records: list[Record], ratio=(60, 10, 30), seed: int = 0, group: 
 
     No unit in two partitions, both classes in every non-empty partition, each subtype in as many
     partitions as it has units (up to 3), image fractions as close to `ratio` as the search finds."""
-    ratio = parse_ratio(ratio)
+    ratio = parse_split_ratio(ratio)
     key, keys, n, label, sub = _units(records, group)
     fracs = np.array(ratio, np.float64) / 100
     _require(label, int((fracs > 0).sum()), group, f"{len(records)} images by {group} {':'.join(map(str, ratio))}")
@@ -218,10 +213,10 @@ def _fold_sides(root: Path, fold: int) -> tuple[dict[str, set], Path]:
                 raise UserError(f"{found} line {line}: group {grp!r} is neither train nor test")
             sides[PurePosixPath(name.strip().replace("\\", "/")).name].add(grp.strip().lower())
         if not sides:
-            raise UserError(f"{found} has no rows for fold {fold}: use a fold it lists, or --split")
+            raise UserError(f"{found} has no rows for fold {fold}: use a fold it lists, or --split-ratio")
         return sides, found
     raise UserError(f"--fold {fold}: no Folds.csv or mkfold/dsfold{fold}.txt in {', '.join(map(str, dirs))}: "
-                    f"put the official fold file there, or use --split")
+                    f"put the official fold file there, or use --split-ratio")
 
 
 def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0, val_fraction: float = 0.1,
@@ -230,12 +225,10 @@ def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0
 
     A fold file that puts one patient (accession, with group='accession') on both sides is a UserError:
     training on it would leak. Images the file does not list are left out (counted in "unlisted")."""
-    if not 1 <= int(fold) <= 5:
-        raise UserError(f"--fold {fold}: official folds are 1..5 (0: use --split)")
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction {val_fraction}: must lie in [0, 1)")
+    if not 1 <= int(fold) <= 5 or not 0 <= val_fraction < 1:  # TrainConfig.validate() says so to the user
+        raise ValueError(f"fold {fold} must be 1..5 and val_fraction {val_fraction} in [0, 1)")
     sides, source = _fold_sides(Path(root), int(fold))
-    key = _group_key(group)
+    key = group_key(group)
     listed = [r for r in records if PurePosixPath(r.path).name in sides]
     unit_sides = defaultdict(set)
     for r in listed:
@@ -243,7 +236,7 @@ def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0
     leaks = sorted(k for k, s in unit_sides.items() if len(s) > 1)
     if leaks:
         raise UserError(f"{source}: fold {fold} puts {len(leaks)} {group}(s) in both train and test "
-                        f"({', '.join(leaks)}), which would leak; fix the file or use --split")
+                        f"({', '.join(leaks)}), which would leak; fix the file or use --split-ratio")
     part_of = {k: s.pop() for k, s in unit_sides.items()}
     train = [r for r in listed if part_of[key(r)] == "train"]
     if not train or len(listed) == len(train):
@@ -264,7 +257,7 @@ def load_split(path: str | Path, records: list[Record] | None = None) -> dict:
     """Read and check a manifest: a patient (or accession) in two partitions, or a path not among
     `records`, is a UserError."""
     p = Path(path)
-    remake = f"make a new one with python -m breakhis.data ROOT --split 60:10:30 --out {p}"
+    remake = f"make a new one with python -m breakhis.data ROOT --split-ratio 60:10:30 --out {p}"
     if not p.is_file():
         raise UserError(f"split file {p} not found: {remake}")
     try:
@@ -273,7 +266,7 @@ def load_split(path: str | Path, records: list[Record] | None = None) -> dict:
         raise UserError(f"split file {p} is not valid JSON ({e}): {remake}") from None
     if not isinstance(m, dict) or any(not isinstance(m.get(k), list) for k in PARTS):
         raise UserError(f"split file {p}: expected a JSON object with lists \"train\", \"val\" and \"test\": {remake}")
-    key, where, seen = _group_key(m.get("group", "patient")), defaultdict(set), {}
+    key, where, seen = group_key(m.get("group", "patient")), defaultdict(set), {}
     for part in PARTS:
         for x in m[part]:
             rec = parse_name(PurePosixPath(str(x)).name, str(x))
@@ -301,7 +294,7 @@ def load_split(path: str | Path, records: list[Record] | None = None) -> dict:
     return m
 
 
-def select(records: list[Record], manifest: dict, part: str, magnification: str | int = "all") -> list[Record]:
+def part_records(records: list[Record], manifest: dict, part: str, magnification: str | int = "all") -> list[Record]:
     """The records of one partition, in `records` order, filtered by magnification after the patient split."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")

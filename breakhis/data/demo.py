@@ -1,6 +1,6 @@
 """Synthetic BreakHis-shaped tree, so every command can be tried without the 4 GB archive.
 
-    python -m breakhis.demo data/demo --patients 16 --images-per-patient 12 --size 350x230
+    python -m breakhis.data.demo data/demo --patients 16 --images-per-patient 12 --size 350x230
 
 The pictures are SYNTHETIC: pink stroma with purple nuclei; malignant fields have denser,
 larger, less regular nuclei. Folder and file naming are exactly the real ones:
@@ -14,16 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import UserError, guard
-
-# code -> (class, subtype folder); the order is the subtype label order used everywhere
-SUBTYPE_CODES = {
-    "A": ("benign", "adenosis"), "F": ("benign", "fibroadenoma"),
-    "PT": ("benign", "phyllodes_tumor"), "TA": ("benign", "tubular_adenoma"),
-    "DC": ("malignant", "ductal_carcinoma"), "LC": ("malignant", "lobular_carcinoma"),
-    "MC": ("malignant", "mucinous_carcinoma"), "PC": ("malignant", "papillary_carcinoma"),
-}
-MAGS = (40, 100, 200, 400)
+from ..errors import UserError, guard
+from .dataset import MAGNIFICATIONS, SUBTYPE_CODES
 
 
 def patient_names(code: str, slide: str, year: int = 14) -> tuple[str, str]:
@@ -81,7 +73,7 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
         slide = f"{10000 + 37 * p}{'AB' if p % 5 == 0 else ''}"
         malignant = SUBTYPE_CODES[code][0] == "malignant"
         for i in range(images_per_patient):
-            mag = MAGS[i % 4]
+            mag = MAGNIFICATIONS[i % 4]
             path = image_path(root, code, slide, mag, i // 4 + 1)
             path.parent.mkdir(parents=True, exist_ok=True)
             synth_field(rng, malignant, size, mag).save(path, compress_level=1)

@@ -19,17 +19,19 @@ import copy
 import gc
 import json
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import UserError, guard
-from .models import BACKBONES, amp_dtype, build_model, needs_grad_scaler, prepare_model, resolve_device
-from .optim import build_optimizer
+from ..device import amp_dtype, needs_grad_scaler, prepare_model, resolve_device
+from ..engine import train_step
+from ..errors import UserError
+from ..models import build_model
+from ..optim import build_optimizer
+from ..registry import BACKBONES, unknown
 
 # Dense tensor-core peaks in TFLOP/s (no sparsity), by a substring of the device name; the
 # first match wins, so the PCIe H100 comes before the SXM one.
@@ -75,14 +77,10 @@ def time_training(model: torch.nn.Module, device: torch.device, *, batch_size: i
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (batch_size,), device=device)
 
+    loss_fn = torch.nn.CrossEntropyLoss()
+
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(x)  # (B, 2)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(model, x, y, opt, loss_fn, amp=amp, scaler=scaler)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -118,7 +116,7 @@ def plan(device: torch.device, amp: torch.dtype | None, compile_cpu: bool) -> li
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m breakhis.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet50", help="a name of breakhis.models.BACKBONES")
+    parser.add_argument("--backbone", default="resnet50", help="a name of breakhis.registry.BACKBONES")
     parser.add_argument("--image-size", type=int, default=224, help="input side, pixels")
     parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per row")
@@ -130,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON object on the last line")
     args = parser.parse_args(argv)
     if args.backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        raise UserError(unknown("backbone", args.backbone, BACKBONES))
     for flag, value, least in (("--image-size", args.image_size, 64), ("--batch-size", args.batch_size, 1),
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
         if value < least:
@@ -192,7 +190,3 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "gflop_forward_per_image": fwd_flops / 1e9, "gflop_train_per_image": step_flops / 1e9,
                           "rows": rows}))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(guard(main))

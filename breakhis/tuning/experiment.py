@@ -1,172 +1,39 @@
-"""Ray Tune searches over the training config: space files, presets, the trial, the results.
-
-A space file (experiments/*.py) is a Python module imported by path, never exec'd as text:
-    SPACE    setting -> ray.tune domain (tune.loguniform(1e-5, 1e-2)), or a plain list = a grid;
-             the key "preset" picks named override sets: PRESETS of the same file, or "file:NAME"
-    BASE     optional settings every trial starts from
-    METRIC   optional, what ASHA and the ranking optimise (default val_acc); MODE min or max
-    PRESETS  optional, name -> settings (`python train.py --preset logbook:NAME` runs one)
-Precedence: TrainConfig defaults < BASE < command-line flags < the SPACE sample.
+"""A Ray Tune experiment: its settings (tune.json), the trial, Ray, the Tuner, the live progress line.
 
 An experiment lives in results/tune/<name>/: Ray's experiment state and trial folders, tune.json
 (what --resume continues), runs/<trial_id>/ (one normal run folder per trial, written by fit),
-trials.csv and best.json.
+trials.csv and best.json (results.py, which reads what this module leaves; nothing here imports it).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import atomic, runs
-from .config import FIELDS, TrainConfig, coerce, make_config
-from .errors import UserError
+from ray.tune import Callback
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-PRESET = "preset"  # the special SPACE key that expands to a preset's settings
-METRICS = ("val_acc", "val_loss", "val_recall", "val_auroc", "val_f1", "train_acc", "train_loss")
+from .. import runs
+from ..config import TrainConfig, make_config
+from ..data.prepare import prepare
+from ..errors import UserError
+from ..fit import fit
+from ..io import number, write_json
+from ..registry import EPOCH_METRICS, SELECT_METRICS
+from ..report import console, fmt, show
+from .space import Space, check_grid, load_space, param_space, sample_overrides
+
 PATH_FIELDS = ("data", "cache_dir", "split_file", "weights")  # made absolute: trials run in Ray's trial folders
 GRACE_PERIOD = 5  # default epochs before ASHA may stop a trial
 TEST_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr",
              "patient_recognition_rate", "patient_accuracy", "loss")
-
-
-# --- space files and presets -----------------------------------------------------------------
-
-@dataclass
-class Space:
-    """A loaded space file."""
-    path: Path
-    space: dict[str, Any]          # as written: domains, grid lists, constants
-    base: dict[str, Any]
-    presets: dict[str, dict]
-    metric: str | None
-    mode: str | None
-    doc: str
-
-
-def default_mode(metric: str) -> str:
-    return "min" if metric.endswith("loss") else "max"
-
-
-def shipped(folder: Path = EXPERIMENTS) -> list[str]:
-    return sorted(str(p.relative_to(folder.parent)) for p in folder.glob("*.py") if not p.name.startswith("_"))
-
-
-def _import(path: Path, what: str):
-    """The module at path, imported without entering sys.modules (so Ray pickles its lambdas by value)."""
-    if not path.is_file():
-        raise UserError(f"{what} {path} not found; shipped files: {', '.join(shipped()) or 'none'}")
-    spec = importlib.util.spec_from_file_location(f"breakhis_space_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise UserError(f"{what} {path}: not a Python file; give a .py file such as experiments/lr.py")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # the user's file: report its own error in one line
-        raise UserError(f"{what} {path} failed to import: {type(e).__name__}: {e}") from None
-    return module
-
-
-def check_settings(settings: Any, where: str, extra: tuple[str, ...] = (), values: bool = True) -> dict:
-    """settings must be a dict of TrainConfig fields (plus extra keys); values are checked with coerce."""
-    if not isinstance(settings, dict):
-        raise UserError(f"{where}: expected a dict of settings, got {type(settings).__name__}")
-    bad = [k for k in settings if k not in FIELDS and k not in extra]
-    if bad:
-        raise UserError(f"{where}: unknown setting(s) {', '.join(map(repr, bad))}; valid keys: "
-                        f"{', '.join([*extra, *FIELDS])}")
-    if values:
-        for k, v in settings.items():
-            if k in FIELDS:
-                try:
-                    coerce(k, v)
-                except UserError as e:
-                    raise UserError(f"{where}: {e}") from None
-    return settings
-
-
-def _presets(module, path: Path) -> dict[str, dict]:
-    presets = getattr(module, "PRESETS", {})
-    if not isinstance(presets, dict):
-        raise UserError(f"{path}: PRESETS must be a dict of name -> settings")
-    for name, settings in presets.items():
-        check_settings(settings, f"{path} PRESETS[{name!r}]")
-    return presets
-
-
-def load_preset(ref: str) -> dict[str, Any]:
-    """'logbook:NAME' (experiments/logbook.py) or 'path/to/file.py:NAME' -> that preset's settings."""
-    file, sep, name = str(ref).rpartition(":")
-    if not sep or not file or not name:
-        raise UserError(f"preset {ref!r}: give FILE:NAME, e.g. logbook:resnet50_frozen")
-    path = Path(file) if file.endswith(".py") else EXPERIMENTS / f"{file}.py"
-    presets = _presets(_import(path, f"preset {ref!r}: preset file"), path)
-    if name not in presets:
-        raise UserError(f"preset {ref!r}: {path} has no preset {name!r}; its presets: {', '.join(presets) or 'none'}")
-    return dict(presets[name])
-
-
-def resolve_preset(value: Any, presets: dict[str, dict], where: str) -> dict[str, Any]:
-    """A preset value of a sample: a name in presets, 'file:NAME', or a dict of settings."""
-    if isinstance(value, dict):
-        return check_settings(value, where)
-    if isinstance(value, str):
-        if value in presets:
-            return dict(presets[value])
-        if ":" in value:
-            return load_preset(value)
-        raise UserError(f"{where}: unknown preset {value!r}; presets: {', '.join(presets) or 'none (define PRESETS)'}")
-    raise UserError(f"{where}: a preset is a name or a dict of settings, got {value!r}")
-
-
-def load_space(path: str | Path) -> Space:
-    """Load and check a space file; every mistake is a UserError naming the file and the valid keys."""
-    path = Path(path)
-    module = _import(path, "space file")
-    space = getattr(module, "SPACE", None)
-    if not isinstance(space, dict) or not space:
-        raise UserError(f"space file {path} defines no SPACE dict (or an empty one); write e.g. "
-                        f"SPACE = {{'lr': tune.loguniform(1e-5, 1e-2), 'freeze': [True, False]}}")
-    check_settings(space, f"space file {path} SPACE", extra=(PRESET,), values=False)
-    for k, v in space.items():
-        if isinstance(v, list) and not v:
-            raise UserError(f"space file {path} SPACE[{k!r}] is an empty list; give at least one value")
-    base = check_settings(getattr(module, "BASE", {}), f"space file {path} BASE")
-    presets = _presets(module, path)
-    if PRESET in space:
-        choices = space[PRESET]
-        for v in choices if isinstance(choices, list) else getattr(choices, "categories", []):
-            resolve_preset(v, presets, f"space file {path} SPACE['preset']")
-    metric, mode = getattr(module, "METRIC", None), getattr(module, "MODE", None)
-    if metric is not None and metric not in METRICS:
-        raise UserError(f"space file {path}: METRIC {metric!r} is not reported; choose one of {', '.join(METRICS)}")
-    if mode is not None and mode not in ("min", "max"):
-        raise UserError(f"space file {path}: MODE {mode!r}: use 'min' or 'max'")
-    return Space(path.resolve(), space, dict(base), presets, metric, mode, (module.__doc__ or "").strip())
-
-
-def param_space(space: Space) -> dict[str, Any]:
-    """Ray's param_space: plain lists become grids, domains and constants pass through."""
-    from ray import tune
-
-    return {k: tune.grid_search(v) if isinstance(v, list) else v for k, v in space.space.items()}
-
-
-def sample_overrides(sample: dict[str, Any], presets: dict[str, dict]) -> dict[str, Any]:
-    """One trial's sample as settings: the preset first, the sample's other keys over it."""
-    out: dict[str, Any] = {}
-    if PRESET in sample:
-        out.update(resolve_preset(sample[PRESET], presets, "preset"))
-    out.update({k: v for k, v in sample.items() if k != PRESET})
-    return out
 
 
 def absolute_paths(cfg: TrainConfig, cwd: str) -> TrainConfig:
@@ -198,10 +65,10 @@ class Setup:
     cwd: str                # where relative paths are resolved
 
     def save(self, exp_dir: Path) -> None:
-        atomic.write_json(exp_dir / "tune.json", dataclasses.asdict(self))
+        write_json(exp_dir / "tune.json", dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, exp_dir: Path) -> "Setup":
+    def load(cls, exp_dir: Path) -> Setup:
         try:
             return cls(**json.loads((exp_dir / "tune.json").read_text()))
         except (OSError, ValueError, TypeError) as e:
@@ -212,13 +79,13 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
                grace_period: int | None, reduction_factor: int, samples: int, concurrent: int | None) -> Setup:
     """Resolve metric, mode, epochs and grace period (default: 5 epochs, at most max epochs); check them all."""
     metric = metric or space.metric or "val_acc"
-    if metric not in METRICS:
-        raise UserError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
-    mode = mode or (space.mode if metric == space.metric and space.mode else default_mode(metric))
+    if metric not in EPOCH_METRICS:
+        raise UserError(f"--metric {metric!r}: choose one of {', '.join(EPOCH_METRICS)}")
+    mode = mode or (space.mode if metric == space.metric and space.mode else EPOCH_METRICS[metric])
     if mode not in ("min", "max"):
         raise UserError(f"--mode {mode!r}: use min or max")
     # a trial keeps its best checkpoint by the tuned metric, unless a setting says otherwise
-    select = {"select": metric} if metric in FIELDS["select"].metadata["choices"] else {}
+    select = {"select": metric} if metric in SELECT_METRICS else {}
     base = {**select, **space.base, **flags}
     max_epochs = max_epochs or make_config(base).epochs
     base["epochs"] = max_epochs
@@ -232,6 +99,7 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
         raise UserError(f"--samples {samples}: must be at least 1")
     if concurrent is not None and concurrent < 1:
         raise UserError(f"--concurrent {concurrent}: must be at least 1")
+    check_grid(space, base)  # and so does every grid value it can take
     jsonable = {k: list(v) if isinstance(v, tuple) else v for k, v in base.items()}
     return Setup(str(space.path), jsonable, metric, mode, max_epochs, grace_period, reduction_factor, samples,
                  concurrent, os.getcwd())
@@ -243,17 +111,14 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
     """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch."""
     from ray import tune
 
-    from . import fit as F
-
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
-    status = (runs.read_json(run_dir / "status.json") or {}).get("status")
-    resume = (run_dir / "last.pt").is_file() and status != "finished"  # an interrupted experiment resumed
+    resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # this trial's own folder from a start that never finished an epoch
     run_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = dataclasses.replace(cfg, split_file=str(run_dir / "split.json")) if resume else cfg
-    data = F.prepare_data(data_cfg, progress=False)  # warm: the driver built the cache
+    data = prepare(data_cfg, progress=False)  # warm: the driver built the cache
     last: dict = {}
 
     def on_epoch(row: dict) -> None:
@@ -263,7 +128,7 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
         else:
             tune.report(row)
 
-    metrics = F.fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=False, resume=resume)
+    metrics = fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=False, resume=resume)
     if last:
         tune.report({**last, **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
 
@@ -347,8 +212,6 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
     """
     from ray.tune import ExperimentAnalysis, ResultGrid, Tuner
 
-    from .tuning_results import ProgressLine, QuietUserErrors
-
     log = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(isinstance(f, QuietUserErrors) for f in log.filters):
         log.addFilter(QuietUserErrors())
@@ -365,8 +228,6 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
 
 def new_experiment(results: Path, name: str) -> Path:
     """Create results/tune/<name>/; an existing one is never overwritten."""
-    import re
-
     if not re.fullmatch(r"[\w.\-]+", name):
         raise UserError(f"--name {name!r}: use letters, digits, '-', '_' and '.' only")
     exp_dir = results / name
@@ -393,3 +254,63 @@ def find_experiment(results: Path, name: str | None) -> Path:
 def best_value(values: list, mode: str) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return (max(vals) if mode == "max" else min(vals)) if vals else None
+
+
+def short_error(error: BaseException | None) -> str:
+    """The trial's own exception in one line (Ray wraps it in a RayTaskError)."""
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(cause).__name__)[:300]
+
+
+# --- what the driver shows while trials run ---------------------------------------------------
+
+class ProgressLine(Callback):
+    """One rich line per trial report, and one when a trial ends (runs in the driver)."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int):
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.best: dict[str, float | None] = {}
+
+    @staticmethod
+    def _counts(trials) -> str:
+        c = Counter(t.status for t in trials)
+        return (f"{c['RUNNING']} running · {c['TERMINATED']} ended · {c['ERROR']} failed · "
+                f"{c['PENDING']} pending")
+
+    def _print(self, text: str) -> None:
+        console.print(text, highlight=False)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = number(result.get(self.metric))
+        best = best_value([self.best.get(trial.trial_id), value], self.mode)
+        self.best[trial.trial_id] = best
+        settings = " ".join(f"{k}={show(v, 24)}" for k, v in (trial.config or {}).items())
+        self._print(f"[dim]{self._counts(trials)}[/]  {trial.trial_id}  epoch {result.get('epoch')}/{self.max_epochs}"
+                    f"  {self.metric} {fmt(value)} (best {fmt(best)})  {result.get('seconds', 0):.1f}s  [dim]{settings}[/]")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = (trial.last_result or {}).get("epoch") or 0
+        how = "finished" if epoch >= self.max_epochs else f"[yellow]stopped early after epoch {epoch}[/]"
+        self._print(f"{trial.trial_id} {how}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from ray import cloudpickle
+
+        try:  # Ray pickles the trial's exception beside it before calling back
+            with open(trial.pickled_error_file, "rb") as f:
+                error = short_error(cloudpickle.load(f))
+        except (OSError, TypeError, EOFError, cloudpickle.pickle.UnpicklingError):
+            error = "see the traceback"
+        self._print(f"[red]{trial.trial_id} failed:[/] {error}  [dim](traceback: {trial.error_file})[/]")
+
+
+class QuietUserErrors(logging.Filter):
+    """Drop Ray's traceback of a trial that failed with a UserError (a bad setting): one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(getattr(error, "cause", None), UserError)

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m breakhis.bench loader|train (see __main__.py)."""

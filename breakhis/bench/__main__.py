@@ -1,0 +1,35 @@
+"""Benchmarks that print numbers (speed is measured here, never asserted by a timed test).
+
+    python -m breakhis.bench loader --data data/BreaKHis_v1   # our loader vs Pillow + torchvision + DataLoader
+    python -m breakhis.bench train --backbone resnet50        # training img/s: channels-last, AMP, compile
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from ..errors import UserError, guard
+from . import loader, train
+
+BENCHMARKS = {"loader": loader.main, "train": train.main}
+USAGE = ("usage: python -m breakhis.bench {loader,train} ...\n"
+         "  loader  our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
+         "  train   training throughput of a backbone (python -m breakhis.bench train -h)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to a benchmark by its name, the first argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if not argv:
+        raise UserError("choose a benchmark: python -m breakhis.bench loader --data ROOT (or train; -h for help)")
+    if argv[0] not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {argv[0]!r}: choose {' or '.join(BENCHMARKS)}, e.g. "
+                        f"python -m breakhis.bench loader --data data/demo")
+    return BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(guard(main))

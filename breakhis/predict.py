@@ -1,0 +1,214 @@
+"""Everything after training: load a run's model, predict, score, finalize, export, evaluate.
+
+    finalize(run_dir)                          best checkpoint -> metrics.json, predictions.csv, plots/
+    evaluate_run(run_dir, part="test", ...)    evaluate.py's figures of one run, from its folder alone
+    export_program(model, image_size, device, path)   a torch.export program (.pt2)
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from . import plots, runs
+from .cam import save_cams
+from .config import TrainConfig
+from .data.dataset import class_names
+from .data.prepare import Prepared, prepare
+from .device import amp_dtype, resolve_device
+from .engine import evaluate, make_loss
+from .errors import UserError
+from .io import atomic_path, jsonable, number, read_csv, read_json, write_csv, write_json
+from .loader import DeviceImages, Loader
+from .models import build_model
+
+
+def load_run_model(run_dir: Path, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The run's best checkpoint, rebuilt from its own files (no download)."""
+    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, pretrained=False)
+    runs.load_weights(model, run_dir / "model.safetensors")
+    model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+class Exported(torch.nn.Module):
+    """A torch.export program behind the nn.Module calls the engine makes.
+
+    It was exported in eval mode, and exported modules refuse train()/eval(): keep it out of
+    the module tree so that eval() does not reach it.
+    """
+
+    def __init__(self, module):
+        super().__init__()
+        object.__setattr__(self, "program", module)
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, x):
+        return self.program(x)
+
+
+def load_exported(path: str | Path) -> torch.nn.Module:
+    """A model written by `evaluate.py --export` (torch.export program)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--model {p}: file not found (write one with evaluate.py RUN --export {p.name})")
+    try:
+        program = torch.export.load(str(p))
+    except Exception as e:  # a damaged or foreign file: say so in the user's words
+        raise UserError(f"--model {p}: not a torch.export program ({type(e).__name__}: {e})") from None
+    return Exported(program.module())
+
+
+def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
+            *, tta: bool = False, images: DeviceImages | None = None) -> dict:
+    """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict)."""
+    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    amp = amp_dtype(cfg.amp, device)
+    loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=False,
+                            dtype=amp or torch.float32)
+    ev = evaluate(model, loader, make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
+    assert np.array_equal(ev["idx"], prep.positions[part]), "evaluation must iterate in order"
+    return ev
+
+
+def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000) -> dict:
+    """Metrics of one partition's predictions: image level, patient level, intervals, per magnification."""
+    y, probs = ev["labels"], ev["probs"]
+    patients = [r.patient for r in records]
+    if task == "subtype":
+        out = M.multiclass_metrics(y, probs, class_names(task))
+    else:
+        out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot,
+                          groups={"magnification": [r.magnification for r in records]})
+    out["loss"] = ev["loss"]
+    return out
+
+
+def prediction_rows(ev: dict, records: list, part: str, task: str, threshold: float = 0.5) -> list[dict]:
+    names = class_names(task)
+    rows = []
+    for r, y, p in zip(records, ev["labels"], ev["probs"]):
+        pred = int(p[1] >= threshold) if task == "binary" else int(np.argmax(p))
+        rows.append({"path": r.path, "patient": r.patient, "magnification": r.magnification, "subtype": r.subtype,
+                     "label": int(y), **{f"p_{n}": float(v) for n, v in zip(names, p)}, "prediction": pred,
+                     "split": part})
+    return rows
+
+
+def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
+    """Score the best checkpoint on val and test; write metrics.json, predictions.csv and plots/."""
+    run_dir = runs.check_run(run_dir)
+    cfg = runs.load_config(run_dir)
+    device = resolve_device(cfg.device)
+    prep = data or prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")), progress=progress)
+    model = load_run_model(run_dir, cfg, device)
+    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    history = read_csv(run_dir / "history.csv")
+    best_rows = [h for h in history if h.get("is_best") == "True"]
+    best_epoch = int(best_rows[-1]["epoch"]) if best_rows else None
+    out: dict = {"best_epoch": best_epoch,
+                 "best_val_acc": max((float(h["val_acc"]) for h in history), default=None)}
+    rows: list[dict] = []
+    evs = {}
+    for part in ("val", "test"):
+        if not prep.parts[part]:
+            continue
+        evs[part] = predict(model, prep, part, cfg, device, images=images)
+        out[part] = score(evs[part], prep.parts[part], cfg.task)
+        rows += prediction_rows(evs[part], prep.parts[part], part, cfg.task)
+    write_json(run_dir / "metrics.json", jsonable(out))
+    write_csv(run_dir / "predictions.csv", rows)
+    test = evs.get("test")
+    plots.save_plots(run_dir / "plots", [{k: _cell(v) for k, v in h.items()} for h in history],
+                     y=None if test is None or cfg.task != "binary" else test["labels"],
+                     p=None if test is None or cfg.task != "binary" else test["probs"][:, 1],
+                     class_names=class_names(cfg.task),
+                     confusion=(out.get("test") or {}).get("confusion"))
+    return out
+
+
+def _cell(v):
+    """A history.csv cell: its number where it is one, else the text."""
+    f = number(v)
+    return v if f is None and v not in ("nan", "inf", "-inf") else float(v)
+
+
+def export_program(model: torch.nn.Module, image_size: int, device: torch.device, path: str | Path) -> None:
+    """Save the model as a torch.export program taking (B, 3, S, S) float32 normalised images."""
+    if not str(path).endswith(".pt2"):
+        raise UserError(f"--export {path}: the file name must end in .pt2")
+    model = model.float().eval()
+    x = torch.randn(2, 3, image_size, image_size, device=device)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    prog = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    with atomic_path(path) as tmp:
+        torch.export.save(prog, str(tmp))
+
+
+def threshold_for(rule: str, run_dir: Path, val_ev: dict | None, task: str) -> float:
+    """A number as given; youden / recall=R chosen on the validation predictions."""
+    value = number(rule)
+    if value is not None:
+        return value
+    if task != "binary":
+        raise UserError(f"--threshold {rule}: thresholds apply to the binary task only")
+    if val_ev is None:
+        raise UserError(f"--threshold {rule}: needs the run's validation predictions ({run_dir}/predictions.csv)")
+    return float(M.choose_threshold(val_ev["labels"], val_ev["probs"][:, 1], rule))
+
+
+def group_of(record, by: str) -> str:
+    """The --by group of an image: '40X', its subtype, or its patient."""
+    return {"magnification": f"{record.magnification}X", "subtype": record.subtype, "patient": record.patient}[by]
+
+
+def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, threshold: str = "0.5",
+                 data: str | None = None, device: str | None = None, by: str | None = None, n_boot: int = 1000,
+                 model_file: str | None = None, export: str | None = None, cam: int = 0) -> dict:
+    """The figures of one run on a partition (or on every image of another tree, `data`), JSON-able.
+
+    threshold: a number, youden or recall=R (chosen on the run's validation predictions).
+    model_file: an exported program (.pt2) instead of the run's checkpoint. export: write one.
+    cam: Grad-CAM overlays of that many images into the run's plots/.
+    """
+    run_dir = runs.check_run(run_dir)
+    cfg = runs.load_config(run_dir)
+    dev = resolve_device(device or cfg.device)
+    cfg = dataclasses.replace(cfg, device=str(dev))
+    fixed = number(threshold) is not None
+    if data and not fixed:
+        raise UserError(f"--threshold {threshold} with --data: give a number (the other tree has no validation split)")
+    if data:
+        prep = prepare(dataclasses.replace(cfg, data=data), whole=True)
+    else:
+        prep = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")))
+    model = load_exported(model_file) if model_file else load_run_model(run_dir, cfg, dev)
+    out: dict = {}
+    if export:
+        export_program(model, cfg.image_size, dev, export)
+        out["export"] = str(export)
+    images = DeviceImages(prep.cache.images, dev, budget_gb=cfg.device_cache_gb)
+    part = "test" if data else part
+    val_ev = predict(model, prep, "val", cfg, dev, tta=tta, images=images) if not fixed else None
+    t = threshold_for(threshold, run_dir, val_ev, cfg.task)
+    ev = val_ev if part == "val" and val_ev is not None else predict(model, prep, part, cfg, dev, tta=tta,
+                                                                     images=images)
+    result = score(ev, prep.parts[part], cfg.task, threshold=t, n_boot=n_boot)
+    saved = read_json(run_dir / "metrics.json") or {}
+    out.update({"run": str(run_dir), "split": part, "tta": tta, "threshold": t,
+                "best_val_acc": saved.get("best_val_acc"), "best_epoch": saved.get("best_epoch"), part: result})
+    if by:
+        keys = [group_of(r, by) for r in prep.parts[part]]
+        out["by"] = M.breakdown(ev["labels"], ev["probs"][:, 1], keys, threshold=t,
+                                patients=[r.patient for r in prep.parts[part]]) if cfg.task == "binary" else None
+    if cam:
+        written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam)
+        out["cam"] = [str(p) for p in written]
+    return jsonable(out)

@@ -1,0 +1,111 @@
+"""What a tune experiment leaves behind: trials.csv, best.json and the results table.
+
+trials.csv  one row per trial: its sampled settings, status (runs.STATUSES: finished, stopped = cut
+            by ASHA, failed, interrupted = left by Ctrl-C), epochs run, stopped_early, the best
+            validation value of the tuned metric, the test metrics of its best checkpoint, its run
+            folder, its error
+best.json   {"config": the best trial's resolved TrainConfig, "metric", "mode", "value", "run", "trial"};
+            `python train.py --config best.json` retrains it
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from .. import runs
+from ..errors import UserError
+from ..io import number, read_csv, read_json, write_csv, write_json
+from ..predict import finalize
+from ..report import fmt, show
+from .experiment import TEST_KEYS, Setup, best_value, short_error
+
+TABLE_TEST = (("accuracy", "test acc"), ("f1", "test F1"), ("auroc", "test AUROC"))
+SCORED = (runs.FINISHED, runs.STOPPED)  # trials whose best checkpoint was scored on val and test
+
+
+def finalize_stopped(run_dir: Path, epochs: int, max_epochs: int) -> str:
+    """Score a trial ASHA stopped (its best checkpoint on val and test); '' or the reason it could not."""
+    try:
+        if not (run_dir / "metrics.json").is_file():
+            finalize(run_dir, progress=False)
+    except UserError as e:
+        return f"not scored: {e}"
+    if epochs < max_epochs:
+        runs.set_status(run_dir, runs.STOPPED, epoch=epochs, message=f"stopped early by ASHA after epoch {epochs} of {max_epochs}")
+    (run_dir / "last.pt").unlink(missing_ok=True)  # the full training state is only needed to continue
+    return ""
+
+
+def collect(pairs: list, setup: Setup, exp_dir: Path) -> list[dict]:
+    """One row per trial from Ray's saved trials and the trials' run folders."""
+    rows = []
+    for t, res in pairs:
+        run_dir = exp_dir / "runs" / t.trial_id
+        history = read_csv(run_dir / "history.csv")
+        epochs = int(history[-1]["epoch"]) if history else 0
+        run_status = runs.status_of(run_dir) if run_dir.is_dir() else None
+        error = short_error(res.error) if t.status == "ERROR" else ""
+        if t.status == "ERROR":
+            status = runs.FAILED
+        elif t.status != "TERMINATED":
+            status = runs.INTERRUPTED
+        elif run_status in SCORED and (run_dir / "metrics.json").is_file():
+            status = run_status
+        else:
+            status = runs.STOPPED
+            error = finalize_stopped(run_dir, epochs, setup.max_epochs)
+        values = [number(h.get(setup.metric)) for h in history]
+        best = best_value(values, setup.mode)
+        test = ((read_json(run_dir / "metrics.json") or {}).get("test") or {}) if status in SCORED else {}
+        rows.append({
+            "trial": t.trial_id, **{k: show(v, 200) for k, v in (t.config or {}).items()},
+            "status": status, "epochs": epochs,
+            "stopped_early": status in SCORED and epochs < setup.max_epochs,
+            f"best_{setup.metric}": best, "best_epoch": int(history[values.index(best)]["epoch"]) if best is not None else None,
+            **{f"test_{k}": test.get(k) for k in TEST_KEYS},
+            "run": str(run_dir) if run_dir.is_dir() else "", "error": error})
+    return rows
+
+
+def pick_best(rows: list[dict], setup: Setup) -> dict | None:
+    key = f"best_{setup.metric}"
+    ok = [r for r in rows if r["status"] in SCORED and r[key] is not None]
+    if not ok:
+        return None
+    return (max if setup.mode == "max" else min)(ok, key=lambda r: r[key])
+
+
+def write_results(exp_dir: Path, rows: list[dict], setup: Setup) -> dict | None:
+    """trials.csv always; best.json once no trial is left unfinished. Returns the best row."""
+    write_csv(exp_dir / "trials.csv", rows)
+    best = pick_best(rows, setup)
+    if best and not any(r["status"] == runs.INTERRUPTED for r in rows):
+        cfg = runs.load_config(Path(best["run"]))
+        write_json(exp_dir / "best.json", {
+            "config": cfg.to_dict(), "metric": setup.metric, "mode": setup.mode,
+            "value": best[f"best_{setup.metric}"], "run": best["run"], "trial": best["trial"]})
+    return best
+
+
+def results_table(rows: list[dict], setup: Setup, keys: list[str], title: str) -> Table:
+    """Trials sorted by the tuned metric; the best highlighted, early stops marked, failures with their error."""
+    metric = f"best_{setup.metric}"
+    sign = -1 if setup.mode == "max" else 1
+    order = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0)))
+    best = pick_best(rows, setup)
+    failed = [f"[red]{r['trial']} failed:[/] {r['error']}" for r in order if r["status"] == runs.FAILED]
+    table = Table(title=title, caption="\n".join(failed) or None, caption_justify="left")
+    for col in ["#", "trial", *keys, "epochs", "status", f"best {setup.metric}", *(name for _, name in TABLE_TEST)]:
+        table.add_column(col, justify="left" if col in ("trial", "status", *keys) else "right",
+                         no_wrap=col in ("trial", "status"))
+    for i, r in enumerate(order, 1):
+        status = {runs.FINISHED: "finished", runs.STOPPED: "[yellow]stopped early[/]",
+                  runs.INTERRUPTED: "[dim]interrupted[/]", runs.FAILED: "[red]failed[/]"}[r["status"]]
+        if r["status"] == runs.FINISHED and r["stopped_early"]:
+            status = "[yellow]finished (patience)[/]"
+        is_best = best is not None and r["trial"] == best["trial"]
+        table.add_row(str(i), ("★ " if is_best else "") + r["trial"], *(str(r.get(k, "")) for k in keys),
+                      str(r["epochs"]), status, fmt(r[metric]), *(fmt(r[f"test_{k}"]) for k, _ in TABLE_TEST),
+                      style="bold green" if is_best else None)
+    return table
