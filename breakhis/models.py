@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.error import URLError
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
@@ -74,7 +75,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"--weights {path}: file not found; give a .safetensors or .pth state dict, or use --no-pretrained")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

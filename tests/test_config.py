@@ -100,3 +100,32 @@ def test_config_file_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
         load_config_file(tmp_path / "bad.json")
+
+
+def test_renamed_key_still_loads(tmp_path, capsys):
+    """A config.json written before split became split_ratio loads, with a note; the flag keeps its old name too."""
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"split": "70:10:20", "backbone": "resnet50"}))
+    c = make_config(load_config_file(p))
+    assert c.split_ratio == "70:10:20" and c.split_percentages() == (70, 10, 20)
+    assert parse(["--split", "80:0:20"]) == {"split_ratio": "80:0:20"}
+    assert parse(["--split-ratio", "80:0:20"]) == {"split_ratio": "80:0:20"}
+
+
+@pytest.mark.parametrize("layer, words", [
+    ({"backbone": "resnet999"}, "--backbone 'resnet999': choose one of resnet18"),
+    ({"optimizer": "lbfgs"}, "--optimizer 'lbfgs': choose one of adam, adamw, sgd"),
+    ({"scheduler": "cosmic"}, "--scheduler 'cosmic': choose one of none"),
+    ({"select": "val_speed"}, "--select 'val_speed': choose one of val_acc"),
+    ({"lr": float("inf")}, "--lr inf"),
+    ({"weight_decay": -1}, "--weight-decay"),
+    ({"device": "gpu"}, "--device 'gpu'"),
+    ({"scheduler": "plateau", "plateau_factor": 1.5}, "--plateau-factor"),
+    ({"scheduler": "onecycle", "pct_start": 1.0}, "--pct-start"),
+    ({"scheduler": "step", "step_size": 0}, "--step-size"),
+    ({"val_fraction": 1.0}, "--val-fraction"),
+])
+def test_validate_checks_registry_names_and_every_rule(layer, words):
+    with pytest.raises(UserError) as e:
+        make_config(layer)
+    assert words in str(e.value)

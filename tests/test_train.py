@@ -7,6 +7,7 @@ import pytest
 import breakhis.fit
 import evaluate
 import train
+from breakhis import runs
 from breakhis.config import make_config
 from breakhis.data.prepare import prepare
 from breakhis.errors import guard
@@ -173,6 +174,21 @@ def test_missing_data_root_and_existing_name(demo_root, cache_dir, trained, tmp_
     assert guard(train.main, tiny(demo_root, cache_dir, name="r1") + ["--results", str(run.parent)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def test_a_run_that_fails_after_its_folder_exists_is_marked_failed(demo_root, cache_dir, tmp_path, capsys):
+    """A failure found only once the run has started (here a --weights file that is not there) leaves
+    the folder saying failed, with the message, never running; a folder never written is removed."""
+    args = tiny(demo_root, cache_dir, name="late") + ["--results", str(tmp_path), "--weights", str(tmp_path / "no.pth")]
+    assert guard(train.main, args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --weights") and "Traceback" not in err
+    status = read_json(tmp_path / "late" / "status.json")
+    assert status["status"] == "failed" and "no.pth: file not found" in status["message"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runs.abandon(empty, RuntimeError("boom"))
+    assert not empty.exists()
 
 
 def test_evaluate_user_errors(tmp_path, trained, capsys):

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+import ray
+from ray import cloudpickle, tune
+from ray.tune import Callback, ExperimentAnalysis, ResultGrid, Tuner
+from ray.tune.schedulers import ASHAScheduler
 
 from .. import runs
 from ..config import TrainConfig, make_config
@@ -109,8 +112,6 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
 
 def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) -> None:
     """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch."""
-    from ray import tune
-
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
     resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
@@ -147,8 +148,6 @@ def test_scalars(metrics: dict) -> dict[str, float]:
 
 def start_ray(address: str | None) -> None:
     """Start a local Ray (dashboard off) or join the cluster at address; no-op when Ray is up."""
-    import ray
-
     if ray.is_initialized():
         return
     kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
@@ -163,8 +162,6 @@ def start_ray(address: str | None) -> None:
 
 def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float) -> tuple[dict[str, float], str]:
     """Ray resources of one trial, and a note when GPUs were asked for but the cluster has none."""
-    import ray
-
     if cpus_per_trial <= 0:
         raise UserError(f"--cpus-per-trial {cpus_per_trial}: must be positive")
     if gpus_per_trial is not None and (gpus_per_trial < 0 or (gpus_per_trial > 1 and gpus_per_trial != int(gpus_per_trial))):
@@ -179,9 +176,6 @@ def trial_resources(gpus_per_trial: float | None, cpus_per_trial: float) -> tupl
 
 def make_tuner(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool, callbacks: list):
     """A new Tuner for the experiment, or the interrupted one restored from exp_dir."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     space = load_space(setup.space)
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=setup.base, presets=space.presets, exp_dir=str(exp_dir), cwd=setup.cwd),
@@ -210,8 +204,6 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
     Returns [(trial, result)]: trial.status is TERMINATED, ERROR, or PENDING for a trial that an
     interruption (Ctrl-C) left unfinished.
     """
-    from ray.tune import ExperimentAnalysis, ResultGrid, Tuner
-
     log = logging.getLogger("ray.tune.execution.tune_controller")
     if not any(isinstance(f, QuietUserErrors) for f in log.filters):
         log.addFilter(QuietUserErrors())
@@ -298,8 +290,6 @@ class ProgressLine(Callback):
         self._print(f"{trial.trial_id} {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from ray import cloudpickle
-
         try:  # Ray pickles the trial's exception beside it before calling back
             with open(trial.pickled_error_file, "rb") as f:
                 error = short_error(cloudpickle.load(f))
