@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import string
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 

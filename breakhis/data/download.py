@@ -97,7 +97,8 @@ def _receive(resp, part: Path, start: int, length: int | None, url: str, archive
              progress: bool) -> None:
     """Write the body of `resp` into `part` from byte `start` (0: truncate, else append)."""
     got = 0
-    with open(part, "ab" if start else "wb") as f, progress_bar(progress, archive.name, length, done=start, unit="bytes", transient=False, tty_only=False) as advance:
+    bar = progress_bar(progress, archive.name, length, done=start, unit="bytes", transient=False, tty_only=False)
+    with open(part, "ab" if start else "wb") as f, bar as advance:
         try:
             while chunk := resp.read(CHUNK):
                 f.write(chunk)

@@ -28,7 +28,7 @@ from ..config import TrainConfig, make_config
 from ..data.prepare import prepare
 from ..errors import UserError
 from ..fit import fit
-from ..io import number, write_json
+from ..io import number, read_csv, read_json, write_json
 from ..registry import EPOCH_METRICS, SELECT_METRICS
 from ..report import console, fmt, show
 from .space import Space, check_grid, load_space, param_space, sample_overrides
@@ -114,6 +114,14 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
     """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch."""
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
+    if runs.status_of(run_dir) == runs.FINISHED and (run_dir / "metrics.json").is_file():
+        # finished on disk although Ray did not see it end (Ctrl-C as it finished): report it, never retrain
+        rows = read_csv(run_dir / "history.csv")
+        last = {k: v if number(v) is None else float(v) for k, v in rows[-1].items()} if rows else {}
+        last["epoch"] = int(last.get("epoch") or cfg.epochs)
+        metrics = read_json(run_dir / "metrics.json") or {}
+        tune.report({**last, "run": str(run_dir), **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
+        return
     resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # this trial's own folder from a start that never finished an epoch
