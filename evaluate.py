@@ -10,6 +10,11 @@
     python evaluate.py results/ --sort auroc --markdown logbook.md   # the logbook: all runs compared
 
 The model is rebuilt from model.safetensors and config.json; the split from split.json.
+
+What is safe to load: run folders are read as JSON, CSV and safetensors, which hold no code.
+An exported program (--model FILE.pt2) is different: torch.export.load unpickles it, and a
+crafted file can run code. It is loaded only when the run recorded the file's SHA-256 when it
+exported it (RUN/exports.json), or with --trust-model for a file you made or trust.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import json
 from pathlib import Path
 
 from breakhis.errors import UserError, guard
+from breakhis.metrics import check_threshold_rule
 
 BY = ("magnification", "subtype", "patient")
 MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam")  # options that need one run's model
@@ -36,13 +42,24 @@ def parse(argv):
     ap.add_argument("--by", choices=BY, help="break the metrics down by group")
     ap.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
     ap.add_argument("--export", metavar="FILE.pt2", help="write a torch.export program of the model")
-    ap.add_argument("--model", metavar="FILE.pt2", help="evaluate with an exported program instead of the checkpoint")
+    ap.add_argument("--model", metavar="FILE.pt2",
+                    help="evaluate with an exported program of this run instead of the checkpoint (only files the run "
+                         "exported itself, by SHA-256, unless --trust-model)")
+    ap.add_argument("--trust-model", action="store_true",
+                    help="load --model even if this run did not export it: loading a .pt2 file can run code stored in it")
     ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images")
     ap.add_argument("--sort", default="accuracy", help="compare: metric that ranks the runs")
     ap.add_argument("--csv", metavar="FILE", help="compare: write the table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="compare: write the table as Markdown")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    # every option checked before a model is loaded or an image read
+    if a.boot < 1:
+        raise UserError(f"--boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
+    check_threshold_rule(a.threshold)
+    if a.cam < 0:
+        raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
+    return a
 
 
 def compare(a, paths: list[Path]) -> int:
@@ -77,8 +94,12 @@ def main(argv=None) -> int:
     paths = runs.find_runs(a.runs)
     if len(paths) > 1:
         return compare(a, paths)
+    if a.csv or a.markdown:
+        raise UserError(f"{'--csv' if a.csv else '--markdown'} writes the logbook table of several runs; "
+                        f"{paths[0]} is one run: give more runs (e.g. results/), or use --json for this one")
     out = evaluate_run(paths[0], part=a.part, tta=a.tta, threshold=a.threshold, data=a.data, device=a.device,
-                       by=a.by, n_boot=a.boot, model_file=a.model, export=a.export, cam=a.cam)
+                       by=a.by, n_boot=a.boot, model_file=a.model, trust_model=a.trust_model, export=a.export,
+                       cam=a.cam)
     if a.json:
         print(json.dumps(out))
         return 0

@@ -19,7 +19,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from breakhis.config import add_flags, load_config_file, make_config, overrides_from_args
+from breakhis.config import add_flags, flag_name, load_config_file, make_config, overrides_from_args
 from breakhis.errors import UserError, guard
 from breakhis.tuning.space import load_preset
 
@@ -73,13 +73,19 @@ def seed_list(text: str | None, default: int) -> list[int]:
 def main(argv=None) -> int:
     a = parse(argv)
     # --- config: every setting checked before the heavy imports (torch: ~3 s) and any work ---
+    if a.resume:
+        given = [flag_name(k) for k in overrides_from_args(a)] + \
+            [f"--{k}" for k in ("demo", "preset", "config", "seeds", "name") if getattr(a, k)]
+        if given:
+            raise UserError(f"--resume continues {a.resume} with its own settings (config.json); drop {' '.join(given)} "
+                            f"(to train longer or differently, start a new run, e.g. --config {a.resume}/config.json)")
     cfg = None if a.resume else resolve(a)
     seeds = seed_list(a.seeds, cfg.seed if cfg else 0)
 
     from breakhis import report, runs
     from breakhis.data.demo import make_demo
     from breakhis.data.prepare import prepare
-    from breakhis.fit import fit
+    from breakhis.fit import check_data, fit, preflight
 
     # --- resume: the run's own config, nothing else ---
     if a.resume:
@@ -94,6 +100,11 @@ def main(argv=None) -> int:
         report.console.print(f"run folder: {run_dir}")
         return 0
 
+    # --- where the runs go, and what they need of this machine: refused before any work ---
+    runs.check_name(a.name)
+    runs.check_results(a.results)
+    preflight(cfg)
+
     # --- data ---
     if a.demo and not Path(cfg.data).exists():
         make_demo(DEMO_DIR, patients=16, images_per_patient=16, size=(350, 230))
@@ -105,14 +116,19 @@ def main(argv=None) -> int:
         run_cfg = dataclasses.replace(cfg, seed=seed, split_seed=seed if a.resplit else cfg.split_seed)
         if prep is None or a.resplit:
             prep = prepare(run_cfg, progress=not a.quiet)
+            check_data(prep, run_cfg)
         name = a.name and (f"{a.name}-seed{seed}" if len(seeds) > 1 else a.name)
         run_dir = runs.new_run_dir(a.results, name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
         report.console.print(f"run folder: {run_dir}")
         try:
             metrics = fit(run_cfg, run_dir, data=prep, progress=not a.quiet)
         except KeyboardInterrupt:
-            print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
-                  file=sys.stderr)
+            if run_dir.exists():
+                print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
+                      file=sys.stderr)
+            else:
+                print(f"interrupted during the first epoch: nothing was saved (the folder {run_dir} was removed); "
+                      f"start again", file=sys.stderr)
             return 130
         report.console.print(report.evaluation_table(metrics, title=f"Model Evaluation: {run_dir.name}"))
     return 0

@@ -48,6 +48,9 @@ def parse(argv):
     ap.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores of a trial (default 1)")
     ap.add_argument("--name", help="experiment name under RESULTS/tune (default: space name and time)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    ap.add_argument("--trust-state", action="store_true",
+                    help="with --resume: restore Ray's experiment state even if it changed since tune.py last stopped "
+                         "(restoring unpickles it, which can run code)")
     ap.add_argument("--address", help="join this Ray cluster (e.g. HEAD_IP:6379 or auto) instead of starting one")
     ap.add_argument("--results", default="results", help="results folder; experiments go to RESULTS/tune/<name>")
     add_flags(ap)
@@ -58,6 +61,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     from breakhis import runs
     from breakhis.data.prepare import prepare
+    from breakhis.fit import preflight
     from breakhis.report import console
     from breakhis.tuning import experiment as tuning
     from breakhis.tuning.results import collect, results_table, write_results
@@ -79,8 +83,8 @@ def main(argv=None) -> int:
         space = load_space(a.space)
         setup = tuning.make_setup(space, overrides_from_args(a), metric=a.metric, mode=a.mode, max_epochs=a.max_epochs,
                                   grace_period=a.grace_period,
-                                  reduction_factor=a.reduction_factor or REDUCTION_FACTOR,
-                                  samples=a.samples or 1, concurrent=a.concurrent)
+                                  reduction_factor=REDUCTION_FACTOR if a.reduction_factor is None else a.reduction_factor,
+                                  samples=1 if a.samples is None else a.samples, concurrent=a.concurrent)
         name = a.name or f"{space.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         if (results / name).exists():
             tuning.new_experiment(results, name)  # raises: never overwrite
@@ -89,6 +93,9 @@ def main(argv=None) -> int:
 
     # --- data: index, split and decode once, before any trial starts; trials memory-map the cache ---
     base_cfg = tuning.absolute_paths(make_config(setup.base), setup.cwd)
+    preflight(base_cfg)  # the device, AMP and --weights every trial needs
+    if a.resume:
+        tuning.check_state(exp_dir, trust=a.trust_state)
     prepare(base_cfg, progress=True)
     if not a.resume:
         exp_dir = tuning.new_experiment(results, name)
@@ -99,7 +106,10 @@ def main(argv=None) -> int:
     resources, note = tuning.trial_resources(a.gpus_per_trial, a.cpus_per_trial)
     console.print(f"experiment {exp_dir}: {setup.metric} ({setup.mode}), up to {setup.max_epochs} epochs per trial, "
                   f"ASHA grace {setup.grace_period} factor {setup.reduction_factor}; {note}", highlight=False)
-    pairs = tuning.run_experiment(setup, exp_dir, resources, resume=a.resume)
+    try:
+        pairs = tuning.run_experiment(setup, exp_dir, resources, resume=a.resume)
+    finally:
+        tuning.seal_state(exp_dir)  # what --resume will check before Ray unpickles it
 
     # --- results: trials.csv, best.json, the table ---
     rows = collect(pairs, setup, exp_dir)

@@ -21,6 +21,7 @@ from .errors import UserError
 
 # old config keys -> new ones: old config.json files, presets and space files still load
 RENAMED = {"split": "split_ratio"}
+MAX_IMAGE_SIZE = 1024  # model input side, pixels
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -123,6 +124,9 @@ class TrainConfig:
         _at_least("--epochs", self.epochs, 1)
         _at_least("--batch-size", self.batch_size, 1)
         _at_least("--image-size", self.image_size, 16)
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise UserError(f"--image-size {self.image_size}: must be at most {MAX_IMAGE_SIZE} pixels (the fields are "
+                            f"700x460; the whole archive's cache at {MAX_IMAGE_SIZE} already takes about 50 GB)")
         _at_least("--workers", self.workers, 0)
         _at_least("--patience", self.patience, 0)
         _at_least("--unfreeze-at", self.unfreeze_at, 0)

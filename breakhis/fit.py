@@ -8,6 +8,7 @@ metrics.json, plots) is predict.py's.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,12 +53,33 @@ def improved(value: float, best: float | None, select: str) -> bool:
     return value < best if EPOCH_METRICS[select] == "min" else value > best
 
 
+def preflight(cfg: TrainConfig) -> torch.device:
+    """What a run needs of this machine, checked before any work: the device, the AMP dtype on it, and
+    the --weights file. Returns the device. (TrainConfig.validate() checks the settings themselves.)"""
+    device = resolve_device(cfg.device)
+    amp_dtype(cfg.amp, device)
+    if cfg.weights and not Path(cfg.weights).expanduser().is_file():
+        raise UserError(f"--weights {cfg.weights}: file not found; give a .safetensors or .pth state dict, "
+                        f"or use --no-pretrained")
+    return device
+
+
+def check_data(prep: Prepared, cfg: TrainConfig) -> None:
+    """The partitions fit the batch: at least one training batch (with drop_last), a validation image."""
+    n = len(prep.parts["train"])
+    if cfg.drop_last and n < cfg.batch_size:
+        raise UserError(f"the training partition has {n} images, fewer than one batch of {cfg.batch_size}; "
+                        f"lower --batch-size or pass --no-drop-last")
+
+
 def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None = None,
         data: Prepared | None = None, progress: bool = True, resume: bool = False) -> dict:
     """Train one run into run_dir and finalize it; returns the metrics dict (as metrics.json).
 
-    If anything fails, the folder is not left saying "running": an empty one is removed, a
-    started one is marked failed with the message (runs.abandon). Ctrl-C marks it interrupted.
+    Everything that can be refused (device, data, model, weights) is built before the folder is
+    written to. If anything fails, the folder is not left saying "running": an empty one is removed,
+    a started one is marked failed with the message (runs.abandon). Ctrl-C marks it interrupted, or
+    removes it when no epoch was saved. "finished" is written last, after the scoring.
     """
     run_dir = Path(run_dir)
     try:
@@ -69,24 +91,20 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
 
 def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
          progress: bool, resume: bool) -> dict:
-    device = resolve_device(cfg.device)
+    device = preflight(cfg)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     # --- data ---
     prep = data or prepare(cfg, progress=progress)
-    if not resume:
-        runs.start_run(run_dir, cfg, prep.manifest, device)
+    check_data(prep, cfg)
     images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
     amp = amp_dtype(cfg.amp, device)
     train_loader = Loader.for_run(images, prep.positions["train"], prep.labels("train"), cfg, train=True,
                                   dtype=amp or torch.float32)
     val_loader = Loader.for_run(images, prep.positions["val"], prep.labels("val"), cfg, train=False,
                                 dtype=amp or torch.float32)
-    if len(train_loader) == 0:
-        raise UserError(f"the training partition has {len(prep.parts['train'])} images, fewer than one batch of "
-                        f"{cfg.batch_size}; lower --batch-size or pass --no-drop-last")
 
     # --- model, optimiser, loss ---
     model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights)
@@ -98,10 +116,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp))
     loss_fn = make_loss(cfg.class_weights, cfg.label_smoothing, device)
 
-    # --- resume ---
+    # --- the run folder: from here on it describes the run ---
     history: list[dict] = []
     best, best_epoch, start, stale = None, 0, 1, 0
-    if resume:
+    if not resume:
+        runs.start_run(run_dir, cfg, prep.manifest, device)
+    else:
+        runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
         st = runs.load_state(run_dir / "last.pt")
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
@@ -113,12 +134,15 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
         runs.set_status(run_dir, runs.RUNNING, epoch=st["epoch"], message="resumed")
 
     # --- loop ---
-    epoch = start - 1
+    epoch, scoring = start - 1, False
     bar = TrainProgress(cfg.epochs, len(train_loader), enabled=progress)
     try:
         with bar:
             bar.skip_to(epoch)
             for epoch in range(start, cfg.epochs + 1):
+                if cfg.patience and stale >= cfg.patience:  # checked first: a resumed early stop stays stopped
+                    bar.note(f"early stop: no {cfg.select} improvement for {cfg.patience} epochs")
+                    break
                 if cfg.freeze and cfg.unfreeze_at and epoch >= cfg.unfreeze_at:
                     set_frozen(model, False)
                 t0 = time.perf_counter()
@@ -152,14 +176,21 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                 bar.epoch_done(row, cfg.select)
                 if on_epoch:
                     on_epoch(row)
-                if cfg.patience and stale >= cfg.patience:
-                    bar.note(f"early stop: no {cfg.select} improvement for {cfg.patience} epochs")
-                    break
+        # --- score the best checkpoint; the run is finished only once its figures exist ---
+        done = history[-1]["epoch"] if history else 0
+        runs.set_status(run_dir, runs.RUNNING, epoch=done, message="scoring the best checkpoint")
+        scoring = True
+        metrics = finalize(run_dir, prep, progress=progress)
     except KeyboardInterrupt:
         done = history[-1]["epoch"] if history else 0
+        if not done and not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was saved: no folder that promises a resume
+            raise
         runs.set_status(run_dir, runs.INTERRUPTED, epoch=done,
-                        message=f"Ctrl-C during epoch {epoch}; continue with: python train.py --resume {run_dir}")
+                        message=f"Ctrl-C during {'the scoring' if scoring else f'epoch {epoch}'}; "
+                                f"continue with: python train.py --resume {run_dir}")
         raise
-    runs.set_status(run_dir, runs.FINISHED, epoch=history[-1]["epoch"] if history else 0)
+    runs.set_status(run_dir, runs.FINISHED, epoch=done)
     (run_dir / "last.pt").unlink(missing_ok=True)
-    return finalize(run_dir, prep, progress=progress)
+    runs.remove_temps(run_dir)
+    return metrics

@@ -308,6 +308,20 @@ def _number(text: str, rule) -> float:
     return v
 
 
+def check_threshold_rule(rule: str | float) -> str:
+    """The rule, if it is a number in [0, 1], 'youden' or 'recall=R' with 0 < R <= 1; else a UserError.
+    Checked before any prediction is made (choose_threshold applies it)."""
+    text = str(rule).strip().lower()
+    if text == "youden":
+        return text
+    value = _number(text[len("recall="):] if text.startswith("recall=") else text, rule)
+    if text.startswith("recall=") and not 0 < value <= 1:
+        raise UserError(f"bad threshold rule {rule!r}: recall must be in (0, 1]; use {THRESHOLD_FORMS}")
+    if not text.startswith("recall=") and not 0 <= value <= 1:
+        raise UserError(f"bad threshold rule {rule!r}: a fixed threshold must be in [0, 1]; use {THRESHOLD_FORMS}")
+    return text
+
+
 def choose_threshold(y_val, p_val, rule: str | float) -> float:
     """The decision threshold from a rule, chosen on validation data.
 

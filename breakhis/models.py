@@ -89,7 +89,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
 
 
-def _mismatch(where: str, model: nn.Module, state: dict[str, torch.Tensor], skip: str = "") -> str:
+def mismatch(where: str, model: nn.Module, state: dict[str, torch.Tensor], skip: str = "") -> str:
     """A description of the first differences between a model's state dict and `state`, or ''."""
     own = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
     given = {k: v for k, v in state.items() if not (skip and k.startswith(skip))}
@@ -104,9 +104,25 @@ def _mismatch(where: str, model: nn.Module, state: dict[str, torch.Tensor], skip
     return f"{where} do not fit ({'; '.join(parts)})" if parts else ""
 
 
+def backbone_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The registry backbone whose tensors (names and shapes) a saved Classifier's state matches, if any.
+
+    Builds each candidate on the meta device (no memory, no weights), so this costs a few seconds
+    and is only asked after a mismatch."""
+    given = {k.removeprefix("backbone."): tuple(v.shape) for k, v in state.items() if k.startswith("backbone.")}
+    for name, classifier in BACKBONES.items():
+        with torch.device("meta"):
+            own = get_model(name, weights=None)
+        keys = {k: tuple(v.shape) for k, v in own.state_dict().items() if not k.startswith(classifier + ".")}
+        if {k: v for k, v in keys.items() if not k.endswith("num_batches_tracked")} == \
+                {k: v for k, v in given.items() if not k.endswith("num_batches_tracked")}:
+            return name
+    return None
+
+
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], classifier: str, where: str) -> None:
     """Load a torchvision state dict into the backbone; the original classifier's keys are ignored."""
-    problem = _mismatch(where, model, state, skip=classifier + ".")
+    problem = mismatch(where, model, state, skip=classifier + ".")
     if problem:
         raise UserError(problem)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith(classifier + ".")}, strict=False)
@@ -146,7 +162,7 @@ def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (10
     model.set_submodule(classifier, nn.Identity())
     net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
     if whole:
-        problem = _mismatch(f"--weights {weights}: the tensors of this saved model and a {backbone} with head "
+        problem = mismatch(f"--weights {weights}: the tensors of this saved model and a {backbone} with head "
                             f"{tuple(head)} and {num_classes} classes", net, state)
         if problem:
             raise UserError(problem)

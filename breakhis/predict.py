@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, resolve_device
 from .engine import evaluate, make_loss
 from .errors import UserError
-from .io import atomic_path, jsonable, number, read_csv, read_json, write_csv, write_json
+from .io import atomic_path, jsonable, number, read_csv, read_json, sha256_of, write_csv, write_json
 from .loader import DeviceImages, Loader
 from .models import build_model
 
@@ -29,7 +30,7 @@ from .models import build_model
 def load_run_model(run_dir: Path, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """The run's best checkpoint, rebuilt from its own files (no download)."""
     model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, pretrained=False)
-    runs.load_weights(model, run_dir / "model.safetensors")
+    runs.load_weights(model, run_dir / "model.safetensors", cfg.backbone)
     model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -54,11 +55,23 @@ class Exported(torch.nn.Module):
         return self.program(x)
 
 
-def load_exported(path: str | Path) -> torch.nn.Module:
-    """A model written by `evaluate.py --export` (torch.export program)."""
+EXPORTS = "exports.json"  # in a run folder: SHA-256 -> what evaluate.py --export wrote from this run
+
+
+def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch.nn.Module:
+    """A model written by `evaluate.py RUN --export` (torch.export program).
+
+    torch.export.load unpickles, so a crafted file can run code. Only files whose SHA-256 this
+    run recorded when it exported them are loaded, unless trust is given (--trust-model).
+    """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--model {p}: file not found (write one with evaluate.py RUN --export {p.name})")
+    known = read_json(run_dir / EXPORTS) or {}
+    if not trust and sha256_of(p) not in known:
+        raise UserError(f"--model {p}: not an export recorded by {run_dir} ({run_dir / EXPORTS} lacks its SHA-256). "
+                        f"Loading a torch.export file can run code stored in it: export it again with "
+                        f"evaluate.py {run_dir} --export {p.name}, or pass --trust-model for a file you trust")
     try:
         program = torch.export.load(str(p))
     except Exception as e:  # a damaged or foreign file: say so in the user's words
@@ -140,7 +153,8 @@ def _cell(v):
     return v if f is None and v not in ("nan", "inf", "-inf") else float(v)
 
 
-def export_program(model: torch.nn.Module, image_size: int, device: torch.device, path: str | Path) -> None:
+def export_program(model: torch.nn.Module, image_size: int, device: torch.device, path: str | Path,
+                   run_dir: Path | None = None) -> None:
     """Save the model as a torch.export program taking (B, 3, S, S) float32 normalised images."""
     if not str(path).endswith(".pt2"):
         raise UserError(f"--export {path}: the file name must end in .pt2")
@@ -150,6 +164,11 @@ def export_program(model: torch.nn.Module, image_size: int, device: torch.device
     prog = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     with atomic_path(path) as tmp:
         torch.export.save(prog, str(tmp))
+        digest = sha256_of(tmp)
+    if run_dir is not None:  # the run vouches for what it wrote: evaluate.py RUN --model loads it without --trust-model
+        known = read_json(run_dir / EXPORTS) or {}
+        write_json(run_dir / EXPORTS, {**known, digest: {"file": str(Path(path).resolve()),
+                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}})
 
 
 def threshold_for(rule: str, run_dir: Path, val_ev: dict | None, task: str) -> float:
@@ -171,11 +190,13 @@ def group_of(record, by: str) -> str:
 
 def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, threshold: str = "0.5",
                  data: str | None = None, device: str | None = None, by: str | None = None, n_boot: int = 1000,
-                 model_file: str | None = None, export: str | None = None, cam: int = 0) -> dict:
+                 model_file: str | None = None, trust_model: bool = False, export: str | None = None,
+                 cam: int = 0) -> dict:
     """The figures of one run on a partition (or on every image of another tree, `data`), JSON-able.
 
     threshold: a number, youden or recall=R (chosen on the run's validation predictions).
-    model_file: an exported program (.pt2) instead of the run's checkpoint. export: write one.
+    model_file: an exported program (.pt2) instead of the run's checkpoint, loaded only when this run
+    recorded its SHA-256 (or trust_model). export: write one and record it.
     cam: Grad-CAM overlays of that many images into the run's plots/.
     """
     run_dir = runs.check_run(run_dir)
@@ -189,10 +210,10 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
         prep = prepare(dataclasses.replace(cfg, data=data), whole=True)
     else:
         prep = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")))
-    model = load_exported(model_file) if model_file else load_run_model(run_dir, cfg, dev)
+    model = load_exported(model_file, run_dir, trust_model) if model_file else load_run_model(run_dir, cfg, dev)
     out: dict = {}
     if export:
-        export_program(model, cfg.image_size, dev, export)
+        export_program(model, cfg.image_size, dev, export, run_dir=run_dir)
         out["export"] = str(export)
     images = DeviceImages(prep.cache.images, dev, budget_gb=cfg.device_cache_gb)
     part = "test" if data else part

@@ -13,6 +13,7 @@ A run folder is self-describing (results/<name>/):
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -27,20 +28,37 @@ from safetensors.torch import load_file, save
 from .config import FIELDS, TrainConfig, make_config, renamed
 from .errors import UserError
 from .io import atomic_path, read_json, write_bytes, write_json
-from .models import portable_state_dict
+from .models import Classifier, backbone_of, mismatch, portable_state_dict
 
 RUN_MARKER = "config.json"
 # what status.json (and a tune trial's row in trials.csv) says of a run; one vocabulary everywhere
 RUNNING, INTERRUPTED, FAILED, STOPPED, FINISHED = "running", "interrupted", "failed", "stopped", "finished"
 STATUSES = (RUNNING, INTERRUPTED, FAILED, STOPPED, FINISHED)  # stopped: cut early by ASHA, then scored
+STATE_KEYS = {"model", "optimizer", "schedule", "scaler", "rng", "history", "best", "best_epoch", "stale", "epoch"}
+
+
+def check_name(name: str | None) -> None:
+    """A run name is a relative path inside --results: letters, digits, '-', '_', '.', '/'; no '..'."""
+    if name and (not re.fullmatch(r"[\w.\-/]+", name) or ".." in name.split("/") or name.startswith("/")):
+        raise UserError(f"--name {name!r}: use letters, digits, '-', '_', '.' and '/' only, as a path inside "
+                        f"--results (no leading '/', no '..')")
+
+
+def check_results(results: str | Path) -> None:
+    """--results must be a folder this process can write (or one it can create); checked before any work."""
+    p = Path(results)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--results {p} is a file, not a folder: give a folder that holds run folders")
+    existing = next(q for q in (p, *p.absolute().parents) if q.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--results {p}: cannot write in {existing} (permission denied); give a folder you can write")
 
 
 def new_run_dir(results: str | Path, name: str | None, backbone: str) -> Path:
     """Create and return a fresh run folder; an explicit name that exists is refused."""
     results = Path(results)
+    check_name(name)
     if name:
-        if not re.fullmatch(r"[\w.\-/]+", name) or ".." in name.split("/"):
-            raise UserError(f"--name {name!r}: use letters, digits, '-', '_', '.' and '/' only")
         path = results / name
         if path.exists():
             raise UserError(f"run folder {path} already exists; finished runs are never overwritten: "
@@ -97,6 +115,14 @@ def status_of(run_dir: Path) -> str | None:
     return (read_json(run_dir / "status.json") or {}).get("status")
 
 
+def remove_temps(run_dir: Path) -> list[Path]:
+    """Delete the `.tmp-*` files an interrupted atomic write left in the run folder (one process owns a run)."""
+    stale = [p for p in run_dir.glob(".tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def abandon(run_dir: Path, error: BaseException) -> None:
     """After a failure: an empty folder (nothing written yet) is removed, a started run is marked
     failed with the error's message, so that no folder is left saying "running"."""
@@ -130,8 +156,10 @@ def check_run(path: str | Path) -> Path:
 
 def load_config(run_dir: Path) -> TrainConfig:
     """The run's TrainConfig (environment entries dropped)."""
-    d = renamed({k: v for k, v in (read_json(run_dir / RUN_MARKER) or {}).items() if not k.startswith("_")},
-                str(run_dir / RUN_MARKER))
+    raw = read_json(run_dir / RUN_MARKER)
+    if not isinstance(raw, dict):
+        raise UserError(f"{run_dir / RUN_MARKER} is not a JSON object of settings; the run folder is damaged")
+    d = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(run_dir / RUN_MARKER))
     return make_config({k: v for k, v in d.items() if k in FIELDS})
 
 
@@ -158,12 +186,18 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     write_bytes(path, save(portable_state_dict(model)))
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    sd = load_file(str(path))
+def load_weights(model: Classifier, path: Path, backbone: str) -> None:
+    """Load a run's model.safetensors; a damaged file or one of another model is one UserError."""
     try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit the model of this run's config: {str(e).splitlines()[0]}") from None
+        sd = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise UserError(f"{path} is damaged or not a safetensors file ({type(e).__name__}: {e}); "
+                        f"retrain the run, or resume it if it has a last.pt") from None
+    problem = mismatch(f"{path} and the {backbone} model of this run's config.json", model, sd)
+    if problem:
+        fits = backbone_of(sd)
+        raise UserError(problem + (f"; the file fits a {fits} backbone" if fits and fits != backbone else ""))
+    model.load_state_dict(sd)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -172,7 +206,18 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
+    """The training state of a run (last.pt), loaded with weights_only=True: tensors and plain Python
+    values only, so a crafted file cannot run code. Anything else is refused in one line."""
     if not path.is_file():
         raise UserError(f"{path.parent} has no last.pt training state to resume from "
                         f"(the run finished, or stopped before its first epoch ended)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged, empty, text, or holding objects other than tensors and plain values
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a training state this toolkit wrote, or it is damaged ({first}); "
+                        f"it was not loaded. Delete it and train the run again") from None
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        raise UserError(f"{path} is not a training state this toolkit wrote (no {', '.join(sorted(STATE_KEYS))}); "
+                        f"delete it and train the run again")
+    return state

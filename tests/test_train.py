@@ -176,15 +176,25 @@ def test_missing_data_root_and_existing_name(demo_root, cache_dir, trained, tmp_
     assert (run / "model.safetensors").read_bytes() == before
 
 
-def test_a_run_that_fails_after_its_folder_exists_is_marked_failed(demo_root, cache_dir, tmp_path, capsys):
-    """A failure found only once the run has started (here a --weights file that is not there) leaves
-    the folder saying failed, with the message, never running; a folder never written is removed."""
+def test_a_run_that_fails_after_its_folder_exists_is_marked_failed(demo_root, cache_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A missing --weights file is refused before any folder exists; a failure once the run has started
+    leaves the folder saying failed, with the message, never running; a folder never written is removed."""
     args = tiny(demo_root, cache_dir, name="late") + ["--results", str(tmp_path), "--weights", str(tmp_path / "no.pth")]
     assert guard(train.main, args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --weights") and "Traceback" not in err
-    status = read_json(tmp_path / "late" / "status.json")
-    assert status["status"] == "failed" and "no.pth: file not found" in status["message"]
+    assert err.startswith("error: --weights") and "no.pth: file not found" in err and not (tmp_path / "late").exists()
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    cfg = make_config({"data": str(demo_root), "cache_dir": str(cache_dir), "backbone": "resnet18", "image_size": 32,
+                       "batch_size": 16, "epochs": 2, "head": (8,), "dropout": (), "pretrained": False, "device": "cpu"})
+    monkeypatch.setattr(breakhis.fit, "evaluate", broken)  # fails in epoch 1, after the folder was started
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(cfg, tmp_path / "started", progress=False)
+    status = read_json(tmp_path / "started" / "status.json")
+    assert status["status"] == "failed" and status["message"] == "RuntimeError: boom"
     empty = tmp_path / "empty"
     empty.mkdir()
     runs.abandon(empty, RuntimeError("boom"))

@@ -25,11 +25,13 @@ and zero pixels; the caller decides whether that is fatal.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
 from ..io import write_json
 from ..report import progress_bar
 
@@ -159,10 +162,14 @@ def build_cache(root, paths, size: tuple[int, int], cache_dir=None, workers: int
     if cache is not None:
         return cache
 
-    base.mkdir(parents=True, exist_ok=True)
-    _prune_dead_temps(base)
     tmp = base / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        _prune_dead_temps(base)
+        tmp.mkdir()
+    except OSError as e:  # read-only, not a folder, no space
+        raise UserError(f"cannot write the decode cache under {base} ({type(e).__name__}: {e.strerror or e}); "
+                        f"pass --cache-dir with a folder you can write (or set BREAKHIS_CACHE)") from None
     t0 = time.perf_counter()
     try:
         info = _decode_all(root, rel, size, tmp / "images.npy", workers, progress)
@@ -272,7 +279,7 @@ def _decode_all(root: Path, paths: list[str], size: tuple[int, int], npy: Path, 
     chunk = max(1, min(CHUNK_MAX, n // (workers * 4)))
     tasks = [[(i, str(root / paths[i])) for i in range(s, min(n, s + chunk))] for s in range(0, n, chunk)]
     with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_mp_context(),
-                                initializer=_worker_init, initargs=(str(npy),)) as ex:
+                                initializer=_worker_init, initargs=(str(npy), os.getpid())) as ex:
         # submit before the progress bar starts its thread: with fork, the workers start here
         futures = [ex.submit(_worker_decode, t, size) for t in tasks]
         try:
@@ -297,8 +304,27 @@ def _mp_context():
 _OUT: np.ndarray | None = None  # in a worker process: the open (N, H, W, 3) uint8 memmap
 
 
-def _worker_init(npy: str) -> None:
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal the kernel sends this process when its parent dies
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a decode worker: be killed when the process that started the build dies (SIGKILL included),
+    instead of decoding on for minutes and holding the temporary cache. Linux only; elsewhere the
+    pool notices at its next task."""
+    if sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _worker_init(npy: str, parent: int | None = None) -> None:
     global _OUT
+    if parent is not None:
+        _die_with_parent(parent)
     _OUT = np.load(npy, mmap_mode="r+")
 
 

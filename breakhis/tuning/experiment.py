@@ -28,7 +28,7 @@ from ..config import TrainConfig, make_config
 from ..data.prepare import prepare
 from ..errors import UserError
 from ..fit import fit
-from ..io import number, read_csv, read_json, write_json
+from ..io import number, read_csv, read_json, sha256_of, write_json
 from ..registry import EPOCH_METRICS, SELECT_METRICS
 from ..report import console, fmt, show
 from .space import Space, check_grid, load_space, param_space, sample_overrides
@@ -90,7 +90,9 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
     # a trial keeps its best checkpoint by the tuned metric, unless a setting says otherwise
     select = {"select": metric} if metric in SELECT_METRICS else {}
     base = {**select, **space.base, **flags}
-    max_epochs = max_epochs or make_config(base).epochs
+    max_epochs = make_config(base).epochs if max_epochs is None else max_epochs
+    if max_epochs < 1:
+        raise UserError(f"--max-epochs {max_epochs}: must be at least 1")
     base["epochs"] = max_epochs
     grace_period = min(GRACE_PERIOD, max_epochs) if grace_period is None else grace_period
     make_config(base)  # a bad flag or BASE value fails here, before Ray starts
@@ -224,6 +226,35 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
     # Ray marks every trial TERMINATED in memory when interrupted; the saved state tells them apart
     analysis = ExperimentAnalysis(str(exp_dir), default_metric=setup.metric, default_mode=setup.mode)
     return list(zip(analysis.trials, ResultGrid(analysis)))
+
+
+STATE_DIGESTS = "state.sha256.json"  # ours: SHA-256 of Ray's experiment files as the last tune.py run left them
+OWN_FILES = {"tune.json", "trials.csv", "best.json", STATE_DIGESTS}
+
+
+def _ray_state_files(exp_dir: Path) -> list[Path]:
+    """The files Tuner.restore reads from the experiment folder (pickles, and JSON holding pickles)."""
+    return sorted(p for p in exp_dir.iterdir() if p.is_file() and p.name not in OWN_FILES)
+
+
+def seal_state(exp_dir: Path) -> None:
+    """Record the SHA-256 of Ray's experiment state, so that --resume can tell it is what we left."""
+    write_json(exp_dir / STATE_DIGESTS, {p.name: sha256_of(p) for p in _ray_state_files(exp_dir)})
+
+
+def check_state(exp_dir: Path, trust: bool) -> None:
+    """Before Tuner.restore unpickles the experiment state: it must be the state tune.py sealed when it
+    last stopped (a crafted file could run code), unless the user trusts it (--trust-state)."""
+    if trust:
+        return
+    sealed = read_json(exp_dir / STATE_DIGESTS)
+    now = {p.name: sha256_of(p) for p in _ray_state_files(exp_dir)}
+    if not isinstance(sealed, dict) or sealed != now:
+        changed = sorted(k for k in set(now) | set(sealed or {}) if (sealed or {}).get(k) != now.get(k))
+        raise UserError(f"--resume: Ray's experiment state in {exp_dir} is not what tune.py left there "
+                        f"({'no ' + STATE_DIGESTS if not isinstance(sealed, dict) else 'changed: ' + ', '.join(changed[:3])}; "
+                        f"a killed tune.py cannot record it). Restoring it unpickles these files, which can run code: "
+                        f"pass --trust-state if this experiment is your own")
 
 
 def new_experiment(results: Path, name: str) -> Path:
