@@ -1,0 +1,316 @@
+"""Fault injection through the scripts: crafted files, interruptions, killed processes, damaged files and bad
+input. Each case says what used to happen; each must now end in one line (exit 2), or be completed later,
+with nothing half-written and no code run from a file."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_train import tiny
+
+import breakhis.fit
+import evaluate
+import train
+import tune
+from breakhis import runs
+from breakhis.errors import guard
+from breakhis.io import read_csv, read_json, write_json
+from breakhis.models import build_model
+from breakhis.tuning import experiment as tune_exp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this runs os.makedirs(marker): the stand-in for an attacker's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+@pytest.fixture
+def run(demo_root, cache_dir, tmp_path):
+    """A finished two-epoch run of its own (tests may damage it)."""
+    assert guard(train.main, tiny(demo_root, cache_dir, name="r") + ["--results", str(tmp_path / "res")]) == 0
+    return tmp_path / "res" / "r"
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+# --- 1, 2: nothing unpickles a file it cannot vouch for ---------------------------------------------------------
+
+def test_crafted_last_pt_is_refused_and_its_code_not_run(run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    runs.set_status(run, runs.INTERRUPTED, epoch=1)
+    torch.save({"model": Payload(marker)}, run / "last.pt")  # before: resume ran it, then trained on
+    assert guard(train.main, ["--resume", str(run), "--quiet"]) == 2
+    one_line_error(capsys, "last.pt is not a training state this toolkit wrote")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n", b"PK\x03\x04 truncated"])
+def test_damaged_last_pt_is_one_line(run, content, capsys):
+    runs.set_status(run, runs.INTERRUPTED, epoch=1)
+    (run / "last.pt").write_bytes(content)
+    assert guard(train.main, ["--resume", str(run), "--quiet"]) == 2
+    one_line_error(capsys, "last.pt")
+
+
+def test_unknown_export_is_refused_unless_trusted(run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "model.pt2"
+    torch.save(Payload(marker), crafted)  # before: evaluate --model unpickled it and ran the payload
+    assert guard(evaluate.main, [str(run), "--model", str(crafted)]) == 2
+    one_line_error(capsys, "not an export recorded by", "--trust-model")
+    assert not marker.exists()
+    # an export the run wrote itself is recorded and loads without the flag
+    mine = tmp_path / "mine.pt2"
+    assert guard(evaluate.main, [str(run), "--export", str(mine), "--json"]) == 0
+    assert list(read_json(run / "exports.json").values())[0]["file"] == str(mine.resolve())
+    capsys.readouterr()
+    assert guard(evaluate.main, [str(run), "--model", str(mine), "--json"]) == 0
+
+
+def test_ray_state_is_checked_before_it_is_restored(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "tuner.pkl").write_bytes(b"ray's own pickle")
+    (exp / "tune.json").write_text("{}")
+    with pytest.raises(Exception, match="no state.sha256.json"):
+        tune_exp.check_state(exp, trust=False)  # a killed tune.py never sealed it
+    tune_exp.seal_state(exp)
+    tune_exp.check_state(exp, trust=False)
+    (exp / "tuner.pkl").write_bytes(b"someone else's pickle")
+    with pytest.raises(Exception, match="changed: tuner.pkl.*--trust-state"):
+        tune_exp.check_state(exp, trust=False)
+    tune_exp.check_state(exp, trust=True)
+
+
+# --- 3, 6, 7: interrupted work is completed, or it says truthfully that nothing was saved ----------------------
+
+def test_ctrl_c_during_scoring_is_completed_by_resume(demo_root, cache_dir, tmp_path, capsys, monkeypatch):
+    real = breakhis.fit.finalize
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(breakhis.fit, "finalize", interrupted)
+    res = tmp_path / "res"
+    assert guard(train.main, tiny(demo_root, cache_dir, name="s") + ["--results", str(res)]) == 130
+    run = res / "s"
+    status = read_json(run / "status.json")  # before: "finished", and --resume refused it
+    assert status["status"] == "interrupted" and "during the scoring" in status["message"]
+    assert (run / "last.pt").is_file() and not (run / "metrics.json").exists()
+    (run / ".tmp-last.pt.x1y2z3").write_bytes(b"half of a killed write")  # 6: left by a SIGKILL mid-write
+    monkeypatch.setattr(breakhis.fit, "finalize", real)
+    capsys.readouterr()
+    assert guard(train.main, ["--resume", str(run), "--quiet"]) == 0
+    assert read_json(run / "status.json")["status"] == "finished" and (run / "metrics.json").is_file()
+    assert [int(h["epoch"]) for h in read_csv(run / "history.csv")] == [1, 2]  # nothing retrained
+    assert not list(run.glob(".tmp-*")) and not (run / "last.pt").exists()
+
+
+def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(demo_root, cache_dir, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(breakhis.fit, "train_one_epoch", interrupted)
+    res = tmp_path / "res"
+    assert guard(train.main, tiny(demo_root, cache_dir, name="e1") + ["--results", str(res)]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "--resume" not in err  # before: "continue with --resume", which failed
+    assert not (res / "e1").exists()
+
+
+# --- 4: a trial finished on disk is reported from its folder, never retrained ----------------------------------
+
+def test_finished_trial_is_reported_not_retrained(run, tmp_path, monkeypatch):
+    exp = tmp_path / "exp"
+    (exp / "runs").mkdir(parents=True)
+    os.rename(run, exp / "runs" / "t1")
+    reported = []
+    monkeypatch.setattr(tune_exp.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t1"})())
+    monkeypatch.setattr(tune_exp.tune, "report", reported.append)
+    monkeypatch.setattr(tune_exp, "fit", lambda *a, **k: pytest.fail("a finished trial was trained again"))
+    cfg = runs.load_config(exp / "runs" / "t1")
+    tune_exp.trial({}, base=cfg.to_dict(), presets={}, exp_dir=str(exp), cwd=str(tmp_path))
+    assert len(reported) == 1 and reported[0]["epoch"] == 2 and "test_accuracy" in reported[0]
+    assert (exp / "runs" / "t1" / "metrics.json").is_file()
+
+
+# --- 5: decode workers die with the process that started them ---------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the parent-death signal is Linux's")
+def test_decode_workers_die_with_their_parent(demo_root, tmp_path):
+    script = f"""
+import time
+from breakhis.data import cache as C
+from breakhis.data.dataset import index_tree
+real = C.decode_resize
+def slow(path, size):
+    time.sleep(0.5)
+    return real(path, size)
+C.decode_resize = slow  # the forked workers inherit it: a build of minutes
+idx = index_tree({str(demo_root)!r})
+C.build_cache(idx.root, [r.path for r in idx.records], (16, 24), cache_dir={str(tmp_path / 'cache')!r}, workers=2,
+              progress=False)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline, workers = time.time() + 30, []
+        while time.time() < deadline and len(workers) < 2:
+            time.sleep(0.2)
+            workers = _children(proc.pid)
+        assert len(workers) >= 2, "the build never started its workers"
+        os.kill(proc.pid, signal.SIGKILL)  # before: the workers decoded on for minutes at ~470 MB each
+        proc.wait(10)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in _children(proc.pid):
+            os.kill(w, signal.SIGKILL)
+
+
+# --- 8: damaged files and bad paths are one line -------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_model_safetensors(run, damage, capsys):
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    assert guard(evaluate.main, [str(run), "--json"]) == 2
+    one_line_error(capsys, "model.safetensors is damaged")
+
+
+def test_model_of_another_backbone_names_keys_and_backbone(run, capsys):
+    other = build_model("resnet34", head=(32,), dropout=(0.2,), pretrained=False)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(run / "model.safetensors"))
+    assert guard(evaluate.main, [str(run), "--json"]) == 2
+    one_line_error(capsys, "unexpected: backbone.layer1.2", "the file fits a resnet34 backbone")
+
+
+def test_config_json_that_is_not_an_object(run, capsys):
+    (run / "config.json").write_text("[1, 2, 3]\n")
+    assert guard(evaluate.main, [str(run), "--json"]) == 2
+    one_line_error(capsys, "config.json is not a JSON object of settings")
+
+
+def test_results_that_is_a_file_or_not_writable(demo_root, cache_dir, tmp_path, capsys, monkeypatch):
+    f = tmp_path / "results.txt"
+    f.write_text("x")
+    assert guard(train.main, tiny(demo_root, cache_dir) + ["--results", str(f)]) == 2
+    one_line_error(capsys, "is a file, not a folder")
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: False)  # root ignores permissions: simulate them
+    assert guard(train.main, tiny(demo_root, cache_dir) + ["--results", str(tmp_path / "ro")]) == 2
+    one_line_error(capsys, "permission denied")
+    assert not (tmp_path / "ro").exists()
+
+
+def test_read_only_cache_dir(demo_root, tmp_path, capsys, monkeypatch):
+    real = Path.mkdir
+    ro = tmp_path / "ro-cache"
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(ro)):
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert guard(train.main, tiny(demo_root, ro) + ["--results", str(tmp_path / "res")]) == 2
+    one_line_error(capsys, "cannot write the decode cache", "--cache-dir")
+    assert not (tmp_path / "res").exists()
+
+
+# --- 9: what can be refused first leaves no folder -----------------------------------------------------------
+
+@pytest.mark.parametrize("flags, words", [
+    (["--backbone", "foo"], "--backbone 'foo'"), (["--optimizer", "foo"], "--optimizer 'foo'"),
+    (["--scheduler", "foo"], "--scheduler 'foo'"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--amp", "fp16"], "fp16 needs a CUDA device"), (["--weights", "/no/such.pth"], "file not found"),
+    (["--batch-size", "100000"], "fewer than one batch"), (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"),
+    (["--image-size", "100000"], "--image-size 100000"), (["--name", "/abs/path"], "--name '/abs/path'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
+def test_refused_before_any_folder(flags, words, demo_root, cache_dir, tmp_path, capsys):
+    args = tiny(demo_root, cache_dir, device="cpu") + ["--results", str(tmp_path / "res")]
+    if "--device" in flags:
+        args = [a for a in args if a != "cpu" and a != "--device"]
+    assert guard(train.main, args + flags) == 2
+    one_line_error(capsys, words)
+    assert not (tmp_path / "res").exists() or not any((tmp_path / "res").iterdir())
+
+
+# --- 10: nothing silently does something else ----------------------------------------------------------------
+
+def test_resume_refuses_settings_it_would_ignore(run, capsys):
+    runs.set_status(run, runs.INTERRUPTED, epoch=1)
+    assert guard(train.main, ["--resume", str(run), "--epochs", "5", "--lr", "0.5"]) == 2
+    one_line_error(capsys, "drop --epochs --lr")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--threshold", "1.5"], "a fixed threshold must be in [0, 1]"), (["--threshold", "nan"], "bad threshold rule 'nan'"),
+    (["--boot", "-5"], "--boot -5"), (["--markdown", "x.md"], "--markdown writes the logbook table of several runs"),
+    (["--csv", "x.csv"], "--csv writes the logbook table of several runs"),
+])
+def test_evaluate_refuses_before_work(run, flags, words, capsys, tmp_path):
+    assert guard(evaluate.main, [str(run), *flags]) == 2
+    one_line_error(capsys, words)
+    assert not (Path.cwd() / "x.md").exists()
+
+
+@pytest.mark.parametrize("flags, words", [(["--max-epochs", "0"], "--max-epochs 0"), (["--samples", "0"], "--samples 0")])
+def test_tune_zero_is_not_a_default(flags, words, demo_root, tmp_path, capsys):
+    space = ROOT / "experiments" / "weights.py"
+    argv = ["--space", str(space), "--data", str(demo_root), "--results", str(tmp_path), *flags]
+    assert guard(tune.main, argv) == 2  # before: 0 epochs meant 60, 0 samples meant 1
+    one_line_error(capsys, words)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_seal_written_by_tune_run_is_json(tmp_path):
+    exp = tmp_path / "e"
+    exp.mkdir()
+    (exp / "experiment_state-x.json").write_text("{}")
+    tune_exp.seal_state(exp)
+    assert set(read_json(exp / "state.sha256.json")) == {"experiment_state-x.json"}
+    write_json(exp / "state.sha256.json", {"experiment_state-x.json": "0" * 64})
+    with pytest.raises(Exception, match="changed"):
+        tune_exp.check_state(exp, trust=False)
