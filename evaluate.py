@@ -37,7 +37,10 @@ def parse(argv):
     ap.add_argument("--tta", action="store_true", help="average the 8 dihedral views of each image")
     ap.add_argument("--threshold", default="0.5",
                     help="decision threshold: a number, youden or recall=0.95 (chosen on val, applied to test)")
-    ap.add_argument("--data", help="score every image of another tree with the same naming")
+    ap.add_argument("--data", help="score the images of another tree with the same naming; images of the run's "
+                                   "train/val patients (or pixel copies of theirs) are left out and counted")
+    ap.add_argument("--include-seen", action="store_true",
+                    help="with --data: keep the run's train/val patients too (the figure is then not a test figure)")
     ap.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's)")
     ap.add_argument("--by", choices=BY, help="break the metrics down by group")
     ap.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
@@ -51,11 +54,13 @@ def parse(argv):
     ap.add_argument("--sort", default="accuracy", help="compare: metric that ranks the runs")
     ap.add_argument("--csv", metavar="FILE", help="compare: write the table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="compare: write the table as Markdown")
-    ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    ap.add_argument("--n-boot", "--boot", dest="boot", type=int, default=1000,
+                    help="bootstrap resamples for the intervals (default 1000)")
+    ap.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     a = ap.parse_args(argv)
     # every option checked before a model is loaded or an image read
     if a.boot < 1:
-        raise UserError(f"--boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
+        raise UserError(f"--n-boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
     check_threshold_rule(a.threshold)
     if a.cam < 0:
         raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
@@ -70,13 +75,14 @@ def compare(a, paths: list[Path]) -> int:
     if used:
         raise UserError(f"{', '.join(used)} apply to one run (they need its model); the comparison of "
                         f"{len(paths)} runs reads their predictions.csv: give a single run folder")
-    book = compare.logbook(paths, part=a.part, threshold=a.threshold, sort=a.sort, n_boot=a.boot)
+    book = compare.logbook(paths, part=a.part, threshold=a.threshold, sort=a.sort, n_boot=a.boot, seed=a.boot_seed)
     if a.csv:
         io.write_csv(a.csv, compare.records(book.rows, book.keys))
     if a.markdown:
         io.write_text(a.markdown, compare.markdown(book))
     if a.json:
         print(json.dumps({"sort": a.sort, "split": a.part, "threshold": a.threshold, "boot": a.boot,
+                          "ci_settings": book.ci_settings,
                           "rows": compare.records(book.rows, book.keys)}))
         return 0
     report.console.print(compare.render(book))
@@ -98,8 +104,8 @@ def main(argv=None) -> int:
         raise UserError(f"{'--csv' if a.csv else '--markdown'} writes the logbook table of several runs; "
                         f"{paths[0]} is one run: give more runs (e.g. results/), or use --json for this one")
     out = evaluate_run(paths[0], part=a.part, tta=a.tta, threshold=a.threshold, data=a.data, device=a.device,
-                       by=a.by, n_boot=a.boot, model_file=a.model, trust_model=a.trust_model, export=a.export,
-                       cam=a.cam)
+                       by=a.by, n_boot=a.boot, boot_seed=a.boot_seed, model_file=a.model, trust_model=a.trust_model, export=a.export,
+                       cam=a.cam, include_seen=a.include_seen)
     if a.json:
         print(json.dumps(out))
         return 0
@@ -108,6 +114,11 @@ def main(argv=None) -> int:
                              f"torch.export.load(path).module())")
     title = f"Model Evaluation: {Path(out['run']).name} ({out['split']}" + (", TTA" if out["tta"] else "") + ")"
     report.console.print(report.evaluation_table(out, split=out["split"], title=title))
+    if out.get("left_out"):
+        lo = out["left_out"]
+        report.console.print(f"left out: {lo['images']} images of {lo['patients']} patients ({lo['why']})")
+    if out.get("not_a_test_figure"):
+        report.console.print(f"[bold red]NOT A TEST FIGURE:[/] {out['not_a_test_figure']} (--include-seen)")
     if out.get("by"):
         report.console.print(report.breakdown_table(out["by"], f"By {a.by}"))
     for p in out.get("cam", []):

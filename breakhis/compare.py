@@ -50,7 +50,7 @@ from .io import jsonable, number, read_csv, read_json
 # (key, column title) of the figures shown for every binary run
 METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
            ("specificity", "specificity"), ("f1", "F1"), ("auroc", "AUROC"), ("aucpr", "AUCPR"),
-           ("patient_recognition_rate", "patient rec. rate"))
+           ("patient_recognition_rate", "patient rec. rate"), ("patient_accuracy", "patient acc."))
 IGNORED = ("device", "workers", "cache_dir", "device_cache_gb", "split_file")
 REPEAT_KEYS = ("seed", "split_seed")
 SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in M.CI_KEYS if k not in dict(METRICS))
@@ -65,8 +65,10 @@ class Run:
     saved: dict             # metrics.json ({} when absent)
     paths: list[str] = field(default_factory=list)  # image paths, sorted
     y: np.ndarray | None = None         # (N,) labels, 1 = malignant
-    p: np.ndarray | None = None         # (N,) malignant probability, rescaled so the threshold sits at 0.5
+    p: np.ndarray | None = None         # (N,) malignant probability, as predicted
     patients: np.ndarray | None = None  # (N,) patient ids
+    threshold: float = 0.5              # this run's decision threshold (--threshold, chosen on its own val rows)
+    val: tuple | None = None            # (y, p, patients) of its validation rows: what the ranking reads
     fingerprint: str = ""   # sha1 of the scored images' paths and labels: equal means comparable
     note: str = ""
 
@@ -84,7 +86,8 @@ class Row:
     """One line of the logbook: a single run, or a group of repeats."""
     runs: list[Run]
     name: str
-    value: dict = field(default_factory=dict)   # pooled point estimates
+    value: dict = field(default_factory=dict)   # pooled point estimates (the compared partition)
+    val: dict = field(default_factory=dict)     # pooled validation figures: rows are ranked and picked by these
     ci: dict = field(default_factory=dict)      # metric -> (lo, hi)
     spread: dict = field(default_factory=dict)  # metric -> {"mean", "std", "n"} across the runs
     image_set: str = ""                         # letter of the set of comparable rows
@@ -98,16 +101,6 @@ class Row:
 
 
 # --- reading runs ---------------------------------------------------------------------------
-
-def _to_half(p: np.ndarray, t: float) -> np.ndarray:
-    """Map probabilities monotonically so that p >= t becomes p' >= 0.5 (ranks and decisions kept)."""
-    if t == 0.5:
-        return p
-    below = 0.5 * p / t if t > 0 else np.zeros_like(p)
-    below = np.minimum(below, np.nextafter(0.5, 0))  # rounding must not lift p < t to 0.5
-    above = 0.5 + 0.5 * (p - t) / (1 - t) if t < 1 else np.ones_like(p)
-    return np.where(p >= t, above, below)
-
 
 def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
@@ -140,7 +133,9 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
         run.note = f"no {part} predictions in predictions.csv"
         return run
     y, p, patients = _arrays(rows)
-    run.paths, run.y, run.p, run.patients = [r["path"] for r in rows], y, _to_half(p, threshold), patients
+    run.paths, run.y, run.p, run.patients, run.threshold = [r["path"] for r in rows], y, p, patients, threshold
+    val_rows = [r for r in table if r["split"] == "val"]
+    run.val = _arrays(val_rows) if val_rows else None
     text = "\n".join(f"{q}\t{label}" for q, label in zip(run.paths, y))
     run.fingerprint = hashlib.sha1(text.encode()).hexdigest()
     return run
@@ -197,46 +192,71 @@ def _group_name(names: list[str]) -> str:
 
 # --- figures and the paired test ------------------------------------------------------------
 
-def _pooled(items: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _pooled(items: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, raw probabilities, patients and each image's threshold (its run's) of runs taken together."""
     return (np.concatenate([r.y for r in items]), np.concatenate([r.p for r in items]),
-            np.concatenate([r.patients for r in items]))
+            np.concatenate([r.patients for r in items]), np.concatenate([np.full(r.y.size, r.threshold) for r in items]))
 
 
-def _figures(y, p, patients) -> dict:
-    return {**M.binary_metrics(y, p, 0.5), **M.patient_metrics(y, p, patients, 0.5)}
+def _figures(y, p, patients, t) -> dict:
+    return {**M.binary_metrics(y, p, t), **M.patient_metrics(y, p, patients, t)}
 
 
-def score_row(row: Row, n_boot: int) -> None:
-    """Pooled figures with bootstrap intervals, and mean ± std across the row's runs."""
-    y, p, patients = _pooled(row.runs)
-    row.value = _figures(y, p, patients)
-    row.ci = M.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=0, threshold=0.5)
+def score_row(row: Row, n_boot: int, seed: int = 0) -> None:
+    """Pooled figures with bootstrap intervals, mean ± std across the row's runs, and the validation
+    figures the ranking uses. Every figure uses each run's raw probabilities at its own threshold."""
+    y, p, patients, t = _pooled(row.runs)
+    row.value = _figures(y, p, patients, t)
+    row.ci = M.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed, threshold=t)
     keys = [k for k, _ in METRICS] + ["best_val_acc"]
-    per_run = [{**_figures(r.y, r.p, r.patients), "best_val_acc": r.saved.get("best_val_acc")} for r in row.runs]
+    per_run = [{**_figures(r.y, r.p, r.patients, r.threshold), "best_val_acc": r.saved.get("best_val_acc")}
+               for r in row.runs]
     row.spread = M.mean_std(per_run, keys)
     row.value["best_val_acc"] = row.spread["best_val_acc"]["mean"]
+    if all(r.val is not None for r in row.runs):
+        vy, vp, vpat = (np.concatenate([r.val[i] for r in row.runs]) for i in range(3))
+        vt = np.concatenate([np.full(r.val[0].size, r.threshold) for r in row.runs])
+        row.val = _figures(vy, vp, vpat, vt)
 
 
-def paired(a: Row, b: Row, metric: str, n_boot: int) -> dict:
+def paired(a: Row, b: Row, metric: str, n_boot: int, seed: int = 0) -> dict:
     """paired_bootstrap of row a against row b on their shared test images (same signature)."""
-    ys, pas, pbs, pats = [], [], [], []
+    ys, pas, pbs, pats, tas, tbs = [], [], [], [], [], []
     for f in a.signature:
         ra = [r for r in a.runs if r.fingerprint == f]
         rb = [r for r in b.runs if r.fingerprint == f]
         for x in ra:
             for z in rb:  # both runs list the same images in the same (sorted) order
                 ys.append(x.y), pas.append(x.p), pbs.append(z.p), pats.append(x.patients)
-    return M.paired_bootstrap(np.concatenate(ys), np.concatenate(pas), np.concatenate(pbs), np.concatenate(pats),
-                              metric=metric, n_boot=n_boot, seed=0, threshold=0.5)
+                tas.append(np.full(x.y.size, x.threshold)), tbs.append(np.full(z.y.size, z.threshold))
+    cat = np.concatenate
+    return M.paired_bootstrap(cat(ys), cat(pas), cat(pbs), cat(pats), metric=metric, n_boot=n_boot, seed=seed,
+                              threshold=cat(tas), threshold_b=cat(tbs))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down, monotone, capped at 1) of m comparisons, in the given order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: (math.isnan(p_values[i]), p_values[i]))
+    adjusted, running = [math.nan] * m, 0.0
+    for rank_, i in enumerate(order):
+        if math.isnan(p_values[i]):
+            continue
+        running = max(running, min(1.0, (m - rank_) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _key(row: Row, metric: str) -> float:
-    v = row.value.get(metric)
+    """The ranking value: the validation figure (never the test one); rows without one rank last."""
+    v = row.val.get(metric)
     return -math.inf if v is None or not math.isfinite(v) else v
 
 
-def rank(rows: list[Row], metric: str, n_boot: int) -> list[Row]:
-    """Rows grouped by comparable test images (largest set first), best first within each."""
+def rank(rows: list[Row], metric: str, n_boot: int, seed: int = 0) -> list[Row]:
+    """Rows grouped by comparable test images (largest set first), ranked and picked by their validation
+    figure within each. Every other row is tested against the pick on the test images; the p-values
+    are Holm-corrected for the number of rows compared, and significance reads the corrected value."""
     sets: dict[tuple, list[Row]] = {}
     for row in rows:
         sets.setdefault(row.signature, []).append(row)
@@ -251,7 +271,10 @@ def rank(rows: list[Row], metric: str, n_boot: int) -> list[Row]:
         else:
             members[0].best = True
             for row in members[1:]:
-                row.versus = paired(row, members[0], metric, n_boot)
+                row.versus = paired(row, members[0], metric, n_boot, seed)
+            adjusted = holm([r.versus["p_value"] for r in members[1:]])
+            for row, q in zip(members[1:], adjusted):
+                row.versus.update(p_holm=q, significant=bool(q <= 0.05))
         out += members
     return out
 
@@ -269,7 +292,8 @@ def versus_text(row: Row, many_sets: bool) -> str:
         return row.note
     v = row.versus
     text = f"{_signed(v['diff'])} [{_signed(v['ci'][0])}, {_signed(v['ci'][1])}]"
-    return text + (f" p={v['p_value']:.3f} *" if v["significant"] else f" n.s. (p={v['p_value']:.2f})")
+    shown = f"p={v['p_value']:.3f}, Holm {v['p_holm']:.3f}"
+    return text + (f" {shown} *" if v["significant"] else f" n.s. ({shown})")
 
 
 def _cell(row: Row, key: str) -> str:
@@ -298,7 +322,7 @@ def table(rows: list[Row], keys: list[str], sort: str) -> tuple[list[str], list[
     many_sets = len({r.image_set for r in rows if r.image_set}) > 1
     repeats = any(len(r.runs) > 1 for r in rows)
     cols = ["run", *keys, *(["runs"] if repeats else []), *(["image set"] if many_sets else []),
-            "best val acc", *(t for _, t in METRICS), f"vs best ({sort})"]
+            f"val {sort} (ranks)", "val acc (selected epoch)", *(t for _, t in METRICS), f"vs best ({sort})"]
     cells = []
     for r in rows:
         settings = settings_of(r, keys)
@@ -306,11 +330,12 @@ def table(rows: list[Row], keys: list[str], sort: str) -> tuple[list[str], list[
         line += [str(len(r.runs))] if repeats else []
         line += [r.image_set or "–"] if many_sets else []
         if r.value:
-            line += [_cell(r, "best_val_acc"), *(_cell(r, k) for k, _ in METRICS), versus_text(r, many_sets)]
+            line += [report.fmt(r.val.get(sort)), _cell(r, "best_val_acc"), *(_cell(r, k) for k, _ in METRICS),
+                     versus_text(r, many_sets)]
         else:
             subtype = (r.runs[0].saved.get("test") or {}) if r.runs[0].task != "binary" else {}
             acc = report.fmt(subtype.get("accuracy"))
-            line += [report.fmt(r.runs[0].saved.get("best_val_acc")), acc, *["–"] * (len(METRICS) - 1),
+            line += ["–", report.fmt(r.runs[0].saved.get("best_val_acc")), acc, *["–"] * (len(METRICS) - 1),
                      r.note + (f" (macro F1 {report.fmt(subtype.get('macro_f1'))})" if subtype else "")]
         cells.append(line)
     return cols, cells
@@ -321,7 +346,9 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
     out = []
     for r in rows:
         rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "image_set": r.image_set,
-               "best": r.best, "folders": ";".join(str(x.path) for x in r.runs)}
+               "best": r.best, "folders": ";".join(str(x.path) for x in r.runs),
+               "thresholds": ";".join(f"{x.threshold:.6g}" for x in r.runs),
+               **{f"val_{k}": r.val.get(k) for k, _ in METRICS}}
         for k in ("best_val_acc", *(k for k, _ in METRICS)):
             s = r.spread.get(k) or {}
             lo, hi = r.ci.get(k, (None, None))
@@ -333,7 +360,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
                        best_val_acc=r.runs[0].saved.get("best_val_acc"))
         v = r.versus or {}
         rec.update(vs_best_diff=v.get("diff"), vs_best_lo=(v.get("ci") or (None, None))[0],
-                   vs_best_hi=(v.get("ci") or (None, None))[1], vs_best_p=v.get("p_value"),
+                   vs_best_hi=(v.get("ci") or (None, None))[1], vs_best_p=v.get("p_value"), vs_best_p_holm=v.get("p_holm"),
                    significant=v.get("significant"), note=r.note)
         out.append(jsonable(rec))
     return out
@@ -347,12 +374,13 @@ def markdown(book: Logbook) -> str:
     return "\n".join([line(book.columns), "| " + " | ".join(right) + " |", *map(line, book.cells), "", book.caption, ""])
 
 
-def caption(sort: str, part: str, n_boot: int, threshold: str) -> str:
-    return (f"{part} figures at threshold {threshold}, [95% interval: bootstrap over patients, {n_boot} resamples]. "
-            f"★ best by {sort}; other rows: difference to the best [95% interval], paired bootstrap over the "
-            f"patients of the shared {part} images, * where the interval excludes 0. Rows of repeats: mean ± std "
-            f"across runs, pooled interval. Rows are ranked only against rows on the same {part} images "
-            f"(the same letter under 'image set').")
+def caption(sort: str, part: str, n_boot: int, threshold: str, seed: int = 0) -> str:
+    return (f"{part} figures at threshold {threshold} (each run's own), [95% interval: percentile bootstrap over "
+            f"patients, {n_boot} resamples, seed {seed}]. Rows are ranked and ★ picked by their validation {sort}, "
+            f"never by {part}; other rows: {part} difference to the pick [95% interval], paired bootstrap over the "
+            f"patients of the shared {part} images, p-values Holm-corrected for the rows compared, * where the "
+            f"corrected p <= 0.05. Rows of repeats: mean ± std across runs, pooled interval. Rows are ranked only "
+            f"against rows on the same {part} images (the same letter under 'image set').")
 
 
 @dataclass
@@ -365,10 +393,11 @@ class Logbook:
     caption: str
     part: str
     runs: int                 # run folders read
+    ci_settings: dict         # how every interval was made (metrics.interval_settings)
 
 
 def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", sort: str = "accuracy",
-            n_boot: int = 1000) -> Logbook:
+            n_boot: int = 1000, seed: int = 0) -> Logbook:
     """Read the run folders, group repeats, score with intervals, rank within comparable image sets."""
     if sort not in SORT_KEYS:
         raise UserError(f"--sort {sort!r}: choose one of {', '.join(SORT_KEYS)}")
@@ -379,11 +408,12 @@ def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", so
     scored = [r for r in loaded if r.scored]
     rows = [Row(g, _group_name([r.name for r in g])) for g in group_repeats(scored)]
     for row in rows:
-        score_row(row, n_boot)
-    rows = rank(rows, sort, n_boot)
+        score_row(row, n_boot, seed)
+    rows = rank(rows, sort, n_boot, seed)
     rows += [Row([r], r.name, note=r.note) for r in loaded if not r.scored]
     cols, cells = table(rows, keys, sort)
-    return Logbook(rows, keys, cols, cells, caption(sort, part, n_boot, threshold), part, len(loaded))
+    return Logbook(rows, keys, cols, cells, caption(sort, part, n_boot, threshold, seed), part, len(loaded),
+                   M.interval_settings(n_boot, seed))
 
 
 def render(book: Logbook):

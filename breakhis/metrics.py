@@ -58,40 +58,60 @@ def _div(a, b) -> np.ndarray:
     return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
 
 
-def binary_metrics(y, p, threshold: float = 0.5) -> dict:
+def _thresholds(threshold, n: int) -> np.ndarray:
+    """A threshold (scalar) or one per image (N,) as an (N,) float64 array."""
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (n,))
+    if not (np.isfinite(t).all() and (t >= 0).all() and (t <= 1).all()):
+        raise ValueError("thresholds must lie in [0, 1]")
+    return t
+
+
+def _shown_threshold(t: np.ndarray) -> float | None:
+    """The threshold of a prediction set: one value, or None when images carry different ones (pooled runs)."""
+    return float(t[0]) if t.size and (t == t[0]).all() else None
+
+
+def binary_metrics(y, p, threshold=0.5) -> dict:
     """Image-level metrics of malignant probabilities p (N,) against labels y (N,).
 
-    auroc and aucpr (average precision) are nan when y holds only one class.
+    threshold: one value, or one per image (N,) when runs chosen at their own thresholds are
+    pooled; an image is called malignant when p >= its threshold. A figure that is undefined
+    for these images is nan (shown as '–', null in JSON), never 0: recall, and so F1, without
+    malignant images; specificity without benign ones; precision without malignant calls; auroc
+    and aucpr (average precision) without both classes.
     """
     y, p = _binary(y, p)
-    pred = (p >= threshold).astype(np.int64)
+    t = _thresholds(threshold, y.size)
+    pred = (p >= t).astype(np.int64)
     tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(y, pred, labels=[0, 1]).ravel())
     both = 0 < int(y.sum()) < y.size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # one class in y, both in pred: sklearn warns, result is defined
         balanced = skm.balanced_accuracy_score(y, pred)
+    has_pos = tp + fn > 0
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
         "balanced_accuracy": float(balanced),
-        "precision": float(skm.precision_score(y, pred, zero_division=0)),
-        "recall": float(skm.recall_score(y, pred, zero_division=0)),
-        "specificity": float(_div(tn, tn + fp)),
-        "f1": float(skm.f1_score(y, pred, zero_division=0)),
+        "precision": float(skm.precision_score(y, pred, zero_division=np.nan)),
+        "recall": float(skm.recall_score(y, pred, zero_division=np.nan)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else math.nan,
+        "f1": float(skm.f1_score(y, pred, zero_division=np.nan)) if has_pos else math.nan,
         "auroc": float(skm.roc_auc_score(y, p)) if both else math.nan,
         "aucpr": float(skm.average_precision_score(y, p)) if both else math.nan,
         "confusion": [[tn, fp], [fn, tp]],
         "n": int(y.size),
-        "threshold": float(threshold),
+        "threshold": _shown_threshold(t),
     }
 
 
-def patient_metrics(y, p, patients, threshold: float = 0.5) -> dict:
+def patient_metrics(y, p, patients, threshold=0.5) -> dict:
     """Patient-level figures.
 
     patient_recognition_rate: mean over patients of the fraction of that patient's images
     classified correctly (the BreakHis literature's PRR). patient_accuracy: each patient's
-    mean probability thresholded against its label (the majority of its image labels; in
-    BreakHis every patient has one class).
+    mean probability, against its threshold (the mean of its images' thresholds: the run's
+    threshold), compared with its label (the majority of its image labels; in BreakHis every
+    patient has one class).
     """
     d = _prepare(y, p, patients, threshold)
     return {
@@ -147,11 +167,12 @@ class _PatientCounts:
     members: list[np.ndarray]  # image indices of each patient
 
 
-def _prepare(y, p, patients, threshold: float) -> _PatientCounts:
+def _prepare(y, p, patients, threshold) -> _PatientCounts:
     y, p = _binary(y, p)
+    t = _thresholds(threshold, y.size)
     names, idx = _patient_index(patients, y.size)
     n_pat = names.size
-    pred = p >= threshold
+    pred = p >= t
     pos = y == POSITIVE
 
     def per_patient(w):
@@ -161,7 +182,7 @@ def _prepare(y, p, patients, threshold: float) -> _PatientCounts:
                        per_patient(pos & ~pred), per_patient(~pos & ~pred)], axis=1)
     size = np.bincount(idx, minlength=n_pat)
     label = per_patient(y) / size >= 0.5
-    patient_pred = per_patient(p) / size >= threshold
+    patient_pred = per_patient(p) / size >= per_patient(t) / size
     order = np.argsort(p, kind="stable")
     ps = p[order]
     return _PatientCounts(
@@ -229,7 +250,7 @@ def _stats(w: np.ndarray, d: _PatientCounts, keys: Sequence[str]) -> dict[str, n
         "precision": np.where(tp + fp > 0, _div(tp, tp + fp), np.nan),
         "recall": recall,
         "specificity": specificity,
-        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "f1": np.where(has_pos, _div(2 * tp, 2 * tp + fp + fn), np.nan),
         "patient_recognition_rate": w @ d.fraction / w.shape[1],
         "patient_accuracy": w @ d.patient_correct / w.shape[1],
     }
@@ -248,7 +269,7 @@ def _interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
 
 
 def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | None = None, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05, threshold: float = 0.5) -> dict[str, tuple[float, float]]:
+                 seed: int = 0, alpha: float = 0.05, threshold=0.5) -> dict[str, tuple[float, float]]:
     """Percentile intervals (1 - alpha) by resampling patients with replacement.
 
     Default: every key of CI_KEYS, computed vectorised from per-patient counts. With fn,
@@ -273,16 +294,18 @@ def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | 
 
 
 def paired_bootstrap(y, p_a, p_b, patients, metric: str = "accuracy", n_boot: int = 2000, seed: int = 0,
-                     threshold: float = 0.5) -> dict:
+                     threshold=0.5, threshold_b=None) -> dict:
     """Is prediction set a better than b on the same test images? Patients resampled jointly.
 
     diff = metric(a) - metric(b) on all images; ci: 95% percentile interval of the
     resampled differences; p_value: two-sided, twice the smaller tail of the resampled
     differences beyond 0 (add-one smoothed, capped at 1); significant: ci excludes 0.
+    threshold applies to a, threshold_b to b (default: the same); each a scalar or one per image.
     """
     if metric not in CI_KEYS:
         raise UserError(f"unknown metric {metric!r} for the paired bootstrap; choose one of: {', '.join(CI_KEYS)}")
-    da, db = _prepare(y, p_a, patients, threshold), _prepare(y, p_b, patients, threshold)
+    da = _prepare(y, p_a, patients, threshold)
+    db = _prepare(y, p_b, patients, threshold if threshold_b is None else threshold_b)
     ones = np.ones((1, len(da.members)))
     diff = float(_stats(ones, da, [metric])[metric][0] - _stats(ones, db, [metric])[metric][0])
     w = _multiplicity(_draws(len(da.members), n_boot, seed))
@@ -353,13 +376,14 @@ def choose_threshold(y_val, p_val, rule: str | float) -> float:
     return value
 
 
-def breakdown(y, p, keys, threshold: float = 0.5, patients=None) -> dict:
+def breakdown(y, p, keys, threshold=0.5, patients=None) -> dict:
     """Metrics per group value, e.g. keys = each image's magnification, subtype or patient.
 
     Returns {value: binary_metrics (+ patient_metrics when patients are given)}, values
     sorted; the groups' counts sum to the totals.
     """
     y, p = _binary(y, p)
+    t = _thresholds(threshold, y.size)
     keys = np.asarray(keys, dtype=object)
     if keys.shape != y.shape:
         raise ValueError(f"keys must have one entry per image ({y.size}), got shape {keys.shape}")
@@ -373,20 +397,27 @@ def breakdown(y, p, keys, threshold: float = 0.5, patients=None) -> dict:
     out = {}
     for v in values:
         m = np.array([k == v for k in given])
-        out[v] = binary_metrics(y[m], p[m], threshold)
+        out[v] = binary_metrics(y[m], p[m], t[m])
         if pats is not None:
-            out[v].update(patient_metrics(y[m], p[m], pats[m], threshold))
+            out[v].update(patient_metrics(y[m], p[m], pats[m], t[m]))
     return out
 
 
-def summarize(y, p, patients, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+def interval_settings(n_boot: int, seed: int, alpha: float = 0.05) -> dict:
+    """How the intervals beside the figures were made: recorded with every interval (metrics.json, --json)."""
+    return {"method": "percentile bootstrap", "unit": "patient", "resamples": int(n_boot), "seed": int(seed),
+            "level": 1 - alpha}
+
+
+def summarize(y, p, patients, threshold=0.5, n_boot: int = 1000, seed: int = 0,
               groups: dict[str, Sequence] | None = None) -> dict:
-    """One JSON-able dict: binary_metrics + patient_metrics + "ci" {metric: [lo, hi]}
-    (omitted when n_boot is 0) + "by" {group: {value: metrics}} for per-image groups
-    such as {"magnification": [...]}. nan becomes None; group values become strings."""
+    """One JSON-able dict: binary_metrics + patient_metrics + "ci" {metric: [lo, hi]} and
+    "ci_settings" (interval_settings; both omitted when n_boot is 0) + "by" {group: {value: metrics}}
+    for per-image groups such as {"magnification": [...]}. nan becomes None; group values become strings."""
     out = {**binary_metrics(y, p, threshold), **patient_metrics(y, p, patients, threshold)}
     if n_boot:
         out["ci"] = bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed, threshold=threshold)
+        out["ci_settings"] = interval_settings(n_boot, seed)
     if groups:
         out["by"] = {name: breakdown(y, p, vals, threshold, patients) for name, vals in groups.items()}
     return jsonable(out)

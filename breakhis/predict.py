@@ -91,14 +91,14 @@ def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig,
     return ev
 
 
-def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000) -> dict:
+def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
     """Metrics of one partition's predictions: image level, patient level, intervals, per magnification."""
     y, probs = ev["labels"], ev["probs"]
     patients = [r.patient for r in records]
     if task == "subtype":
         out = M.multiclass_metrics(y, probs, class_names(task))
     else:
-        out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot,
+        out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot, seed=seed,
                           groups={"magnification": [r.magnification for r in records]})
     out["loss"] = ev["loss"]
     return out
@@ -126,8 +126,10 @@ def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True)
     history = read_csv(run_dir / "history.csv")
     best_rows = [h for h in history if h.get("is_best") == "True"]
     best_epoch = int(best_rows[-1]["epoch"]) if best_rows else None
-    out: dict = {"best_epoch": best_epoch,
-                 "best_val_acc": max((float(h["val_acc"]) for h in history), default=None)}
+    chosen = {k: number(v) for k, v in best_rows[-1].items() if k.startswith("val_")} if best_rows else {}
+    # the figures of the checkpoint that is scored (the epoch --select chose), never the best of any epoch
+    out: dict = {"best_epoch": best_epoch, "select": cfg.select, "selected": chosen,
+                 "best_val_acc": chosen.get("val_acc")}
     rows: list[dict] = []
     evs = {}
     for part in ("val", "test"):
@@ -188,16 +190,43 @@ def group_of(record, by: str) -> str:
     return {"magnification": f"{record.magnification}X", "subtype": record.subtype, "patient": record.patient}[by]
 
 
+def leave_out_seen(run_dir: Path, cfg: TrainConfig, other: Prepared) -> tuple[Prepared, dict]:
+    """Another tree's images without those the run trained or selected on: the patients of the run's
+    train and val partitions (split.json), and images pixel-identical to one of theirs (when the run's
+    own tree is still there to hash). Returns the filtered data and what was left out."""
+    manifest = read_json(run_dir / "split.json") or {}
+    seen_patients = {q for part in ("train", "val") for q in (manifest.get("patients") or {}).get(part, [])}
+    seen_hashes: set[str] = set()
+    own_tree = Path(cfg.data).expanduser().exists()
+    if own_tree:
+        own = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")), progress=False)
+        sha = {q: i.get("sha1") for q, i in zip(own.cache.paths, own.cache.info)}
+        seen_hashes = {sha[r.path] for part in ("train", "val") for r in own.parts[part] if sha.get(r.path)}
+    other_sha = {q: i.get("sha1") for q, i in zip(other.cache.paths, other.cache.info)}
+    keep = [r for r in other.parts["test"] if r.patient not in seen_patients and other_sha.get(r.path) not in seen_hashes]
+    kept = {r.path for r in keep}
+    left = [r for r in other.parts["test"] if r.path not in kept]
+    positions = other.positions["test"][[r.path in kept for r in other.parts["test"]]]
+    note = {"images": len(left), "patients": len({r.patient for r in left}),
+            "why": "patient in the run's train or val partition" + (", or pixel-identical to one of their images"
+                                                                   if own_tree else " (the run's own tree is not at "
+                                                                   f"{cfg.data}: pixel copies not checked)")}
+    return dataclasses.replace(other, parts={**other.parts, "test": keep}, positions={**other.positions, "test": positions}), note
+
+
 def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, threshold: str = "0.5",
                  data: str | None = None, device: str | None = None, by: str | None = None, n_boot: int = 1000,
+                 boot_seed: int = 0,
                  model_file: str | None = None, trust_model: bool = False, export: str | None = None,
-                 cam: int = 0) -> dict:
+                 cam: int = 0, include_seen: bool = False) -> dict:
     """The figures of one run on a partition (or on every image of another tree, `data`), JSON-able.
 
     threshold: a number, youden or recall=R (chosen on the run's validation predictions).
     model_file: an exported program (.pt2) instead of the run's checkpoint, loaded only when this run
     recorded its SHA-256 (or trust_model). export: write one and record it.
     cam: Grad-CAM overlays of that many images into the run's plots/.
+    data: images of the run's train/val patients (or pixel copies of theirs) are left out and counted
+    (out["left_out"]); include_seen keeps them, and out["not_a_test_figure"] says so.
     """
     run_dir = runs.check_run(run_dir)
     cfg = runs.load_config(run_dir)
@@ -206,12 +235,20 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     fixed = number(threshold) is not None
     if data and not fixed:
         raise UserError(f"--threshold {threshold} with --data: give a number (the other tree has no validation split)")
+    out: dict = {}
     if data:
         prep = prepare(dataclasses.replace(cfg, data=data), whole=True)
+        if include_seen:
+            out["not_a_test_figure"] = "images of the run's training and validation patients are included"
+        else:
+            prep, out["left_out"] = leave_out_seen(run_dir, cfg, prep)
+            if not prep.parts["test"]:
+                raise UserError(f"--data {data}: every image belongs to a patient the run trained or selected on "
+                                f"({out['left_out']['images']} images); nothing is left to test (--include-seen "
+                                f"scores them anyway, as a non-test figure)")
     else:
         prep = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")))
     model = load_exported(model_file, run_dir, trust_model) if model_file else load_run_model(run_dir, cfg, dev)
-    out: dict = {}
     if export:
         export_program(model, cfg.image_size, dev, export, run_dir=run_dir)
         out["export"] = str(export)
@@ -221,10 +258,11 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     t = threshold_for(threshold, run_dir, val_ev, cfg.task)
     ev = val_ev if part == "val" and val_ev is not None else predict(model, prep, part, cfg, dev, tta=tta,
                                                                      images=images)
-    result = score(ev, prep.parts[part], cfg.task, threshold=t, n_boot=n_boot)
+    result = score(ev, prep.parts[part], cfg.task, threshold=t, n_boot=n_boot, seed=boot_seed)
     saved = read_json(run_dir / "metrics.json") or {}
     out.update({"run": str(run_dir), "split": part, "tta": tta, "threshold": t,
-                "best_val_acc": saved.get("best_val_acc"), "best_epoch": saved.get("best_epoch"), part: result})
+                "best_val_acc": saved.get("best_val_acc"), "best_epoch": saved.get("best_epoch"),
+                "select": saved.get("select"), part: result})
     if by:
         keys = [group_of(r, by) for r in prep.parts[part]]
         out["by"] = M.breakdown(ev["labels"], ev["probs"][:, 1], keys, threshold=t,

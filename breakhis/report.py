@@ -131,8 +131,9 @@ def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Eva
     t.add_column("metric")
     t.add_column(f"{split} value [95% CI, bootstrap over patients]", justify="right")
     if metrics.get("best_val_acc") is not None:
-        t.add_row("Best valid accuracy", fmt(metrics["best_val_acc"]) +
-                  (f" (epoch {metrics['best_epoch']})" if metrics.get("best_epoch") else ""))
+        how = f"epoch {metrics['best_epoch']}" if metrics.get("best_epoch") else ""
+        how += f", chosen by {metrics['select']}" if metrics.get("select") else ""
+        t.add_row(f"Validation accuracy ({how})" if how else "Validation accuracy", fmt(metrics["best_val_acc"]))
     ci = m.get("ci") or {}
     for key, label in ROWS:
         if key in m:

@@ -26,10 +26,13 @@ def cases(n_patients=40, per_patient=6, start=0):
     return paths, np.array(patients), np.array(labels)
 
 
-def write_run(folder, p, paths=None, patients=None, labels=None, val=None, best_val_acc=0.9, **settings):
-    """A run folder as train.py leaves it, with the given test probabilities of malignant."""
+def write_run(folder, p, paths=None, patients=None, labels=None, val="same", best_val_acc=0.9, **settings):
+    """A run folder as train.py leaves it, with the given test probabilities of malignant. Its validation
+    rows (what the logbook ranks by) are `val` = (labels, p), by default a copy of the test rows."""
     if paths is None:
         paths, patients, labels = cases()
+    if isinstance(val, str):
+        val = (labels, p)
     folder.mkdir(parents=True)
     config = {**TrainConfig().to_dict(), **settings, "_env": {"host": folder.name}}
     (folder / "config.json").write_text(json.dumps(config))
@@ -205,13 +208,24 @@ def test_threshold_rule_is_chosen_on_each_runs_validation_rows(tmp_path, capsys)
     assert youden["a"]["auroc"] == at_half["a"]["auroc"] == 1.0
 
 
-def test_to_half_keeps_decisions_and_ranks():
-    p = np.array([0.0, 0.1, 0.29999999999999993, 0.3, 0.5, 0.99, 1.0])
-    for t in (0.0, 0.3, 0.5, 1.0):
-        q = C._to_half(p, t)
-        assert np.array_equal(q >= 0.5, p >= t)
-        assert np.all(np.diff(q) >= 0) and q.min() >= 0 and q.max() <= 1
-    assert np.array_equal(C._to_half(p, 0.5), p)
+def test_patient_accuracy_at_a_chosen_threshold_uses_raw_probabilities(tmp_path, capsys):
+    """The patient vote is the mean raw probability against the run's threshold: a mapping that puts the
+    threshold at 0.5 and then averages is not the same (the logbook once showed 1.000 for 0.833)."""
+    paths, patients, y = cases(n_patients=6, per_patient=2)
+    # P003's mean raw probability (0.0 + 0.61) / 2 = 0.305 is above the threshold 0.3 (a correct vote),
+    # while the mean of the values mapped to put 0.3 at 0.5 is (0 + 0.721) / 2 = 0.361 < 0.5 (a wrong one)
+    p = np.array([0.1, 0.1, 0.9, 0.29, 0.1, 0.1, 0.0, 0.61, 0.1, 0.1, 0.9, 0.29])
+    val = ([0, 0, 0, 1, 1, 1], [0.1, 0.2, 0.25, 0.3, 0.6, 0.9])  # youden on val: 0.3
+    a = write_run(tmp_path / "a", p, paths, patients, y, val=val, lr=1e-3)
+    b = write_run(tmp_path / "b", np.where(y == 1, 0.8, 0.1), paths, patients, y, val=val, lr=1e-4)
+    row = {r["run"]: r for r in run_json([a, b], capsys, threshold="youden")["rows"]}["a"]
+    t = 0.3
+    means = {q: p[patients == q].mean() for q in np.unique(patients)}
+    label = {q: y[patients == q][0] for q in means}
+    reference = np.mean([(means[q] >= t) == label[q] for q in means])  # numpy, by hand
+    assert row["patient_accuracy"] == pytest.approx(reference) and reference == 1.0
+    assert row["accuracy"] == pytest.approx(np.mean((p >= t) == y))
+    assert row["thresholds"] == "0.3"
 
 
 def test_subtype_and_unfinished_runs_are_listed_not_ranked(tmp_path, capsys):
@@ -260,6 +274,8 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
 ])
 def test_user_errors(tmp_path, capsys, extra, message):
     perfect, coin = perfect_and_coin(tmp_path)
+    _, _, y = cases()
+    coin = write_run(tmp_path / "coin-no-val", np.full(y.size, 0.5), val=None, lr=1e-2)  # no validation rows
     assert guard(evaluate.main, [str(perfect), str(coin), *extra]) == 2
     assert message in capsys.readouterr().err
 
@@ -272,5 +288,5 @@ def test_damaged_predictions_file(tmp_path, capsys):
 
 
 def test_undefined_metric_ranks_last():
-    undefined, defined = C.Row([], "u", value={"auroc": math.nan}), C.Row([], "d", value={"auroc": 0.1})
+    undefined, defined = C.Row([], "u", val={"auroc": math.nan}), C.Row([], "d", val={"auroc": 0.1})
     assert C._key(undefined, "auroc") < C._key(defined, "auroc")

@@ -315,3 +315,18 @@ def test_interval_ignores_resamples_without_a_class():
     ci = bootstrap_ci(y, p, patients, n_boot=300, seed=0)
     assert ci["specificity"] == (1.0, 1.0)
     assert ci["recall"] == (1.0, 1.0) and ci["precision"] == (1.0, 1.0)
+
+
+def test_undefined_figures_are_nan_not_zero():
+    """A group with only benign images has no recall (hence no F1); one with only malignant images no
+    specificity; no malignant calls, no precision. They were shown as 0.000."""
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.7, 0.2, 0.9, 0.8, 0.3])
+    by = M.breakdown(y, p, ["benign-only"] * 3 + ["malignant-only"] * 3, patients=list("aabcdd"))
+    benign, malignant = by["benign-only"], by["malignant-only"]
+    assert math.isnan(benign["recall"]) and math.isnan(benign["f1"]) and benign["precision"] == 0.0
+    assert benign["specificity"] == pytest.approx(2 / 3)  # by hand: 2 of 3 benign images below 0.5
+    assert math.isnan(malignant["specificity"]) and malignant["recall"] == pytest.approx(2 / 3)
+    none_called = M.binary_metrics(np.array([0, 1]), np.array([0.1, 0.2]))
+    assert math.isnan(none_called["precision"]) and none_called["recall"] == 0.0
+    assert M.jsonable(benign)["recall"] is None  # null in JSON, '–' in tables

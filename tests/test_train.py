@@ -219,3 +219,44 @@ def test_config_file_retrains_same_settings(trained, demo_root, cache_dir, tmp_p
                               "again", "--results", str(tmp_path)]) == 0
     assert read_json(tmp_path / "again" / "config.json")["head"] == [32]
     assert np.isfinite(read_json(tmp_path / "again" / "metrics.json")["test"]["accuracy"])
+
+
+def test_evaluate_other_tree_leaves_out_seen_patients(trained, demo_root, capsys):
+    """Scoring the run's own tree as 'another tree' used to report the training patients as test."""
+    run, _ = trained
+    split = read_json(run / "split.json")
+    test_patients = set(split["patients"]["test"])
+    assert guard(evaluate.main, [str(run), "--data", str(demo_root), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    seen = [p for part in ("train", "val") for p in split["patients"][part]]
+    assert out["test"]["n_patients"] == len(test_patients)  # only the run's test patients are left
+    assert out["left_out"]["patients"] == len(seen) and out["left_out"]["images"] == len(split["train"]) + len(split["val"])
+    assert "not_a_test_figure" not in out
+    assert guard(evaluate.main, [str(run), "--data", str(demo_root), "--include-seen", "--json"]) == 0
+    everything = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert everything["test"]["n_patients"] == len(test_patients) + len(seen) and everything["not_a_test_figure"]
+
+
+def test_metrics_json_records_the_selected_checkpoint_and_the_intervals(trained, demo_root, tmp_path, capsys):
+    """The validation figures are those of the epoch --select chose, not the best of any epoch; every
+    interval says how it was made."""
+    import shutil
+
+    from breakhis.predict import finalize
+
+    run, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    history = read_csv(copy / "history.csv")
+    history[0].update(val_acc="0.99", is_best="False")  # a higher accuracy at an epoch that was not chosen
+    history[-1].update(val_acc="0.5", is_best="True")
+    from breakhis.io import write_csv
+
+    write_csv(copy / "history.csv", history)
+    m = finalize(copy, progress=False)
+    assert m["best_val_acc"] == 0.5 and m["best_epoch"] == int(history[-1]["epoch"]) and m["select"] == "val_acc"
+    assert m["test"]["ci_settings"] == {"method": "percentile bootstrap", "unit": "patient", "resamples": 1000,
+                                        "seed": 0, "level": 0.95}
+    assert guard(evaluate.main, [str(copy), "--n-boot", "50", "--boot-seed", "7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["test"]["ci_settings"]["resamples"] == 50 and out["test"]["ci_settings"]["seed"] == 7
