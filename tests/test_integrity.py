@@ -157,3 +157,13 @@ def test_full_size_tree_report(full_tree, tmp_path, capsys):
     assert len(m["train"]) + len(m["val"]) + len(m["test"]) == 7909 - 20 and len(m["dropped"]) == 20
     for p, target in zip(D.PARTS, (0.7, 0.1, 0.2)):
         assert abs(m["counts"][p]["fraction"] - target) < 0.01 and len(m["counts"][p]["subtypes"]) == 8
+
+
+def test_report_names_slide_ids_shared_across_subtypes(tmp_path):
+    recs = records_for([("SOB_M_DC-14-13412", 2), ("SOB_M_LC-14-13412", 2), ("SOB_B_F-14-21998CD", 2),
+                        ("SOB_B_PT-14-21998AB", 2), ("SOB_B_A-14-22549AB", 2), ("SOB_B_A-14-22549CD", 2)])
+    rep = integrity_report(D.Index(tmp_path, recs, []))
+    assert rep["cross_subtype_ids"] == [  # 22549AB/CD share a subtype: not listed
+        {"accession": "14-13412", "patients": ["SOB_M_DC-14-13412", "SOB_M_LC-14-13412"]},
+        {"accession": "14-21998", "patients": ["SOB_B_F-14-21998CD", "SOB_B_PT-14-21998AB"]}]
+    assert any("14-13412" in n for n in rep["notes"])

@@ -72,6 +72,14 @@ def test_accession_grouping():
     assert all(len(side(S.make_split(recs, (60, 10, 30), s, group="accession"))) == 1 for s in range(20))
     assert any(len(side(S.make_split(recs, (60, 10, 30), s))) > 1 for s in range(20))
     assert S.make_split(recs, (60, 10, 30), 0, group="accession")["group"] == "accession"
+    # slide numbers shared across subtype codes (13412 DC/LC, 21998 F/PT, 29960 A/F) stay on one side too
+    pairs = [("SOB_M_DC-14-13412", "SOB_M_LC-14-13412"), ("SOB_B_F-14-21998CD", "SOB_B_PT-14-21998AB"),
+             ("SOB_B_A-14-29960AB", "SOB_B_F-14-29960CD")]
+    recs = records_for([(p, 20) for pair in pairs for p in pair] + demo_spec(16, 30))
+    for s in range(20):
+        m = S.make_split(recs, (60, 10, 30), s, group="accession")
+        for a, b in pairs:
+            assert [p for p in D.PARTS if a in m["patients"][p]] == [p for p in D.PARTS if b in m["patients"][p]]
     with pytest.raises(ValueError, match="group"):  # users meet TrainConfig.validate()'s --group message first
         S.make_split(recs, (60, 10, 30), 0, group="slide")
 
@@ -127,7 +135,7 @@ def test_load_split_accession_leak(tmp_path):
     write_json(tmp_path / "p.json", m)
     S.load_split(tmp_path / "p.json", recs)
     write_json(tmp_path / "a.json", {**m, "group": "accession"})
-    with pytest.raises(UserError, match="SOB_B_A-14-22549 in more than one"):
+    with pytest.raises(UserError, match="14-22549 in more than one"):
         S.load_split(tmp_path / "a.json", recs)
 
 

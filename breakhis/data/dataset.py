@@ -59,14 +59,21 @@ class Record:
 
     @property
     def accession(self) -> str:
-        """Patient id without the slide letters: 22549AB, 22549CD and 22549G share 'SOB_B_A-14-22549'."""
-        return self.patient.rstrip(string.ascii_letters)
+        """The numeric slide id with its year, across slide letters and subtype codes: 22549AB, 22549CD and
+        22549G share '14-22549'; so do SOB_M_DC-14-13412 and SOB_M_LC-14-13412 (the same slides filed
+        under two subtypes), and 21998 (F/PT) and 29960 (A/F)."""
+        return accession_of(self.patient)
 
     def expected_path(self) -> str:
         """Where the archive keeps a file of this name."""
         folder = self.patient.replace("-", "_", 1)  # SOB_B_A-14-x -> SOB_B_A_14-x
         return (f"histology_slides/breast/{self.cls}/SOB/{self.subtype}/{folder}/{self.magnification}X/"
                 f"{PurePosixPath(self.path).name}")
+
+
+def accession_of(patient: str) -> str:
+    """'SOB_B_A-14-22549AB' -> '14-22549' (see Record.accession)."""
+    return patient.split("-", 1)[-1].rstrip(string.ascii_letters)
 
 
 def parse_name(name: str, path: str | None = None) -> Record | None:

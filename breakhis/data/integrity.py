@@ -14,6 +14,15 @@ from .dataset import CLASSES, FULL, MAGNIFICATIONS, PARTS, SUBTYPES, Index, Reco
 from .splits import part_records
 
 
+def cross_subtype_ids(records: list[Record]) -> list[dict]:
+    """Numeric slide ids (Record.accession) that appear under more than one subtype code."""
+    by_id: dict[str, set[str]] = {}
+    for r in records:
+        by_id.setdefault(r.accession, set()).add(r.patient)
+    return [{"accession": k, "patients": sorted(v)} for k, v in sorted(by_id.items())
+            if len({q.split("-", 1)[0] for q in v}) > 1]
+
+
 def integrity_report(index: Index, info: list[dict] | None = None, paths: list[str] | None = None,
                      skip_bad: bool = False) -> dict:
     """JSON-able facts about a tree: counts per class x subtype x magnification, patients per subtype,
@@ -33,8 +42,9 @@ def integrity_report(index: Index, info: list[dict] | None = None, paths: list[s
            "magnifications": {str(m): sum(r.magnification == m for r in recs) for m in MAGNIFICATIONS},
            "counts": counts, "strays": index.strays, "checked_pixels": info is not None, "skip_bad": skip_bad,
            "unreadable": [], "modes": {}, "sizes": {}, "odd_sizes": [], "duplicates": [], "duplicate_patients": [],
-           "dropped": {}}
-    notes = []
+           "dropped": {}, "cross_subtype_ids": cross_subtype_ids(recs)}
+    notes = [f"slide id {c['accession']} is filed under {len(c['patients'])} subtypes ({', '.join(c['patients'])}): "
+             f"--group accession keeps them on one side of a split" for c in rep["cross_subtype_ids"]]
     if info is not None:
         if len(info) != len(paths):
             raise ValueError(f"info has {len(info)} entries for {len(paths)} paths")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import parse_split_ratio
 from ..errors import UserError
-from .dataset import MAGNIFICATIONS, PARTS, SUBTYPES, Record, parse_name
+from .dataset import MAGNIFICATIONS, PARTS, SUBTYPES, Record, accession_of, parse_name
 
 TRIALS = 4000  # seeded assignments tried per split
 CLASS_COST = 0.5  # weight of the per-class image-fraction error next to the overall one
@@ -276,9 +276,10 @@ def load_split(path: str | Path, records: list[Record] | None = None) -> dict:
                 raise UserError(f"split file {p} lists {x} in both {seen[x]} and {part}: {remake}")
             seen[x] = part
             where[key(rec)].add(part)
+    unit = accession_of if m.get("group") == "accession" else (lambda q: q)
     for part, pats in (m.get("patients") or {}).items():
         for pat in pats if part in PARTS else ():
-            where[pat].add(part)
+            where[unit(pat)].add(part)
     leaks = sorted(k for k, s in where.items() if len(s) > 1)
     if leaks:
         raise UserError(f"split file {p} puts {', '.join(leaks)} in more than one of train/val/test, "
