@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from breakhis.config import add_flags, flag_name, load_config_file, make_config, overrides_from_args
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
 
     # --- one run per seed ---
     prep = None
+    repeats = {"id": time.strftime("%Y%m%d-%H%M%S"), "seeds": seeds, "resplit": a.resplit} if len(seeds) > 1 else None
     for seed in seeds:
         run_cfg = dataclasses.replace(cfg, seed=seed, split_seed=seed if a.resplit else cfg.split_seed)
         if prep is None or a.resplit:
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
         run_dir = runs.new_run_dir(a.results, name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
         report.console.print(f"run folder: {run_dir}")
         try:
-            metrics = fit(run_cfg, run_dir, data=prep, progress=not a.quiet)
+            metrics = fit(run_cfg, run_dir, data=prep, progress=not a.quiet, repeats=repeats)
         except KeyboardInterrupt:
             if run_dir.exists():
                 print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",

@@ -53,6 +53,10 @@ METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "rec
            ("patient_recognition_rate", "patient rec. rate"), ("patient_accuracy", "patient acc."))
 IGNORED = ("device", "workers", "cache_dir", "device_cache_gb", "split_file")
 REPEAT_KEYS = ("seed", "split_seed")
+# columns left out first when the logbook is wider than the terminal (the run name, the ranking and the
+# comparison with the best stay; the settings that differ go last)
+DROP_ORDER = ("AUCPR", "specificity", "patient rec. rate", "precision", "patient acc.", "F1", "recall",
+              "val acc (selected epoch)", "runs", "image set", "AUROC")
 SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in M.CI_KEYS if k not in dict(METRICS))
 
 
@@ -69,6 +73,7 @@ class Run:
     patients: np.ndarray | None = None  # (N,) patient ids
     threshold: float = 0.5              # this run's decision threshold (--threshold, chosen on its own val rows)
     val: tuple | None = None            # (y, p, patients) of its validation rows: what the ranking reads
+    repeats: dict = field(default_factory=dict)  # config.json "_repeats": the train.py --seeds call it came from
     fingerprint: str = ""   # sha1 of the scored images' paths and labels: equal means comparable
     note: str = ""
 
@@ -94,6 +99,7 @@ class Row:
     best: bool = False
     versus: dict | None = None                  # paired_bootstrap result against the best
     note: str = ""
+    identical: list[str] = field(default_factory=list)  # runs left out: same seed, split and images as one kept
 
     @property
     def signature(self) -> tuple[str, ...]:
@@ -106,7 +112,7 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
     raw = read_json(path / "config.json") or {}
     config = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(path / "config.json"))
-    run = Run(path, name, config, read_json(path / "metrics.json") or {})
+    run = Run(path, name, config, read_json(path / "metrics.json") or {}, repeats=raw.get("_repeats") or {})
     if run.task != "binary":
         run.note = "subtype task: not ranked"
         return run
@@ -171,14 +177,29 @@ def differing_settings(configs: list[dict]) -> list[str]:
     return [k for k in keys if len({repr(_setting(c, k)) for c in configs}) > 1]
 
 
-def group_repeats(items: list[Run]) -> list[list[Run]]:
-    """Runs whose settings are equal except seed and split_seed, in first-seen order."""
+def group_repeats(items: list[Run]) -> list[tuple[list[Run], list[Run]]]:
+    """Repeats of one recipe, in first-seen order: (runs, identical runs left out).
+
+    Runs are repeats when their settings are equal except the seed: they share the patient split.
+    Runs on other splits (split_seed) are pooled only when they came from one `train.py --seeds
+    --resplit` call (its "_repeats" record). Runs with the same seed, split and test images are
+    the same run trained twice: one is kept, the others are listed as left out."""
     groups: dict[str, list[Run]] = {}
     for r in items:
-        key = repr(sorted((k, repr(_setting(r.config, k))) for k in r.config
-                          if k not in IGNORED and k not in REPEAT_KEYS))
+        resplit = bool(r.repeats.get("resplit"))
+        ignored = REPEAT_KEYS if resplit else ("seed",)
+        key = repr((sorted((k, repr(_setting(r.config, k))) for k in r.config if k not in IGNORED and k not in ignored),
+                    r.repeats.get("id") if resplit else None))
         groups.setdefault(key, []).append(r)
-    return list(groups.values())
+    out = []
+    for runs_ in groups.values():
+        kept, same, seen = [], [], set()
+        for r in runs_:
+            ident = (repr(r.config.get("seed")), repr(r.config.get("split_seed")), r.fingerprint)
+            (same if ident in seen else kept).append(r)
+            seen.add(ident)
+        out.append((kept, same))
+    return out
 
 
 def _group_name(names: list[str]) -> str:
@@ -326,7 +347,8 @@ def table(rows: list[Row], keys: list[str], sort: str) -> tuple[list[str], list[
     cells = []
     for r in rows:
         settings = settings_of(r, keys)
-        line = [r.name + (" ★" if r.best else ""), *(settings[k] for k in keys)]
+        same = f" (+{len(r.identical)} identical, counted once)" if r.identical else ""
+        line = [r.name + (" ★" if r.best else "") + same, *(settings[k] for k in keys)]
         line += [str(len(r.runs))] if repeats else []
         line += [r.image_set or "–"] if many_sets else []
         if r.value:
@@ -346,7 +368,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
     out = []
     for r in rows:
         rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "image_set": r.image_set,
-               "best": r.best, "folders": ";".join(str(x.path) for x in r.runs),
+               "best": r.best, "folders": ";".join(str(x.path) for x in r.runs), "identical": ";".join(r.identical),
                "thresholds": ";".join(f"{x.threshold:.6g}" for x in r.runs),
                **{f"val_{k}": r.val.get(k) for k, _ in METRICS}}
         for k in ("best_val_acc", *(k for k, _ in METRICS)):
@@ -406,7 +428,8 @@ def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", so
     loaded = [load_run(p, n, part, threshold) for p, n in zip(paths, run_names(paths))]
     keys = differing_settings([r.config for r in loaded])
     scored = [r for r in loaded if r.scored]
-    rows = [Row(g, _group_name([r.name for r in g])) for g in group_repeats(scored)]
+    rows = [Row(g, _group_name([r.name for r in g]), identical=[r.name for r in same])
+            for g, same in group_repeats(scored)]
     for row in rows:
         score_row(row, n_boot, seed)
     rows = rank(rows, sort, n_boot, seed)
@@ -416,11 +439,13 @@ def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", so
                    M.interval_settings(n_boot, seed))
 
 
-def render(book: Logbook):
-    """The rich table of the logbook: a line between image sets, the best rows in bold."""
+def render(book: Logbook, width: int | None = None):
+    """The rich table of the logbook: a line between image sets, the best rows in bold, run names never
+    wrapped; columns least needed to read the ranking go first when the terminal is too narrow."""
     rows = book.rows
     starts = {i for i in range(1, len(rows)) if rows[i].image_set != rows[i - 1].image_set}
     stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in book.cells]  # narrower
     return report.logbook_table(book.columns, stacked, title=f"Logbook: {book.runs} runs, {book.part} split",
                                 caption=book.caption, best={i for i, r in enumerate(rows) if r.best},
-                                sections=starts)
+                                sections=starts, width=width, drop_order=[c for c in DROP_ORDER if c in book.columns]
+                                + [k for k in book.keys if k in book.columns])

@@ -73,7 +73,7 @@ def check_data(prep: Prepared, cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None = None,
-        data: Prepared | None = None, progress: bool = True, resume: bool = False) -> dict:
+        data: Prepared | None = None, progress: bool = True, resume: bool = False, repeats: dict | None = None) -> dict:
     """Train one run into run_dir and finalize it; returns the metrics dict (as metrics.json).
 
     Everything that can be refused (device, data, model, weights) is built before the folder is
@@ -83,14 +83,14 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
     """
     run_dir = Path(run_dir)
     try:
-        return _fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=progress, resume=resume)
+        return _fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=progress, resume=resume, repeats=repeats)
     except Exception as e:
         runs.abandon(run_dir, e)
         raise
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
-         progress: bool, resume: bool) -> dict:
+         progress: bool, resume: bool, repeats: dict | None) -> dict:
     device = preflight(cfg)
     seed_everything(cfg.seed)
     if device.type == "cuda":
@@ -120,7 +120,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     history: list[dict] = []
     best, best_epoch, start, stale = None, 0, 1, 0
     if not resume:
-        runs.start_run(run_dir, cfg, prep.manifest, device)
+        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats)
     else:
         runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
         st = runs.load_state(run_dir / "last.pt")

@@ -162,12 +162,33 @@ def breakdown_table(by: dict, title: str) -> Table:
 
 
 def logbook_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
-                  best: set[int] = frozenset(), sections: set[int] = frozenset()) -> Table:
+                  best: set[int] = frozenset(), sections: set[int] = frozenset(), drop_order: list[str] = (),
+                  width: int | None = None) -> Table:
     """The logbook of many runs: one row per run (or group of repeats); a line before each index
-    in `sections` (a new set of comparable runs); rows in `best` in bold."""
-    t = Table(title=title, title_style="bold", caption=caption, caption_justify="left")
-    for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right", overflow="fold")
-    for i, cells in enumerate(rows):
-        t.add_row(*cells, style="bold" if i in best else None, end_section=i + 1 in sections)
-    return t
+    in `sections` (a new set of comparable runs); rows in `best` in bold.
+
+    The first column (the run's name) never wraps, so a name can be copied. When the table is wider
+    than `width` (default: the terminal), the columns in `drop_order` are left out, first ones first,
+    until it fits; the caption names them."""
+    width = width or console.width
+    keep = list(range(len(columns)))
+    dropped: list[str] = []
+
+    def build() -> Table:
+        note = f"\nLeft out to fit {width} columns: {', '.join(dropped)} (see --csv, --markdown or --json)." if dropped else ""
+        t = Table(title=title, title_style="bold", caption=caption + note, caption_justify="left")
+        for i in keep:
+            t.add_column(columns[i], justify="left" if i == 0 else "right", no_wrap=i == 0,
+                         overflow="ignore" if i == 0 else "fold")
+        for r, cells in enumerate(rows):
+            t.add_row(*(cells[i] for i in keep), style="bold" if r in best else None, end_section=r + 1 in sections)
+        return t
+
+    table = build()
+    for name in drop_order:
+        if Console(width=10_000).measure(table).maximum <= width or name not in columns:
+            continue
+        keep.remove(columns.index(name))
+        dropped.append(name)
+        table = build()
+    return table

@@ -96,10 +96,15 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def start_run(run_dir: Path, cfg: TrainConfig, manifest: dict, device: torch.device) -> None:
-    """Write config.json and split.json: from here on the folder is a (not yet finished) run."""
+def start_run(run_dir: Path, cfg: TrainConfig, manifest: dict, device: torch.device,
+              repeats: dict | None = None) -> None:
+    """Write config.json and split.json: from here on the folder is a (not yet finished) run.
+
+    repeats: for one of the runs of `train.py --seeds`, {"id", "seeds", "resplit"}: the logbook pools
+    runs on different test splits only when they share this record with resplit true."""
     write_json(run_dir / "split.json", manifest)
-    write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device)})
+    write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device),
+                                         **({"_repeats": repeats} if repeats else {})})
     set_status(run_dir, RUNNING, epoch=0)
 
 

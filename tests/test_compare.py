@@ -52,7 +52,7 @@ def write_run(folder, p, paths=None, patients=None, labels=None, val="same", bes
 
 
 def args(**kw):
-    base = dict(sort="accuracy", csv=None, markdown=None, boot=300, json=True, part="test", threshold="0.5",
+    base = dict(sort="accuracy", csv=None, markdown=None, boot=300, boot_seed=0, json=True, part="test", threshold="0.5",
                 tta=False, data=None, by=None, export=None, model=None, cam=0)
     return argparse.Namespace(**{**base, **kw})
 
@@ -151,7 +151,7 @@ def test_resplit_groups_compare_with_each_other_not_with_a_single_run(tmp_path, 
             paths, patients, y = cases(start=10 * s)
             p = np.where(y == 1, 0.9, 0.1) if arch == "resnet50" else np.full(y.size, 0.6)  # 0.6: all malignant
             folders.append(write_run(tmp_path / f"{arch}-seed{s}", p, paths, patients, y, seed=s, split_seed=s,
-                                     backbone=arch))
+                                     backbone=arch, _repeats={"id": arch, "seeds": [0, 1], "resplit": True}))
     paths, patients, y = cases()
     folders.append(write_run(tmp_path / "single", np.where(y == 1, 0.9, 0.1), backbone="vgg11"))
     rows = {r["run"]: r for r in run_json(folders, capsys)["rows"]}
@@ -266,7 +266,7 @@ def test_evaluate_cli_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--sort", "speed"], "--sort 'speed': choose one of"),
-    (["--boot", "0"], "--boot 0"),
+    (["--boot", "0"], "--n-boot 0"),
     (["--tta"], "--tta apply to one run"),
     (["--cam", "3"], "--cam apply to one run"),
     (["--threshold", "youden"], "no validation predictions"),
@@ -290,3 +290,43 @@ def test_damaged_predictions_file(tmp_path, capsys):
 def test_undefined_metric_ranks_last():
     undefined, defined = C.Row([], "u", val={"auroc": math.nan}), C.Row([], "d", val={"auroc": 0.1})
     assert C._key(undefined, "auroc") < C._key(defined, "auroc")
+
+
+def test_run_names_never_wrap_and_columns_give_way(tmp_path):
+    """At 120 columns '20261129-142733-resnet18' used to break over two lines; now whole columns go instead."""
+    import io
+
+    from rich.console import Console
+
+    _, _, y = cases()
+    rng = np.random.default_rng(5)
+    folders = [write_run(tmp_path / f"20261129-14273{i}-resnet18", np.clip(y * 0.4 + rng.uniform(0, 0.6, y.size), 0, 1),
+                         lr=10.0 ** -(i + 3)) for i in range(3)]
+    book = C.logbook(folders, n_boot=50)
+    for width in (120, 80):
+        out = io.StringIO()
+        Console(file=out, width=width, record=True).print(C.render(book, width=width))
+        text = out.getvalue()
+        for f in folders:
+            assert f.name in text  # whole, on one line
+        assert max(len(line) for line in text.splitlines()) <= width
+    assert "Left out to fit 80 columns: AUCPR" in text
+
+
+def test_identical_runs_count_once_and_other_splits_are_not_pooled(tmp_path, capsys):
+    """Two runs with the same seed (the same predictions) were shown as '2 runs, 0.953 ± 0.000'; a run with
+    its own --split-seed was merged into the seed repeats of split 0."""
+    _, _, y = cases()
+    rng = np.random.default_rng(4)
+    p0, p1 = (np.clip(y * 0.5 + rng.uniform(0, 0.55, y.size), 0, 1) for _ in range(2))
+    twice = [write_run(tmp_path / f"again{i}", p0, seed=0, backbone="resnet50") for i in range(2)]
+    other_seed = write_run(tmp_path / "again-seed1", p1, seed=1, backbone="resnet50")
+    paths2, patients2, y2 = cases(start=100)
+    other_split = write_run(tmp_path / "own-split", np.where(y2 == 1, 0.8, 0.2), paths2, patients2, y2, seed=2,
+                            split_seed=5, backbone="resnet50")
+    rows = run_json([*twice, other_seed, other_split], capsys)["rows"]
+    pooled = next(r for r in rows if "again0" in r["folders"])
+    assert pooled["runs"] == 2 and pooled["identical"] == "again1"  # seeds 0 and 1; the second seed-0 run left out
+    assert pooled["accuracy_std"] is not None and pooled["accuracy_std"] > 0
+    alone = next(r for r in rows if "own-split" in r["folders"])
+    assert alone["runs"] == 1 and alone["image_set"] != pooled["image_set"]

@@ -287,7 +287,7 @@ def test_resume_refuses_settings_it_would_ignore(run, capsys):
 
 @pytest.mark.parametrize("flags, words", [
     (["--threshold", "1.5"], "a fixed threshold must be in [0, 1]"), (["--threshold", "nan"], "bad threshold rule 'nan'"),
-    (["--boot", "-5"], "--boot -5"), (["--markdown", "x.md"], "--markdown writes the logbook table of several runs"),
+    (["--boot", "-5"], "--n-boot -5"), (["--markdown", "x.md"], "--markdown writes the logbook table of several runs"),
     (["--csv", "x.csv"], "--csv writes the logbook table of several runs"),
 ])
 def test_evaluate_refuses_before_work(run, flags, words, capsys, tmp_path):
