@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
 from sklearn import metrics as skm
 
 from .errors import UserError
@@ -251,8 +252,8 @@ def _stats(w: np.ndarray, d: _PatientCounts, keys: Sequence[str]) -> dict[str, n
         "recall": recall,
         "specificity": specificity,
         "f1": np.where(has_pos, _div(2 * tp, 2 * tp + fp + fn), np.nan),
-        "patient_recognition_rate": w @ d.fraction / w.shape[1],
-        "patient_accuracy": w @ d.patient_correct / w.shape[1],
+        "patient_recognition_rate": w @ d.fraction / w.sum(axis=1),
+        "patient_accuracy": w @ d.patient_correct / w.sum(axis=1),
     }
     if "auroc" in keys or "aucpr" in keys:
         out["auroc"], out["aucpr"] = _ranked(w, d)
@@ -268,18 +269,93 @@ def _interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
-def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | None = None, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05, threshold=0.5) -> dict[str, tuple[float, float]]:
-    """Percentile intervals (1 - alpha) by resampling patients with replacement.
+def wilson(k: float, n: float, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (n units, each one vote): never of zero width."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    z = float(norm.ppf(1 - alpha / 2))
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(max(k * (n - k) / n, 0.0) + z * z / 4) / (n + z * z)
+    return (max(0.0, centre - half), 1.0 if k >= n else min(1.0, centre + half))
 
-    Default: every key of CI_KEYS, computed vectorised from per-patient counts. With fn,
-    fn(y, p) -> dict of scalars is called on each resample's images (slower); the draws
-    are the same for the same seed either way.
+
+def _bca(estimate: float, boots: np.ndarray, jack: np.ndarray, alpha: float) -> tuple[float, float]:
+    """Bias-corrected and accelerated percentile interval (Efron 1987) from bootstrap values (B,) and
+    leave-one-patient-out jackknife values (P,); resamples where the metric is undefined are left out."""
+    boots, jack = boots[np.isfinite(boots)], jack[np.isfinite(jack)]
+    if boots.size == 0 or not math.isfinite(estimate):
+        return (math.nan, math.nan)
+    below = (np.sum(boots < estimate) + 0.5 * np.sum(boots == estimate)) / boots.size
+    z0 = float(norm.ppf(np.clip(below, 1 / (2 * boots.size), 1 - 1 / (2 * boots.size))))
+    dev = jack.mean() - jack if jack.size else np.zeros(1)
+    scale = 6 * float((dev ** 2).sum()) ** 1.5
+    acc = float((dev ** 3).sum()) / scale if scale > 0 else 0.0
+    z = norm.ppf([alpha / 2, 1 - alpha / 2])
+    levels = norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z)))
+    lo, hi = np.percentile(boots, 100 * np.nan_to_num(levels, nan=0.5))
+    return (float(lo), float(hi))
+
+
+# for a figure whose bootstrap values do not vary (every resample says 1.000), the patients that carry
+# it, counted as votes: the Wilson interval of its value over that many patients replaces a zero width
+_UNITS = {"accuracy": "all", "balanced_accuracy": "fewer", "precision": "called", "recall": "malignant",
+          "specificity": "benign", "f1": "malignant", "auroc": "fewer", "aucpr": "fewer",
+          "patient_recognition_rate": "all", "patient_accuracy": "all"}
+
+
+def _units(d: _PatientCounts, key: str) -> int:
+    tp, fp, fn, tn = d.counts.T
+    malignant, benign = int(((tp + fn) > 0).sum()), int(((tn + fp) > 0).sum())
+    return {"all": len(d.members), "malignant": malignant, "benign": benign, "fewer": min(malignant, benign),
+            "called": int(((tp + fp) > 0).sum())}[_UNITS[key]]
+
+
+def class_patients(y, patients) -> dict[str, int]:
+    """Patients per class (by the majority of their image labels)."""
+    y = np.asarray(y)
+    names, idx = _patient_index(patients, y.size)
+    malignant = np.bincount(idx, weights=y.astype(np.float64), minlength=names.size) / np.bincount(idx) >= 0.5
+    return {"benign": int((~malignant).sum()), "malignant": int(malignant.sum())}
+
+
+FEW_PATIENTS = 10  # fewer patients than this in a class: the intervals are rough, and the output says so
+
+
+def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | None = None, n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05, threshold=0.5,
+                 method: str = "bca") -> dict[str, tuple[float, float]]:
+    """Intervals (1 - alpha) by resampling patients with replacement (all images of a drawn patient come along).
+
+    method "bca" (default): bias-corrected and accelerated (jackknife over patients); patient_accuracy
+    (one vote per patient) gets the Wilson score interval; a figure whose resamples never vary gets
+    the Wilson interval over the patients that carry it instead of a zero-width one. method
+    "percentile": the plain percentile interval (kept to compare coverage: bench coverage).
+    Default figures: every key of CI_KEYS, computed vectorised from per-patient counts. With fn,
+    fn(y, p) -> dict of scalars is called on each resample's images (slower, percentile only); the
+    draws are the same for the same seed either way.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if method not in ("bca", "percentile"):
+        raise ValueError(f"method must be bca or percentile, not {method!r}")
     d = _prepare(y, p, patients, threshold)
-    draws = _draws(len(d.members), n_boot, seed)
+    n_pat = len(d.members)
+    draws = _draws(n_pat, n_boot, seed)
+    if fn is None and method == "bca":
+        dist = _stats(_multiplicity(draws), d, CI_KEYS)
+        point = {k: float(v[0]) for k, v in _stats(np.ones((1, n_pat)), d, CI_KEYS).items()}
+        jack = _stats(np.ones((n_pat, n_pat)) - np.eye(n_pat), d, CI_KEYS) if n_pat > 1 else \
+            {k: np.zeros(0) for k in CI_KEYS}
+        out = {}
+        for k in CI_KEYS:
+            lo, hi = _bca(point[k], dist[k], jack[k], alpha)
+            units = _units(d, k)
+            if k == "patient_accuracy":
+                lo, hi = wilson(point[k] * units, units, alpha)
+            elif math.isfinite(lo) and hi - lo < 1e-12 and units:
+                lo, hi = wilson(point[k] * units, units, alpha)
+            out[k] = (lo, hi)
+        return out
     if fn is None:
         dist = _stats(_multiplicity(draws), d, CI_KEYS)
     else:

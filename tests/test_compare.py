@@ -84,8 +84,12 @@ def test_perfect_beats_coin_flip_and_intervals_are_known(tmp_path, capsys):
     out = run_json([coin, perfect], capsys)
     best, other = out["rows"]
     assert best["run"] == "perfect" and best["best"]
-    assert best["accuracy"] == 1 and (best["accuracy_lo"], best["accuracy_hi"]) == (1, 1)
-    assert best["auroc_lo"] == 1
+    # 40 patients all right: the Wilson interval over 40 votes, by hand (zero width would claim certainty)
+    z = 1.959963984540054
+    lo40 = (40 + z * z / 2) / (40 + z * z) - z * math.sqrt(z * z / 4) / (40 + z * z)
+    lo20 = (20 + z * z / 2) / (20 + z * z) - z * math.sqrt(z * z / 4) / (20 + z * z)
+    assert best["accuracy"] == 1 and (best["accuracy_lo"], best["accuracy_hi"]) == (pytest.approx(lo40), 1)
+    assert best["auroc_lo"] == pytest.approx(lo20)  # 20 patients of the smaller class
     assert other["significant"] is True and other["vs_best_hi"] < 0 and other["vs_best_p"] < 0.01
     y, p = cases()[2], np.random.default_rng(0).uniform(size=cases()[2].size)
     assert other["vs_best_diff"] == pytest.approx(accuracy_score(y, p >= 0.5) - 1)
@@ -191,7 +195,7 @@ def test_csv_and_markdown_exports_hold_the_rows(tmp_path, capsys, monkeypatch):
     assert float(rows[0]["accuracy"]) == 1.0 and rows[1]["significant"] == "True"
     md = out_md.read_text().splitlines()
     assert md[0].startswith("| run | lr |") and md[1].startswith("| --- |")
-    assert md[2].startswith("| perfect ★ |") and "1.000 [1.000, 1.000]" in md[2]
+    assert md[2].startswith("| perfect ★ |") and "1.000 [0.912, 1.000]" in md[2]
     assert md[3].startswith("| coin |") and "*" in md[3].split("|")[-2]
     assert not list(tmp_path.glob("**/.tmp-*"))
 

@@ -134,7 +134,7 @@ def test_resampled_metrics_equal_sklearn_on_each_resample(seed):
 
 def test_fast_intervals_equal_the_slow_path_with_sklearn():
     y, p, patients = random_case(5, n=150, n_patients=10)
-    fast = M.bootstrap_ci(y, p, patients, n_boot=100, seed=3)
+    fast = M.bootstrap_ci(y, p, patients, n_boot=100, seed=3, method="percentile")
 
     def image_scalars(yy, pp):
         m = M.binary_metrics(yy, pp)
@@ -152,11 +152,28 @@ def test_intervals_are_deterministic_for_a_seed():
     assert M.bootstrap_ci(y, p, patients, n_boot=200, seed=4) != M.bootstrap_ci(y, p, patients, n_boot=200, seed=5)
 
 
+def _wilson_by_hand(k, n, z=1.959963984540054):
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return centre - half, min(1.0, centre + half)
+
+
 def test_perfect_classifier_interval_is_one():
+    """Every resample of a perfect classifier says 1.000: the percentile interval has zero width. The default
+    interval is then the Wilson interval over the patients that carry the figure (24 patients all correct
+    does not prove an accuracy of 1)."""
     y, _, patients = random_case(2, n=200)
-    ci = M.bootstrap_ci(y, y.astype(float), patients, n_boot=300)
+    ci = M.bootstrap_ci(y, y.astype(float), patients, n_boot=300, method="percentile")
     for k in ("accuracy", "auroc", "aucpr", "f1", "patient_recognition_rate", "patient_accuracy"):
         assert ci[k] == (1.0, 1.0), k
+    ci = M.bootstrap_ci(y, y.astype(float), patients, n_boot=300)
+    names = np.unique(patients)
+    n_all = len(names)
+    n_mal = sum((y[patients == q] == 1).any() for q in names)  # patients with a malignant image
+    n_ben = sum((y[patients == q] == 0).any() for q in names)
+    units = {"accuracy": n_all, "patient_recognition_rate": n_all, "patient_accuracy": n_all, "f1": n_mal,
+             "auroc": min(n_mal, n_ben), "aucpr": min(n_mal, n_ben)}
+    for k, n in units.items():
+        assert ci[k] == pytest.approx(_wilson_by_hand(n, n)), k
 
 
 def test_coin_flip_interval_contains_half_with_the_analytic_width():
@@ -305,16 +322,16 @@ def test_mean_std_across_seeds():
 
 def test_interval_ignores_resamples_without_a_class():
     """One benign patient among five, all correct: specificity is 1 wherever it is defined."""
-    import numpy as np
-
     from breakhis.metrics import bootstrap_ci
 
     patients = np.repeat(["b0", "m1", "m2", "m3", "m4"], 10)
     y = np.array([0] * 10 + [1] * 40)
     p = np.where(y == 1, 0.9, 0.1)
-    ci = bootstrap_ci(y, p, patients, n_boot=300, seed=0)
+    ci = bootstrap_ci(y, p, patients, n_boot=300, seed=0, method="percentile")
     assert ci["specificity"] == (1.0, 1.0)
     assert ci["recall"] == (1.0, 1.0) and ci["precision"] == (1.0, 1.0)
+    ci = bootstrap_ci(y, p, patients, n_boot=300, seed=0)  # one benign patient is one vote, not a certainty
+    assert ci["specificity"] == pytest.approx(_wilson_by_hand(1, 1)) and ci["recall"] == pytest.approx(_wilson_by_hand(4, 4))
 
 
 def test_undefined_figures_are_nan_not_zero():
