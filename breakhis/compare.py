@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from . import metrics as M
 from . import report
@@ -95,6 +96,7 @@ class Row:
     val: dict = field(default_factory=dict)     # pooled validation figures: rows are ranked and picked by these
     ci: dict = field(default_factory=dict)      # metric -> (lo, hi)
     spread: dict = field(default_factory=dict)  # metric -> {"mean", "std", "n"} across the runs
+    per_run: list[dict] = field(default_factory=list)  # each run's own figures (what the recipe test compares)
     image_set: str = ""                         # letter of the set of comparable rows
     best: bool = False
     versus: dict | None = None                  # paired_bootstrap result against the best
@@ -233,6 +235,7 @@ def score_row(row: Row, n_boot: int, seed: int = 0) -> None:
     per_run = [{**_figures(r.y, r.p, r.patients, r.threshold), "best_val_acc": r.saved.get("best_val_acc")}
                for r in row.runs]
     row.spread = M.mean_std(per_run, keys)
+    row.per_run = per_run
     row.value["best_val_acc"] = row.spread["best_val_acc"]["mean"]
     if all(r.val is not None for r in row.runs):
         vy, vp, vpat = (np.concatenate([r.val[i] for r in row.runs]) for i in range(3))
@@ -253,6 +256,26 @@ def paired(a: Row, b: Row, metric: str, n_boot: int, seed: int = 0) -> dict:
     cat = np.concatenate
     return M.paired_bootstrap(cat(ys), cat(pas), cat(pbs), cat(pats), metric=metric, n_boot=n_boot, seed=seed,
                               threshold=cat(tas), threshold_b=cat(tbs))
+
+
+def recipes(a: Row, b: Row, metric: str) -> dict:
+    """Is recipe a better than recipe b? Welch's t-test on the runs' own figures (repeats over seeds, or
+    splits with --resplit), so that the seed-to-seed variance is part of the verdict. The paired
+    bootstrap over patients only asks whether these particular checkpoints differ."""
+    xa = np.array([r[metric] for r in a.per_run if r.get(metric) is not None and math.isfinite(r[metric])])
+    xb = np.array([r[metric] for r in b.per_run if r.get(metric) is not None and math.isfinite(r[metric])])
+    diff = float(xa.mean() - xb.mean())
+    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
+    se = math.sqrt(va + vb)
+    if se == 0:
+        p_value, ci = (1.0 if diff == 0 else 0.0), (diff, diff)
+    else:
+        df = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1))
+        p_value = float(2 * student_t.sf(abs(diff) / se, df))
+        half = float(student_t.ppf(0.975, df)) * se
+        ci = (diff - half, diff + half)
+    return {"metric": metric, "diff": diff, "ci": ci, "p_value": p_value, "significant": bool(p_value <= 0.05),
+            "test": f"recipes: Welch t over runs ({xa.size} vs {xb.size})"}
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -292,7 +315,11 @@ def rank(rows: list[Row], metric: str, n_boot: int, seed: int = 0) -> list[Row]:
         else:
             members[0].best = True
             for row in members[1:]:
-                row.versus = paired(row, members[0], metric, n_boot, seed)
+                if len(row.per_run) > 1 and len(members[0].per_run) > 1:
+                    row.versus = recipes(row, members[0], metric)
+                else:
+                    row.versus = {**paired(row, members[0], metric, n_boot, seed),
+                                  "test": "checkpoints: paired bootstrap over patients"}
             adjusted = holm([r.versus["p_value"] for r in members[1:]])
             for row, q in zip(members[1:], adjusted):
                 row.versus.update(p_holm=q, significant=bool(q <= 0.05))
@@ -314,7 +341,8 @@ def versus_text(row: Row, many_sets: bool) -> str:
     v = row.versus
     text = f"{_signed(v['diff'])} [{_signed(v['ci'][0])}, {_signed(v['ci'][1])}]"
     shown = f"p={v['p_value']:.3f}, Holm {v['p_holm']:.3f}"
-    return text + (f" {shown} *" if v["significant"] else f" n.s. ({shown})")
+    what = "recipes" if v.get("test", "").startswith("recipes") else "these checkpoints only"
+    return text + (f" {shown} *" if v["significant"] else f" n.s. ({shown})") + f" [{what}]"
 
 
 def _cell(row: Row, key: str) -> str:
@@ -382,7 +410,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
                        best_val_acc=r.runs[0].saved.get("best_val_acc"))
         v = r.versus or {}
         rec.update(vs_best_diff=v.get("diff"), vs_best_lo=(v.get("ci") or (None, None))[0],
-                   vs_best_hi=(v.get("ci") or (None, None))[1], vs_best_p=v.get("p_value"), vs_best_p_holm=v.get("p_holm"),
+                   vs_best_hi=(v.get("ci") or (None, None))[1], vs_best_p=v.get("p_value"), vs_best_p_holm=v.get("p_holm"), vs_best_test=v.get("test"),
                    significant=v.get("significant"), note=r.note)
         out.append(jsonable(rec))
     return out
@@ -399,8 +427,9 @@ def markdown(book: Logbook) -> str:
 def caption(sort: str, part: str, n_boot: int, threshold: str, seed: int = 0) -> str:
     return (f"{part} figures at threshold {threshold} (each run's own), [95% interval: percentile bootstrap over "
             f"patients, {n_boot} resamples, seed {seed}]. Rows are ranked and ★ picked by their validation {sort}, "
-            f"never by {part}; other rows: {part} difference to the pick [95% interval], paired bootstrap over the "
-            f"patients of the shared {part} images, p-values Holm-corrected for the rows compared, * where the "
+            f"never by {part}; other rows: {part} difference to the pick [95% interval]: between rows of repeats a "
+            f"Welch t-test over their runs [recipes], otherwise a paired bootstrap over the patients of the shared "
+            f"{part} images [these checkpoints only]; p-values Holm-corrected for the rows compared, * where the "
             f"corrected p <= 0.05. Rows of repeats: mean ± std across runs, pooled interval. Rows are ranked only "
             f"against rows on the same {part} images (the same letter under 'image set').")
 

@@ -96,7 +96,16 @@ def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: in
     y, probs = ev["labels"], ev["probs"]
     patients = [r.patient for r in records]
     if task == "subtype":
-        out = M.multiclass_metrics(y, probs, class_names(task))
+        names, pats, mags = class_names(task), np.array(patients), np.array([r.magnification for r in records])
+        out = M.multiclass_metrics(y, probs, names)
+        if n_boot and len(set(patients)) > 1:  # intervals over patients, overall and per magnification
+            out["ci"] = M.multiclass_ci(y, probs, pats, n_boot=n_boot, seed=seed)
+            out["ci_settings"] = M.interval_settings(n_boot, seed)
+            out["by"] = {"magnification": {str(m): {**M.multiclass_metrics(y[mags == m], probs[mags == m], names),
+                                                    "ci": M.multiclass_ci(y[mags == m], probs[mags == m], pats[mags == m],
+                                                                          n_boot=n_boot, seed=seed)}
+                                           for m in sorted(set(mags.tolist()))}}
+        out = M.jsonable(out)
     else:
         out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot, seed=seed,
                           groups={"magnification": [r.magnification for r in records]})
@@ -266,7 +275,8 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     if by:
         keys = [group_of(r, by) for r in prep.parts[part]]
         out["by"] = M.breakdown(ev["labels"], ev["probs"][:, 1], keys, threshold=t,
-                                patients=[r.patient for r in prep.parts[part]]) if cfg.task == "binary" else None
+                                patients=[r.patient for r in prep.parts[part]], n_boot=n_boot,
+                                seed=boot_seed) if cfg.task == "binary" else None
     if cam:
         written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam)
         out["cam"] = [str(p) for p in written]

@@ -125,11 +125,11 @@ ROWS = [("accuracy", "Test accuracy"), ("balanced_accuracy", "Balanced accuracy"
 
 
 def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Evaluation") -> Table:
-    """The "Model Evaluation" table of one run: figures with 95% intervals (bootstrap over patients)."""
+    """The "Model Evaluation" table of one run: figures with 95% intervals over patients."""
     m = metrics.get(split) or {}
     t = Table(title=title, title_style="bold")
     t.add_column("metric")
-    t.add_column(f"{split} value [95% CI, bootstrap over patients]", justify="right")
+    t.add_column(f"{split} value [95% interval over patients]", justify="right")
     if metrics.get("best_val_acc") is not None:
         how = f"epoch {metrics['best_epoch']}" if metrics.get("best_epoch") else ""
         how += f", chosen by {metrics['select']}" if metrics.get("select") else ""
@@ -140,12 +140,17 @@ def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Eva
             name = label.replace("Test", split.capitalize()) if key == "accuracy" else label
             t.add_row(name, fmt_ci(m[key], ci.get(key)))
     if "macro_f1" in m:
-        t.add_row(f"{split.capitalize()} accuracy", fmt(m.get("accuracy")))
-        t.add_row("Macro F1", fmt(m["macro_f1"]))
+        t.add_row("Macro F1", fmt_ci(m["macro_f1"], ci.get("macro_f1")))
     if "threshold" in m:
         t.add_row("Threshold", fmt(m["threshold"]))
     if "n" in m:
         t.add_row("Images / patients", f"{m['n']} / {m.get('n_patients', '–')}")
+    settings = m.get("ci_settings")
+    if settings:
+        t.caption = (f"95% intervals over patients ({settings['resamples']} resamples, seed {settings['seed']}): "
+                     f"{settings['method']}")
+    for w in m.get("warnings") or ():
+        t.add_row("[yellow]warning[/]", f"[yellow]{w}[/]")
     return t
 
 
@@ -157,7 +162,8 @@ def breakdown_table(by: dict, title: str) -> Table:
     for k in keys:
         t.add_column(k, justify="right")
     for g, m in by.items():
-        t.add_row(str(g), *[fmt(m.get(k)) for k in keys])
+        ci = m.get("ci") or {}
+        t.add_row(str(g), *[fmt_ci(m.get(k), ci.get(k)) if k != "n" else fmt(m.get(k)) for k in keys])
     return t
 
 

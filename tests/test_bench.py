@@ -91,3 +91,16 @@ def test_peak_table(monkeypatch):
                              ("Tesla T4", None, None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert (peak_tflops(torch.device("cuda"), "bf16"), peak_tflops(torch.device("cuda"), "tf32")) == (bf16, tf32)
+
+
+# ---------------------------------------------------------------------------- python -m breakhis.bench coverage
+def test_bench_coverage_prints_coverage_and_false_positives(capsys):
+    assert main(["coverage", "--reps", "3", "--boot", "40", "--patients", "8,24", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["coverage"]) == {"8", "24"}
+    for size in ("8", "24"):
+        for method in ("percentile", "bca"):
+            assert all(v is None or 0 <= v <= 1 for v in out["coverage"][size][method].values())
+    fp = out["false_positives"]
+    assert fp["replicates"] == 3 and all(0 <= v <= 1 for k, v in fp.items() if isinstance(v, float))
+    assert 0.5 < out["truth"]["accuracy"] < 1

@@ -334,3 +334,28 @@ def test_identical_runs_count_once_and_other_splits_are_not_pooled(tmp_path, cap
     assert pooled["accuracy_std"] is not None and pooled["accuracy_std"] > 0
     alone = next(r for r in rows if "own-split" in r["folders"])
     assert alone["runs"] == 1 and alone["image_set"] != pooled["image_set"]
+
+
+def test_rows_of_repeats_are_compared_as_recipes(tmp_path, capsys):
+    """Two recipes with three seeds each: Welch's t-test over the runs' own figures (seed variance included);
+    a pair of single runs is a verdict on those checkpoints only."""
+    from scipy.stats import ttest_ind
+
+    _, _, y = cases()
+    rng = np.random.default_rng(11)
+    acc = {}
+    folders = []
+    for arch, shift in (("resnet50", 0.0), ("resnet18", -0.02)):
+        acc[arch] = []
+        for s in range(3):
+            p = np.clip(y * 0.5 + rng.uniform(0, 0.55, y.size) + shift, 0, 1)
+            acc[arch].append(accuracy_score(y, p >= 0.5))
+            folders.append(write_run(tmp_path / f"{arch}-seed{s}", p, seed=s, backbone=arch))
+    rows = {r["run"]: r for r in run_json(folders, capsys)["rows"]}
+    best = next(r for r in rows.values() if r["best"])
+    other = next(r for r in rows.values() if not r["best"])
+    ref = ttest_ind(acc[other["run"]], acc[best["run"]], equal_var=False)  # scipy, on sklearn accuracies
+    assert other["vs_best_test"].startswith("recipes") and other["vs_best_p"] == pytest.approx(ref.pvalue)
+    assert other["vs_best_diff"] == pytest.approx(np.mean(acc[other["run"]]) - np.mean(acc[best["run"]]))
+    single = run_json(folders[:1] + folders[3:4], capsys)["rows"]
+    assert single[1]["vs_best_test"].startswith("checkpoints")

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import t as student_t
 from sklearn import metrics as skm
 
 from breakhis import metrics as M
@@ -173,7 +174,10 @@ def test_perfect_classifier_interval_is_one():
     units = {"accuracy": n_all, "patient_recognition_rate": n_all, "patient_accuracy": n_all, "f1": n_mal,
              "auroc": min(n_mal, n_ben), "aucpr": min(n_mal, n_ben)}
     for k, n in units.items():
-        assert ci[k] == pytest.approx(_wilson_by_hand(n, n)), k
+        if k == "accuracy":  # a ratio over patients: Student's t with P - 1 degrees of freedom
+            assert ci[k] == pytest.approx(_wilson_by_hand(n, n, z=student_t.ppf(0.975, n - 1))), k
+        else:
+            assert ci[k] == pytest.approx(_wilson_by_hand(n, n)), k
 
 
 def test_coin_flip_interval_contains_half_with_the_analytic_width():
@@ -331,7 +335,8 @@ def test_interval_ignores_resamples_without_a_class():
     assert ci["specificity"] == (1.0, 1.0)
     assert ci["recall"] == (1.0, 1.0) and ci["precision"] == (1.0, 1.0)
     ci = bootstrap_ci(y, p, patients, n_boot=300, seed=0)  # one benign patient is one vote, not a certainty
-    assert ci["specificity"] == pytest.approx(_wilson_by_hand(1, 1)) and ci["recall"] == pytest.approx(_wilson_by_hand(4, 4))
+    assert ci["specificity"] == pytest.approx(_wilson_by_hand(1, 1))
+    assert ci["recall"] == pytest.approx(_wilson_by_hand(4, 4, z=student_t.ppf(0.975, 3)))
 
 
 def test_undefined_figures_are_nan_not_zero():
@@ -347,3 +352,56 @@ def test_undefined_figures_are_nan_not_zero():
     none_called = M.binary_metrics(np.array([0, 1]), np.array([0.1, 0.2]))
     assert math.isnan(none_called["precision"]) and none_called["recall"] == 0.0
     assert M.jsonable(benign)["recall"] is None  # null in JSON, '–' in tables
+
+
+def test_cluster_wilson_by_hand():
+    """Specificity of 3 benign patients with 10 images each, 9, 6 and 10 correct: the ratio 25/30, its
+    cluster-robust variance, the effective sample size, and Wilson with Student's t at 2 degrees of freedom."""
+    from scipy.stats import t as student_t
+
+    num, den = np.array([9.0, 6.0, 10.0]), np.array([10.0, 10.0, 10.0])
+    p = 25 / 30
+    var = 3 / 2 * ((9 - 10 * p) ** 2 + (6 - 10 * p) ** 2 + (10 - 10 * p) ** 2) / 30 ** 2
+    n = p * (1 - p) / var
+    z = student_t.ppf(0.975, 2)
+    centre, half = (p * n + z * z / 2) / (n + z * z), z * math.sqrt(p * n * (1 - p) + z * z / 4) / (n + z * z)
+    assert M._cluster_wilson(num, den, 0.05) == pytest.approx((centre - half, centre + half))
+
+
+def test_few_patients_in_a_class_are_warned_about():
+    y = np.array([0] * 6 + [1] * 30)
+    patients = np.array(["b0"] * 3 + ["b1"] * 3 + [f"m{i}" for i in range(10) for _ in range(3)])
+    out = M.summarize(y, np.where(y == 1, 0.8, 0.2), patients, n_boot=50)
+    assert out["warnings"] == ["only 2 benign patient(s) in this set: figures that rest on them (e.g. specificity) "
+                               "have wide, rough intervals"]
+    assert out["ci_settings"]["unit"] == "patient" and out["ci_settings"]["resamples"] == 50
+
+
+def test_breakdowns_and_the_subtype_task_have_intervals():
+    """Every figure has an interval: per-magnification groups (over that group's patients) and the
+    8-class task (accuracy as a cluster-adjusted Wilson interval, by hand)."""
+    from scipy.stats import t as student_t
+
+    y, p, patients = random_case(5, n=400)
+    mags = np.array([40, 100] * 200)
+    by = M.breakdown(y, p, mags, patients=patients, n_boot=100, seed=1)
+    for v in (40, 100):
+        m = mags == v
+        assert by[v]["ci"] == M.bootstrap_ci(y[m], p[m], patients[m], n_boot=100, seed=1)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 200)
+    pat = np.array([f"P{i % 20}" for i in range(200)])
+    probs = rng.dirichlet(np.ones(8), 200)
+    probs[np.arange(200), labels] += 0.3 * rng.random(200)
+    ci = M.multiclass_ci(labels, probs, pat, n_boot=100)
+    right = probs.argmax(1) == labels
+    num = np.array([right[pat == q].sum() for q in np.unique(pat)], float)
+    den = np.array([(pat == q).sum() for q in np.unique(pat)], float)
+    est = num.sum() / den.sum()
+    var = 20 / 19 * ((num - est * den) ** 2).sum() / den.sum() ** 2
+    n, z = min(den.sum(), est * (1 - est) / var), student_t.ppf(0.975, 19)
+    centre, half = (est * n + z * z / 2) / (n + z * z), z * math.sqrt(est * n * (1 - est) + z * z / 4) / (n + z * z)
+    assert ci["accuracy"] == pytest.approx((centre - half, centre + half))
+    for k in ("balanced_accuracy", "macro_f1"):
+        lo, hi = ci[k]
+        assert 0 <= lo < hi <= 1

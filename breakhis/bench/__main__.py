@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError, guard
-from . import loader, train
+from . import coverage, loader, train
 
-BENCHMARKS = {"loader": loader.main, "train": train.main}
-USAGE = ("usage: python -m breakhis.bench {loader,train} ...\n"
+BENCHMARKS = {"loader": loader.main, "train": train.main, "coverage": coverage.main}
+USAGE = ("usage: python -m breakhis.bench {loader,train,coverage} ...\n"
          "  loader  our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
-         "  train   training throughput of a backbone (python -m breakhis.bench train -h)")
+         "  train   training throughput of a backbone (python -m breakhis.bench train -h)\n"
+         "  coverage  interval coverage and false positives, simulated (python -m breakhis.bench coverage -h)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

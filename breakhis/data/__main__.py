@@ -24,6 +24,7 @@ from ..io import write_json
 from .dataset import HINT, URL
 from .download import download_and_extract
 from .integrity import integrity_report, render_report, render_split
+from .near import cache_pairs
 from .prepare import choose_split, load_tree, usable_records
 from .splits import split_counts
 
@@ -69,12 +70,15 @@ def main(argv=None) -> int:
         raise UserError(f"give the data folder (python -m breakhis.data data/BreaKHis_v1), or {HINT}")
     cfg = make_config({"data": str(root)}, base=cfg)
     index, cache = load_tree(cfg, progress=not a.json)
-    rep = integrity_report(index, cache.info, cache.paths, skip_bad=cfg.skip_bad)
+    near = cache_pairs(cache, index.records)
+    rep = integrity_report(index, cache.info, cache.paths, skip_bad=cfg.skip_bad, near=near)
     manifest, records = None, []
     if not rep["unreadable"] or cfg.skip_bad:
         records, skipped, dropped = usable_records(index, cache, cfg.task, cfg.skip_bad)
         if cfg.split_file or cfg.fold or a.split_ratio or a.out:
-            manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped)
+            kept = {r.path for r in records}
+            manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped,
+                                    near=[x for x in near if set(x["paths"]) <= kept])
             if a.out:
                 write_json(a.out, manifest)
     if a.json:

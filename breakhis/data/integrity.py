@@ -24,7 +24,7 @@ def cross_subtype_ids(records: list[Record]) -> list[dict]:
 
 
 def integrity_report(index: Index, info: list[dict] | None = None, paths: list[str] | None = None,
-                     skip_bad: bool = False) -> dict:
+                     skip_bad: bool = False, near: list[dict] | None = None) -> dict:
     """JSON-able facts about a tree: counts per class x subtype x magnification, patients per subtype,
     strays, and, given the decoder's `info` (aligned with `paths`, default the index's paths),
     unreadable files, converted modes, odd sizes and pixel-identical duplicates across patients."""
@@ -42,8 +42,14 @@ def integrity_report(index: Index, info: list[dict] | None = None, paths: list[s
            "magnifications": {str(m): sum(r.magnification == m for r in recs) for m in MAGNIFICATIONS},
            "counts": counts, "strays": index.strays, "checked_pixels": info is not None, "skip_bad": skip_bad,
            "unreadable": [], "modes": {}, "sizes": {}, "odd_sizes": [], "duplicates": [], "duplicate_patients": [],
-           "dropped": {}, "cross_subtype_ids": cross_subtype_ids(recs)}
-    notes = [f"slide id {c['accession']} is filed under {len(c['patients'])} subtypes ({', '.join(c['patients'])}): "
+           "dropped": {}, "cross_subtype_ids": cross_subtype_ids(recs), "near_duplicates": list(near or [])}
+    exact = {tuple(sorted(g)) for g in find_duplicates(recs, {p: i["sha1"] for p, i in zip(paths, info) if i["ok"]})} \
+        if info is not None else set()
+    rep["near_duplicates"] = [x for x in rep["near_duplicates"] if tuple(sorted(x["paths"])) not in exact]
+    notes = [f"{len(rep['near_duplicates'])} near-duplicate field pair(s) across patients (perceptual hash; e.g. "
+             f"{' ~ '.join(rep['near_duplicates'][0]['paths'])}): their patients stay on one side of every split"] \
+        if rep["near_duplicates"] else []
+    notes += [f"slide id {c['accession']} is filed under {len(c['patients'])} subtypes ({', '.join(c['patients'])}): "
              f"--group accession keeps them on one side of a split" for c in rep["cross_subtype_ids"]]
     if info is not None:
         if len(info) != len(paths):

@@ -21,6 +21,7 @@ from ..errors import UserError
 from . import splits
 from .cache import Cache, build_cache, default_cache_size
 from .dataset import PARTS, Index, Record, drop_duplicates, find_duplicates, index_tree
+from .near import cache_pairs
 
 
 @dataclass
@@ -68,16 +69,19 @@ def usable_records(index: Index, cache: Cache, task: str, skip_bad: bool) -> tup
 
 
 def choose_split(root: Path, records: list[Record], cfg: TrainConfig, *, skipped: list[dict],
-                 dropped: list[dict]) -> dict:
-    """The manifest: cfg.split_file read back, an official fold, or a seeded patient-level split."""
+                 dropped: list[dict], near: list[dict] = ()) -> dict:
+    """The manifest: cfg.split_file read back, an official fold, or a seeded patient-level split.
+    near: near-duplicate pairs across patients (near.cache_pairs); their patients stay on one side."""
+    links = [tuple(x["patients"]) for x in near]
     if cfg.split_file:
         manifest = splits.load_split(cfg.split_file, records)
     elif cfg.fold:
         manifest = splits.fold_split(root, records, cfg.fold, seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                                     group=cfg.group)
+                                     group=cfg.group, links=links)
     else:
-        manifest = splits.make_split(records, cfg.split_percentages(), seed=cfg.split_seed, group=cfg.group)
-    return {**manifest, "task": cfg.task, "skipped": skipped, "dropped": dropped}
+        manifest = splits.make_split(records, cfg.split_percentages(), seed=cfg.split_seed, group=cfg.group,
+                                     links=links)
+    return {**manifest, "task": cfg.task, "skipped": skipped, "dropped": dropped, "near_duplicates": list(near)}
 
 
 def whole_tree(records: list[Record], cfg: TrainConfig, *, skipped: list[dict], dropped: list[dict]) -> dict:
@@ -94,8 +98,11 @@ def prepare(cfg: TrainConfig, progress: bool = True, whole: bool = False) -> Pre
     """
     index, cache = load_tree(cfg, progress=progress)
     records, skipped, dropped = usable_records(index, cache, cfg.task, cfg.skip_bad)
-    make = whole_tree if whole else lambda r, c, **kw: choose_split(index.root, r, c, **kw)
-    manifest = make(records, cfg, skipped=skipped, dropped=dropped)
+    if whole:
+        manifest = whole_tree(records, cfg, skipped=skipped, dropped=dropped)
+    else:
+        near = cache_pairs(cache, records) if not cfg.split_file else []
+        manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped, near=near)
     parts = {k: splits.part_records(records, manifest, k, cfg.magnification) for k in PARTS}
     for k in () if whole else ("train", "val"):
         if not parts[k]:

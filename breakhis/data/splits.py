@@ -41,9 +41,30 @@ def group_key(group: str):
     raise ValueError(f"group must be patient or accession, not {group!r}")
 
 
-def _units(records: list[Record], group: str):
-    """Split units (patients or accessions) in sorted order: (key fn, keys, images (U,), label (U,), subtype (U,))."""
+def linked_key(group: str, records: list[Record], links=()):
+    """The split unit of a record: group_key, with units joined where `links` (pairs of patients, e.g.
+    of near-duplicate fields) say two of them must stay on one side. The joined unit is named by its
+    smallest member."""
     key = group_key(group)
+    unit_of = {r.patient: key(r) for r in records}
+    parent: dict[str, str] = {}
+
+    def find(u: str) -> str:
+        while parent.get(u, u) != u:
+            u = parent[u]
+        return u
+
+    for a, b in links:
+        if a in unit_of and b in unit_of:
+            ra, rb = find(unit_of[a]), find(unit_of[b])
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    return (lambda r: find(key(r))) if parent else key
+
+
+def _units(records: list[Record], group: str, key=None):
+    """Split units (patients or accessions) in sorted order: (key fn, keys, images (U,), label (U,), subtype (U,))."""
+    key = key or group_key(group)
     count, first = Counter(key(r) for r in records), {}
     for r in records:
         first.setdefault(key(r), r)
@@ -168,13 +189,15 @@ def split_counts(records: list[Record], manifest: dict) -> dict:
     return out
 
 
-def make_split(records: list[Record], ratio=(60, 10, 30), seed: int = 0, group: str = "patient") -> dict:
+def make_split(records: list[Record], ratio=(60, 10, 30), seed: int = 0, group: str = "patient",
+               links=()) -> dict:
     """Patient-level (or accession-level) train/val/test manifest over all magnifications.
 
     No unit in two partitions, both classes in every non-empty partition, each subtype in as many
-    partitions as it has units (up to 3), image fractions as close to `ratio` as the search finds."""
+    partitions as it has units (up to 3), image fractions as close to `ratio` as the search finds.
+    links: pairs of patients kept on one side (near-duplicate fields, see near.py)."""
     ratio = parse_split_ratio(ratio)
-    key, keys, n, label, sub = _units(records, group)
+    key, keys, n, label, sub = _units(records, group, linked_key(group, records, links))
     fracs = np.array(ratio, np.float64) / 100
     _require(label, int((fracs > 0).sum()), group, f"{len(records)} images by {group} {':'.join(map(str, ratio))}")
     assign = _search(n, label, sub, fracs, seed)
@@ -220,11 +243,13 @@ def _fold_sides(root: Path, fold: int) -> tuple[dict[str, set], Path]:
 
 
 def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0, val_fraction: float = 0.1,
-               group: str = "patient") -> dict:
+               group: str = "patient", links=()) -> dict:
     """Manifest of an official fold (1..5); validation units are carved out of the fold's train side.
 
     A fold file that puts one patient (accession, with group='accession') on both sides is a UserError:
-    training on it would leak. Images the file does not list are left out (counted in "unlisted")."""
+    training on it would leak. Images the file does not list are left out (counted in "unlisted").
+    links (near-duplicate patients) keep together when val is carved; pairs the fold file itself puts on
+    both sides are listed in "linked_across_sides" (the official fold is not changed)."""
     if not 1 <= int(fold) <= 5 or not 0 <= val_fraction < 1:  # TrainConfig.validate() says so to the user
         raise ValueError(f"fold {fold} must be 1..5 and val_fraction {val_fraction} in [0, 1)")
     sides, source = _fold_sides(Path(root), int(fold))
@@ -242,15 +267,19 @@ def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0
     if not train or len(listed) == len(train):
         raise UserError(f"{source}: fold {fold} matches no {'train' if not train else 'test'} image of this tree; "
                         f"is it the fold file of this dataset?")
+    across = sorted({tuple(sorted((a, b))) for a, b in links if {part_of.get(key(r)) for r in listed
+                                                                  if r.patient in (a, b)} == {"train", "test"}})
     if val_fraction > 0:
-        _, keys, n, label, sub = _units(train, group)
+        _, keys, n, label, sub = _units(train, group, linked_key(group, train, links))
         _require(label, 2, group, f"the train side of fold {fold} into train and val")
         assign = _search(n, label, sub, np.array([1 - val_fraction, val_fraction]), seed)
         part_of.update({k: ("train", "val")[a] for k, a in zip(keys, assign)})
     known = {PurePosixPath(r.path).name for r in records}
+    joined = linked_key(group, train, links)
+    part_of.update({key(r): part_of[joined(r)] for r in train if joined(r) in part_of})
     return _manifest(listed, key, part_of, seed=seed, ratio=None, group=group, fold=int(fold),
                      fold_file=str(source), val_fraction=val_fraction, unlisted=len(records) - len(listed),
-                     missing=sum(name not in known for name in sides))
+                     missing=sum(name not in known for name in sides), linked_across_sides=[list(x) for x in across])
 
 
 def load_split(path: str | Path, records: list[Record] | None = None) -> dict:

@@ -1,0 +1,92 @@
+"""Near-duplicate fields across patients: a perceptual hash of each cached field, compared in pairs.
+
+A copy of a field stored again as grayscale, recompressed or slightly rescaled is not pixel-identical
+(dataset.find_duplicates misses it) but looks the same. Each cached field (uint8, already resized)
+gets a 64-bit difference hash (dHash): its luminance averaged over a 9x8 grid, one bit per horizontal
+neighbour pair telling which is brighter. Two fields whose hashes differ in at most MAX_DISTANCE bits
+are near-duplicates. Fields of one patient are alike anyway; only pairs across patients matter: their
+patients are then kept on one side of every split (splits.make_split's `links`), and the integrity
+report lists them.
+
+The hashes are computed once per cache (a pass over the uint8 array) and kept beside it (dhash.npy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..io import atomic_path
+from .cache import Cache
+from .dataset import Record
+
+GRID_W, GRID_H = 9, 8  # dHash: 8 rows x 8 neighbour comparisons = 64 bits
+MAX_DISTANCE = 5  # bits; unrelated BreakHis-like fields differ in about 32 of 64
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's "L" conversion
+
+
+def dhash(images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """(N,) uint64 difference hashes of (N, H, W, 3) uint8 fields (block means over a 9x8 grid)."""
+    n, h, w, _ = images.shape
+    ys = np.linspace(0, h, GRID_H + 1).astype(int)
+    xs = np.linspace(0, w, GRID_W + 1).astype(int)
+    out = np.empty(n, np.uint64)
+    weights = (1 << np.arange(63, -1, -1, dtype=np.uint64))
+    for s in range(0, n, chunk):
+        grey = images[s:s + chunk].astype(np.float32) @ LUMA  # (c, H, W)
+        cells = np.add.reduceat(np.add.reduceat(grey, ys[:-1], axis=1), xs[:-1], axis=2)  # (c, 8, 9) sums
+        cells /= np.outer(np.diff(ys), np.diff(xs))  # means
+        bits = (cells[:, :, 1:] > cells[:, :, :-1]).reshape(len(grey), 64).astype(np.uint64)
+        out[s:s + chunk] = (bits * weights).sum(axis=1, dtype=np.uint64)
+    return out
+
+
+def cache_hashes(cache: Cache) -> np.ndarray:
+    """The dHash of every field of the cache, computed once and stored beside it."""
+    path = cache.folder / "dhash.npy"
+    try:
+        hashes = np.load(path)
+        if hashes.shape == (len(cache.paths),) and hashes.dtype == np.uint64:
+            return hashes
+    except (OSError, ValueError):
+        pass
+    hashes = dhash(cache.images)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, hashes)
+    except OSError:
+        pass  # a read-only shared cache: use the hashes without keeping them
+    return hashes
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
+
+
+def near_duplicates(records: list[Record], hashes: dict[str, int], max_distance: int = MAX_DISTANCE,
+                    block: int = 1024) -> list[dict]:
+    """Pairs of fields of different patients whose hashes differ in at most max_distance bits:
+    [{"paths": [a, b], "patients": [pa, pb], "distance": d}], sorted."""
+    recs = [r for r in records if r.path in hashes]
+    h = np.array([hashes[r.path] for r in recs], dtype=np.uint64)
+    patient = np.array([r.patient for r in recs])
+    out = []
+    for s in range(0, len(recs), block):
+        d = _popcount(h[s:s + block, None] ^ h[None, :])  # (b, N) bits that differ
+        i, j = np.nonzero(d <= max_distance)
+        i = i + s
+        keep = (j > i) & (patient[i] != patient[j])
+        for a, b in zip(i[keep], j[keep]):
+            out.append({"paths": [recs[a].path, recs[b].path], "patients": sorted({patient[a], patient[b]}),
+                        "distance": int(d[a - s, b])})
+    return sorted(out, key=lambda x: x["paths"])
+
+
+def cache_pairs(cache: Cache, records: list[Record], max_distance: int = MAX_DISTANCE) -> list[dict]:
+    """near_duplicates of the readable fields of `records`, from the cache's stored hashes."""
+    hashes = cache_hashes(cache)
+    by_path = {p: int(h) for p, h, i in zip(cache.paths, hashes, cache.info) if i["ok"]}
+    return near_duplicates(records, by_path, max_distance)
