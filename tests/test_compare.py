@@ -84,9 +84,13 @@ def test_perfect_beats_coin_flip_and_intervals_are_known(tmp_path, capsys):
     out = run_json([coin, perfect], capsys)
     best, other = out["rows"]
     assert best["run"] == "perfect" and best["best"]
-    # 40 patients all right: the Wilson interval over 40 votes, by hand (zero width would claim certainty)
-    z = 1.959963984540054
+    # 40 patients all right: the Wilson interval over 40 patients with Student's t (39 degrees of freedom),
+    # by hand; AUROC: over the 20 patients of the smaller class (zero width would claim certainty)
+    from scipy.stats import t as student_t
+
+    z = student_t.ppf(0.975, 39)
     lo40 = (40 + z * z / 2) / (40 + z * z) - z * math.sqrt(z * z / 4) / (40 + z * z)
+    z = 1.959963984540054
     lo20 = (20 + z * z / 2) / (20 + z * z) - z * math.sqrt(z * z / 4) / (20 + z * z)
     assert best["accuracy"] == 1 and (best["accuracy_lo"], best["accuracy_hi"]) == (pytest.approx(lo40), 1)
     assert best["auroc_lo"] == pytest.approx(lo20)  # 20 patients of the smaller class
@@ -195,7 +199,7 @@ def test_csv_and_markdown_exports_hold_the_rows(tmp_path, capsys, monkeypatch):
     assert float(rows[0]["accuracy"]) == 1.0 and rows[1]["significant"] == "True"
     md = out_md.read_text().splitlines()
     assert md[0].startswith("| run | lr |") and md[1].startswith("| --- |")
-    assert md[2].startswith("| perfect ★ |") and "1.000 [0.912, 1.000]" in md[2]
+    assert md[2].startswith("| perfect ★ |") and "1.000 [0.907, 1.000]" in md[2]
     assert md[3].startswith("| coin |") and "*" in md[3].split("|")[-2]
     assert not list(tmp_path.glob("**/.tmp-*"))
 
@@ -359,3 +363,24 @@ def test_rows_of_repeats_are_compared_as_recipes(tmp_path, capsys):
     assert other["vs_best_diff"] == pytest.approx(np.mean(acc[other["run"]]) - np.mean(acc[best["run"]]))
     single = run_json(folders[:1] + folders[3:4], capsys)["rows"]
     assert single[1]["vs_best_test"].startswith("checkpoints")
+
+
+def test_ranked_and_picked_on_validation_with_holm_corrected_p_values(tmp_path, capsys):
+    """The star went to the best row by the test metric; it now goes to the best by validation, and the
+    p-values of the comparisons with it are Holm-corrected (by hand: sorted p times m, m-1, ..., running max)."""
+    paths, patients, y = cases()
+    good = np.where(y == 1, 0.9, 0.1)
+    rng = np.random.default_rng(9)
+    noisy = [np.clip(np.where(y == 1, 0.62, 0.38) + rng.normal(0, 0.2, y.size), 0, 1) for _ in range(3)]
+    a = write_run(tmp_path / "val-best", noisy[0], val=(y, good), lr=1e-3)  # best on validation, not on test
+    b = write_run(tmp_path / "test-best", good, val=(y, noisy[1]), lr=1e-4)
+    c = write_run(tmp_path / "third", noisy[2], val=(y, noisy[2]), lr=1e-5)
+    rows = {r["run"]: r for r in run_json([a, b, c], capsys)["rows"]}
+    assert rows["val-best"]["best"] and not rows["test-best"]["best"]
+    assert rows["test-best"]["accuracy"] > rows["val-best"]["accuracy"]  # reported, not used to pick
+    ps = {k: rows[k]["vs_best_p"] for k in ("test-best", "third")}
+    lo_k, hi_k = sorted(ps, key=ps.get)
+    holm_lo = min(1, 2 * ps[lo_k])
+    holm_hi = max(holm_lo, min(1, ps[hi_k]))
+    assert rows[lo_k]["vs_best_p_holm"] == pytest.approx(holm_lo) and rows[hi_k]["vs_best_p_holm"] == pytest.approx(holm_hi)
+    assert rows[lo_k]["significant"] == (holm_lo <= 0.05)

@@ -34,7 +34,8 @@ def test_a_grey_copy_of_another_patients_field_is_found_and_kept_on_its_side(fre
     idx = index_tree(fresh_demo)
     cache = build_cache(idx.root, [r.path for r in idx.records], (32, 48), cache_dir=cache_dir, workers=1,
                         progress=False)
-    pairs = near.cache_pairs(cache, idx.records)
+    pairs, note = near.cache_pairs(cache, idx.records)
+    assert note == ""
     assert [x["paths"] for x in pairs] == [sorted([a.path, twin.relative_to(fresh_demo).as_posix()])]
     rep = integrity_report(idx, cache.info, cache.paths, near=pairs)
     assert rep["near_duplicates"] == pairs and "near-duplicate" in rep["verdict"]
@@ -45,3 +46,16 @@ def test_a_grey_copy_of_another_patients_field_is_found_and_kept_on_its_side(fre
         side = {p for p in ("train", "val", "test") for q in m["patients"][p] if q in (a.patient, b.patient)}
         assert len(side) == 1, (seed, side)
         assert m["near_duplicates"] == pairs
+
+
+def test_blank_or_identical_looking_fields_stop_the_search():
+    """A tree of near-blank fields (all hashes alike) would pair every field with every other: 31 million
+    pairs for the archive. Blank fields are not compared, and a search that finds too many pairs stops."""
+    from breakhis.data.dataset import parse_name
+
+    recs = [parse_name(f"SOB_B_A-14-{1000 + i // 10}-40-{i % 10 + 1:03d}.png") for i in range(300)]
+    with np.testing.assert_raises(near.TooAlike):
+        near.near_duplicates(recs, {r.path: 7 for r in recs})
+    flat = np.zeros(3, bool)
+    near.dhash(np.full((3, 16, 18, 3), 128, np.uint8), flat=flat)
+    assert flat.all()

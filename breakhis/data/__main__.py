@@ -70,8 +70,8 @@ def main(argv=None) -> int:
         raise UserError(f"give the data folder (python -m breakhis.data data/BreaKHis_v1), or {HINT}")
     cfg = make_config({"data": str(root)}, base=cfg)
     index, cache = load_tree(cfg, progress=not a.json)
-    near = cache_pairs(cache, index.records)
-    rep = integrity_report(index, cache.info, cache.paths, skip_bad=cfg.skip_bad, near=near)
+    near, near_note = cache_pairs(cache, index.records)
+    rep = integrity_report(index, cache.info, cache.paths, skip_bad=cfg.skip_bad, near=near, near_note=near_note)
     manifest, records = None, []
     if not rep["unreadable"] or cfg.skip_bad:
         records, skipped, dropped = usable_records(index, cache, cfg.task, cfg.skip_bad)

@@ -24,7 +24,7 @@ def cross_subtype_ids(records: list[Record]) -> list[dict]:
 
 
 def integrity_report(index: Index, info: list[dict] | None = None, paths: list[str] | None = None,
-                     skip_bad: bool = False, near: list[dict] | None = None) -> dict:
+                     skip_bad: bool = False, near: list[dict] | None = None, near_note: str = "") -> dict:
     """JSON-able facts about a tree: counts per class x subtype x magnification, patients per subtype,
     strays, and, given the decoder's `info` (aligned with `paths`, default the index's paths),
     unreadable files, converted modes, odd sizes and pixel-identical duplicates across patients."""
@@ -49,6 +49,7 @@ def integrity_report(index: Index, info: list[dict] | None = None, paths: list[s
     notes = [f"{len(rep['near_duplicates'])} near-duplicate field pair(s) across patients (perceptual hash; e.g. "
              f"{' ~ '.join(rep['near_duplicates'][0]['paths'])}): their patients stay on one side of every split"] \
         if rep["near_duplicates"] else []
+    notes += [near_note] if near_note else []
     notes += [f"slide id {c['accession']} is filed under {len(c['patients'])} subtypes ({', '.join(c['patients'])}): "
              f"--group accession keeps them on one side of a split" for c in rep["cross_subtype_ids"]]
     if info is not None:

@@ -20,12 +20,19 @@ from .dataset import Record
 
 GRID_W, GRID_H = 9, 8  # dHash: 8 rows x 8 neighbour comparisons = 64 bits
 MAX_DISTANCE = 5  # bits; unrelated BreakHis-like fields differ in about 32 of 64
+FLAT = 2.0  # grey levels: a field whose 9x8 cell means span less than this has no shape to compare (blank)
+PAIRS_PER_FIELD = 20  # more near-duplicate pairs than this per field: the fields all look alike; stop
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's "L" conversion
 
 
-def dhash(images: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """(N,) uint64 difference hashes of (N, H, W, 3) uint8 fields (block means over a 9x8 grid)."""
+def dhash(images: np.ndarray, chunk: int = 256, flat: np.ndarray | None = None) -> np.ndarray:
+    """(N,) uint64 difference hashes of (N, H, W, 3) uint8 fields (block means over a 9x8 grid).
+    flat: an (N,) bool array to fill with whether each field is blank (cell means within FLAT)."""
     n, h, w, _ = images.shape
+    if h < GRID_H or w < GRID_W:  # smaller than the grid: no shape to compare
+        if flat is not None:
+            flat[:] = True
+        return np.zeros(n, np.uint64)
     ys = np.linspace(0, h, GRID_H + 1).astype(int)
     xs = np.linspace(0, w, GRID_W + 1).astype(int)
     out = np.empty(n, np.uint64)
@@ -34,21 +41,25 @@ def dhash(images: np.ndarray, chunk: int = 256) -> np.ndarray:
         grey = images[s:s + chunk].astype(np.float32) @ LUMA  # (c, H, W)
         cells = np.add.reduceat(np.add.reduceat(grey, ys[:-1], axis=1), xs[:-1], axis=2)  # (c, 8, 9) sums
         cells /= np.outer(np.diff(ys), np.diff(xs))  # means
+        if flat is not None:
+            flat[s:s + chunk] = np.ptp(cells.reshape(len(grey), -1), axis=1) < FLAT
         bits = (cells[:, :, 1:] > cells[:, :, :-1]).reshape(len(grey), 64).astype(np.uint64)
         out[s:s + chunk] = (bits * weights).sum(axis=1, dtype=np.uint64)
     return out
 
 
 def cache_hashes(cache: Cache) -> np.ndarray:
-    """The dHash of every field of the cache, computed once and stored beside it."""
+    """(N, 2) uint64: the dHash of every field of the cache and 1 where the field is blank; computed
+    once and stored beside the cache."""
     path = cache.folder / "dhash.npy"
     try:
         hashes = np.load(path)
-        if hashes.shape == (len(cache.paths),) and hashes.dtype == np.uint64:
+        if hashes.shape == (len(cache.paths), 2) and hashes.dtype == np.uint64:
             return hashes
     except (OSError, ValueError):
         pass
-    hashes = dhash(cache.images)
+    flat = np.zeros(len(cache.paths), bool)
+    hashes = np.stack([dhash(cache.images, flat=flat), flat.astype(np.uint64)], axis=1)
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -66,27 +77,41 @@ def _popcount(x: np.ndarray) -> np.ndarray:
     return ((x * np.uint64(0x0101010101010101)) >> np.uint64(56)).astype(np.int64)
 
 
+class TooAlike(Exception):
+    """So many near-duplicate pairs that the fields cannot be told apart this way (blank or synthetic)."""
+
+
 def near_duplicates(records: list[Record], hashes: dict[str, int], max_distance: int = MAX_DISTANCE,
                     block: int = 1024) -> list[dict]:
     """Pairs of fields of different patients whose hashes differ in at most max_distance bits:
-    [{"paths": [a, b], "patients": [pa, pb], "distance": d}], sorted."""
+    [{"paths": [a, b], "patients": [pa, pb], "distance": d}], sorted. Fields without a hash (blank
+    ones) are left out; more than PAIRS_PER_FIELD pairs per field raise TooAlike."""
     recs = [r for r in records if r.path in hashes]
     h = np.array([hashes[r.path] for r in recs], dtype=np.uint64)
     patient = np.array([r.patient for r in recs])
-    out = []
+    out, cap = [], PAIRS_PER_FIELD * len(recs) + 100
     for s in range(0, len(recs), block):
         d = _popcount(h[s:s + block, None] ^ h[None, :])  # (b, N) bits that differ
         i, j = np.nonzero(d <= max_distance)
         i = i + s
         keep = (j > i) & (patient[i] != patient[j])
+        if len(out) + int(keep.sum()) > cap:
+            raise TooAlike(f"more than {cap} near-duplicate pairs among {len(recs)} fields")
         for a, b in zip(i[keep], j[keep]):
             out.append({"paths": [recs[a].path, recs[b].path], "patients": sorted({patient[a], patient[b]}),
                         "distance": int(d[a - s, b])})
     return sorted(out, key=lambda x: x["paths"])
 
 
-def cache_pairs(cache: Cache, records: list[Record], max_distance: int = MAX_DISTANCE) -> list[dict]:
-    """near_duplicates of the readable fields of `records`, from the cache's stored hashes."""
+def cache_pairs(cache: Cache, records: list[Record], max_distance: int = MAX_DISTANCE) -> tuple[list[dict], str]:
+    """(near_duplicates of the readable fields of `records`, a note): from the cache's stored hashes.
+    Blank fields are not compared; when the fields all look alike the search stops, the note says so,
+    and no pair is returned (nothing can be linked on such evidence)."""
     hashes = cache_hashes(cache)
-    by_path = {p: int(h) for p, h, i in zip(cache.paths, hashes, cache.info) if i["ok"]}
-    return near_duplicates(records, by_path, max_distance)
+    by_path = {p: int(h) for p, (h, blank), i in zip(cache.paths, hashes, cache.info) if i["ok"] and not blank}
+    blank = len(cache.paths) - len(by_path)
+    note = f"{blank} blank field(s) not compared for near-duplicates" if blank else ""
+    try:
+        return near_duplicates(records, by_path, max_distance), note
+    except TooAlike as e:
+        return [], f"near-duplicate search stopped: {e} (the fields look alike: blank or synthetic?)"

@@ -101,7 +101,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, whole: bool = False) -> Pre
     if whole:
         manifest = whole_tree(records, cfg, skipped=skipped, dropped=dropped)
     else:
-        near = cache_pairs(cache, records) if not cfg.split_file else []
+        near = cache_pairs(cache, records)[0] if not cfg.split_file else []
         manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped, near=near)
     parts = {k: splits.part_records(records, manifest, k, cfg.magnification) for k in PARTS}
     for k in () if whole else ("train", "val"):
