@@ -7,6 +7,7 @@ metrics.json, plots) is predict.py's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -25,7 +26,7 @@ from .engine import NonFiniteLoss, evaluate, make_loss, train_one_epoch
 from .errors import UserError
 from .io import write_csv
 from .loader import DeviceImages, Loader
-from .models import build_model, set_frozen
+from .models import build_model, check_timm, input_spec, is_timm, set_frozen
 from .optim import build_optimizer, build_schedule, current_lr
 from .predict import finalize
 from .registry import EPOCH_METRICS
@@ -54,14 +55,25 @@ def improved(value: float, best: float | None, select: str) -> bool:
 
 
 def preflight(cfg: TrainConfig) -> torch.device:
-    """What a run needs of this machine, checked before any work: the device, the AMP dtype on it, and
-    the --weights file. Returns the device. (TrainConfig.validate() checks the settings themselves.)"""
+    """What a run needs of this machine, checked before any work: the device, the AMP dtype on it, the
+    --weights file, and a timm backbone's name (or its hub). Returns the device.
+    (TrainConfig.validate() checks the settings themselves, without torch.)"""
     device = resolve_device(cfg.device)
     amp_dtype(cfg.amp, device)
     if cfg.weights and not Path(cfg.weights).expanduser().is_file():
-        raise UserError(f"--weights {cfg.weights}: file not found; give a .safetensors or .pth state dict, "
+        raise UserError(f"--weights {cfg.weights}: file not found; give a .safetensors, .bin or .pth state dict, "
                         f"or use --no-pretrained")
+    if is_timm(cfg.backbone):
+        check_timm(cfg.backbone, cfg.pretrained, cfg.weights)
     return device
+
+
+def with_inputs(cfg: TrainConfig, keep_size: bool = True) -> TrainConfig:
+    """cfg with the backbone's own input normalisation (--mean/--std when empty) and, unless
+    keep_size (--image-size was given), its expected input side: what config.json records."""
+    spec = input_spec(cfg.backbone, cfg.pretrained)
+    return dataclasses.replace(cfg, mean=tuple(cfg.mean) or spec["mean"], std=tuple(cfg.std) or spec["std"],
+                               image_size=cfg.image_size if keep_size else spec["size"]).validate()
 
 
 def check_data(prep: Prepared, cfg: TrainConfig) -> None:
@@ -92,6 +104,7 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
 def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
          progress: bool, resume: bool) -> dict:
     device = preflight(cfg)
+    cfg = with_inputs(cfg)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -107,7 +120,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                                 dtype=amp or torch.float32)
 
     # --- model, optimiser, loss ---
-    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights)
+    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
+                        image_size=cfg.image_size)
     set_frozen(model, cfg.freeze)
     model.to(device)
     fast = prepare_model(model, device, cfg.channels_last, cfg.compile, cfg.compile_mode)

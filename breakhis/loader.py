@@ -126,7 +126,7 @@ class Loader:
 
     def __init__(self, data: DeviceImages, indices, labels, *, batch_size: int, image_size: int, train: bool,
                  augment: Augment | None = None, balanced: bool = False, drop_last: bool = False, seed: int = 0,
-                 dtype=torch.float32, channels_last: bool = True):
+                 dtype=torch.float32, channels_last: bool = True, mean=MEAN, std=STD):
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.indices) != len(self.labels):
@@ -149,8 +149,10 @@ class Loader:
         self._y = torch.from_numpy(self.labels).to(data.device)
         self._idx = torch.from_numpy(self.indices).to(data.device)
         dev = data.device
-        self._mean = torch.tensor(MEAN, device=dev).view(1, 3, 1)
-        self._std = torch.tensor(STD, device=dev).view(1, 3, 1)
+        # the backbone's input normalisation (ImageNet for torchvision; timm's pretrained_cfg)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self._mean = torch.tensor(self.mean, device=dev).view(1, 3, 1)
+        self._std = torch.tensor(self.std, device=dev).view(1, 3, 1)
         self._grey = torch.tensor(GREY, device=dev)
         self._slots: list[torch.Tensor] | None = None  # pinned host batches of the streamed CUDA path
 
@@ -159,7 +161,8 @@ class Loader:
         """The training (train=True) or evaluation loader of a run's config."""
         return cls(data, indices, labels, batch_size=cfg.batch_size, image_size=cfg.image_size, train=train,
                    augment=Augment.from_config(cfg) if train else None, balanced=cfg.balanced_sampling and train,
-                   drop_last=cfg.drop_last and train, seed=cfg.seed, dtype=dtype, channels_last=cfg.channels_last)
+                   drop_last=cfg.drop_last and train, seed=cfg.seed, dtype=dtype, channels_last=cfg.channels_last,
+                   mean=cfg.mean or MEAN, std=cfg.std or STD)
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -318,7 +321,7 @@ class Loader:
         m, t = self._colour(x, p["rs"], p["coef"], unit)
         y = torch.bmm(m, x, out=y)  # jittered and normalised, less the offset
         for ch in range(3):  # add the offset, clip to [0, 1] RGB: per plane, scalar bounds are fastest
-            y[:, ch].add_(t[:, ch]).clamp_(-MEAN[ch] / STD[ch], (1 - MEAN[ch]) / STD[ch])
+            y[:, ch].add_(t[:, ch]).clamp_(-self.mean[ch] / self.std[ch], (1 - self.mean[ch]) / self.std[ch])
         outv.copy_(y)
 
     @staticmethod
