@@ -154,35 +154,23 @@ def is_timm(backbone: str) -> bool:
 
 def check_timm(backbone: str, pretrained: bool, weights: str) -> None:
     """What a timm backbone needs, checked before any data work (fit.preflight): a name timm knows
-    (close matches listed otherwise), and for a hub model without --weights a reachable hub."""
+    (close matches listed otherwise), an architecture for hub names served by --weights, and, for
+    pretrained weights without --weights, the weights themselves (fetched now into the Hugging Face
+    cache, which the run then reads)."""
     name = backbone[len(TIMM):]
-    if name.startswith("hf-hub:"):
-        if weights:
-            if name not in PATHOLOGY:
-                raise UserError(f"--backbone {backbone} with --weights: the architecture of {name} is not known "
-                                f"offline; use --backbone timm:ARCH (the model card's timm architecture, e.g. "
-                                f"timm:vit_large_patch16_224) with --weights, or one of {', '.join(PATHOLOGY)}")
-            return
-        if not pretrained:
-            if name not in PATHOLOGY:
-                raise UserError(f"--backbone {backbone} --no-pretrained: the architecture of {name} is not known "
-                                f"offline; use --backbone timm:ARCH")
-            return
-        repo = name.removeprefix("hf-hub:")
-        try:
-            from huggingface_hub import hf_hub_download  # timm's own dependency; only hub names need it
-            hf_hub_download(repo, "config.json")
-        except Exception as e:  # offline, gated, or no such repository: the hub's message says which
-            raise UserError(f"--backbone {backbone}: cannot reach the Hugging Face hub for {repo} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); on a machine with access, accept "
-                            f"the licence at https://huggingface.co/{repo}, run `huggingface-cli download {repo}` "
-                            f"and pass the weights file with --weights FILE (pytorch_model.bin or model.safetensors)") from None
-        return
-    if not timm.is_model(name):
+    hub = name.startswith("hf-hub:")
+    if hub and (weights or not pretrained) and name not in PATHOLOGY:
+        raise UserError(f"--backbone {backbone}{' with --weights' if weights else ' --no-pretrained'}: the "
+                        f"architecture of {name} is not known offline; use --backbone timm:ARCH (the timm "
+                        f"architecture its model card names, e.g. timm:vit_large_patch16_224), or one of "
+                        f"{', '.join(PATHOLOGY)}")
+    if not hub and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         raise UserError(f"--backbone {backbone}: timm has no model {name!r}"
                         + (f"; close matches: {', '.join('timm:' + c for c in close)}" if close else
                            "; see timm.list_models() or python train.py --list-backbones"))
+    if pretrained and not weights:
+        _create_timm(backbone, True)
 
 
 def _timm_layers(kwargs: dict) -> dict:
@@ -207,12 +195,18 @@ def _create_timm(backbone: str, pretrained: bool, image_size: int = 0) -> nn.Mod
             except TypeError:  # a convnet: any input size works, it takes none
                 pass
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:  # offline, gated, no such repository: the hub's message says which
         if not pretrained:
             raise
-        raise UserError(f"cannot fetch the pretrained weights of {backbone} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160]}); give a local file with --weights FILE or train from "
-                        f"scratch with --no-pretrained") from None
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        if name.startswith("hf-hub:"):
+            repo = name.removeprefix("hf-hub:")
+            raise UserError(f"--backbone {backbone}: cannot fetch its weights from the Hugging Face hub "
+                            f"({type(e).__name__}: {first}); on a machine with access, accept the licence at "
+                            f"https://huggingface.co/{repo}, run `huggingface-cli download {repo}` and pass the weights "
+                            f"file with --weights FILE (pytorch_model.bin or model.safetensors)") from None
+        raise UserError(f"--backbone {backbone}: cannot fetch its pretrained weights ({type(e).__name__}: {first}); "
+                        f"give a local file with --weights FILE or train from scratch with --no-pretrained") from None
 
 
 def input_spec(backbone: str, pretrained: bool = True) -> dict:
