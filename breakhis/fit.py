@@ -24,9 +24,10 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, needs_grad_scaler, prepare_model, resolve_device, seed_everything
 from .engine import NonFiniteLoss, evaluate, make_loss, train_one_epoch
 from .errors import UserError
+from .features import FeatureLoader, run_features
 from .io import write_csv
 from .loader import DeviceImages, Loader
-from .models import build_model, check_timm, input_spec, is_timm, set_frozen
+from .models import Classifier, build_model, check_timm, input_spec, is_timm, set_frozen
 from .optim import build_optimizer, build_schedule, current_lr
 from .predict import finalize
 from .registry import EPOCH_METRICS
@@ -125,6 +126,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     set_frozen(model, cfg.freeze)
     model.to(device)
     fast = prepare_model(model, device, cfg.channels_last, cfg.compile, cfg.compile_mode)
+    if cfg.cached_features:  # the frozen backbone runs once per image (and view); the head trains on its features
+        feats = run_features(model.backbone, prep, cfg, device, amp, images)
+        train_loader = FeatureLoader.for_run(feats["train"], prep, "train", cfg)
+        val_loader = FeatureLoader.for_run(feats["val"], prep, "val", cfg)
+        fast = Classifier(torch.nn.Identity(), model.head)  # shares the head's parameters with model
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp))

@@ -112,9 +112,22 @@ def _threads(n: int) -> ThreadPoolExecutor:
     return _POOLS[n]
 
 
-def _generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch's order and augmentation draws."""
     state = np.random.SeedSequence([seed % 2**63, epoch % 2**63]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def epoch_order(labels: np.ndarray, train: bool, balanced: bool, g: torch.Generator) -> torch.Tensor:
+    """(n,) positions in the order an epoch visits them: in order for evaluation, a permutation for
+    training, or n class-balanced draws with replacement. The first draws of g (see Loader)."""
+    n = len(labels)
+    if not train:
+        return torch.arange(n)
+    if balanced:  # each class drawn with equal probability, n draws with replacement
+        _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        return torch.multinomial(torch.from_numpy(1.0 / counts[inv]), n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
 
 
 class Loader:
@@ -174,13 +187,7 @@ class Loader:
 
     # ------------------------------------------------------------------ drawing
     def _order(self, g: torch.Generator) -> torch.Tensor:
-        n = len(self.indices)
-        if not self.train:
-            return torch.arange(n)
-        if self.balanced:  # each class drawn with equal probability, n draws with replacement
-            _, inv, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
-            return torch.multinomial(torch.from_numpy(1.0 / counts[inv]), n, replacement=True, generator=g)
-        return torch.randperm(n, generator=g)
+        return epoch_order(self.labels, self.train, self.balanced, g)
 
     def _draw(self, u: torch.Tensor) -> dict:
         """The epoch's per-sample parameters (augment.draw); box and k stay on the CPU, the
@@ -193,7 +200,7 @@ class Loader:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
-        g = _generator(self.seed, self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         order = self._order(g)
         p = self._draw(torch.rand(len(order), NRAND, generator=g, dtype=torch.float64))
         order_d = order.to(self.data.device)

@@ -1,4 +1,4 @@
-"""Which backbone, and does fine-tuning it beat training only the head? Seven torchvision backbones, each frozen and unfrozen, and the UNI pathology foundation model frozen.
+"""Which backbone, and does fine-tuning it beat training only the head? Seven torchvision backbones, frozen and not, and UNI frozen.
 
     python tune.py --space experiments/backbones.py --gpus-per-trial 0.25
     BREAKHIS_UNI_WEIGHTS=~/weights/uni.bin python tune.py --space experiments/backbones.py   # with UNI
