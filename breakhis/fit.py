@@ -77,6 +77,17 @@ def with_inputs(cfg: TrainConfig, keep_size: bool = True) -> TrainConfig:
                                image_size=cfg.image_size if keep_size else spec["size"]).validate()
 
 
+def build_features(cfg: TrainConfig, prep: Prepared, device: torch.device) -> None:
+    """Compute the feature cache a frozen run of cfg reads (tune.py: once in the driver, before the
+    trials). The backbone is built as fit() builds it: same seed, same weights, so the key matches."""
+    cfg = with_inputs(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
+                        image_size=cfg.image_size)
+    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    run_features(model.backbone, prep, cfg, device, amp_dtype(cfg.amp, device), images)
+
+
 def check_data(prep: Prepared, cfg: TrainConfig) -> None:
     """The partitions fit the batch: at least one training batch (with drop_last), a validation image."""
     n = len(prep.parts["train"])

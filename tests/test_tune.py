@@ -416,3 +416,18 @@ SPACE = {"preset": ["ok", "broken"]}
     with pytest.raises(UserError, match="preset='broken' would fail: --dropout has 3 rates"):
         tune_exp.make_setup(s, {}, **kw)
     assert space.check_grid(space.load_space(EXPERIMENTS / "logbook.py"), {}) == len(space.load_space(EXPERIMENTS / "logbook.py").presets)
+
+
+def test_frozen_sweep_reads_features_the_driver_computed_once(ray_cluster, tree, tmp_path):
+    """tune.py --freeze: the driver computes the backbone's features once; the trials (class weights
+    here) share them, so the feature folder holds one file per partition, not one per trial."""
+    space = write(tmp_path / "space.py", '"""Two class weights on a frozen backbone."""\n'
+                                         'SPACE = {"class_weights": [(0.5, 0.5), (0.5, 0.8)]}\n')
+    cache = tmp_path / "cache"
+    argv = ["--space", str(space), "--data", str(tree), "--cache-dir", str(cache), "--results", str(tmp_path / "res"),
+            "--name", "frozen", "--max-epochs", "2", "--concurrent", "2", "--freeze", "--no-augment", *ASHA, *FLAGS]
+    assert tune.main(argv) == 0
+    with open(tmp_path / "res" / "tune" / "frozen" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] in ("finished", "stopped") for r in rows)
+    assert sorted(p.name.split("-")[-2] for p in (cache / "features").glob("*.npy")) == ["train", "val"]
