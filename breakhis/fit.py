@@ -27,7 +27,7 @@ from .errors import UserError
 from .features import FeatureLoader, run_features
 from .io import write_csv
 from .loader import DeviceImages, Loader
-from .models import Classifier, build_model, check_timm, input_spec, is_timm, set_frozen
+from .models import Classifier, build_model, check_timm, check_weights, input_spec, is_timm, set_frozen
 from .optim import build_optimizer, build_schedule, current_lr
 from .predict import finalize
 from .registry import EPOCH_METRICS
@@ -66,6 +66,8 @@ def preflight(cfg: TrainConfig) -> torch.device:
                         f"or use --no-pretrained")
     if is_timm(cfg.backbone):
         check_timm(cfg.backbone, cfg.pretrained, cfg.weights)
+    if cfg.weights:  # the file fits the architecture (missing and unexpected keys named), before any data work
+        check_weights(cfg.backbone, cfg.weights, cfg.num_classes, cfg.head, cfg.dropout, cfg.image_size)
     return device
 
 

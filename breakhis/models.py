@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import warnings
 from pathlib import Path
 from urllib.error import URLError
 
@@ -171,6 +172,15 @@ def check_timm(backbone: str, pretrained: bool, weights: str) -> None:
                            "; see timm.list_models() or python train.py --list-backbones"))
     if pretrained and not weights:
         _create_timm(backbone, True)
+
+
+def check_weights(backbone: str, weights: str, num_classes: int, head: tuple[int, ...], dropout: tuple[float, ...],
+                  image_size: int = 0) -> None:
+    """Whether a --weights file fits the model (UserError naming missing and unexpected keys), checked
+    on the meta device: the file is read, the model takes no memory, nothing is copied."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore", UserWarning)  # "copying ... to a meta parameter is a no-op": the point
+        build_model(backbone, num_classes, head, dropout, pretrained=False, weights=weights, image_size=image_size)
 
 
 def _timm_layers(kwargs: dict) -> dict:

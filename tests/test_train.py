@@ -252,9 +252,18 @@ def test_timm_backbone_trains_evaluates_exports_and_joins_the_logbook(backbone, 
 
 
 def test_timm_bad_input_is_one_line_and_writes_nothing(demo_root, cache_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from breakhis.models import build_model
+    state = build_model("timm:convnext_atto", pretrained=False).backbone.state_dict()
+    bad = {k: v.contiguous() for k, v in state.items() if not k.startswith("stem.")} | {"extra.w": torch.zeros(1)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
     res = tmp_path / "res"
-    for extra in ({"backbone": "timm:convnext_atoo"}, {"feature-views": 2}):
+    for extra in ({"backbone": "timm:convnext_atoo"}, {"feature-views": 2},
+                  {"backbone": "timm:convnext_atto", "weights": tmp_path / "bad.safetensors"}):
         assert guard(train.main, tiny(demo_root, cache_dir, **extra) + ["--results", str(res)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "close matches: timm:convnext_atto" in err[0] and "--freeze" in err[1]
-    assert not res.exists()
+    assert len(err) == 3 and "close matches: timm:convnext_atto" in err[0] and "--freeze" in err[1]
+    assert "missing: stem.0.weight" in err[2] and "unexpected: extra.w" in err[2]
+    assert not res.exists() and not any(cache_dir.iterdir())  # refused before any folder or decode cache
