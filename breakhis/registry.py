@@ -110,7 +110,8 @@ def backbone_problem(name: str) -> str:
             return (f"--backbone {name!r}: give timm:NAME with a timm model name (timm:vit_small_patch16_224) "
                     f"or a hub name (timm:hf-hub:MahmoodLab/UNI)")
         return ""
-    return unknown("backbone", name, BACKBONES) + "; or timm:NAME for a timm model (python train.py --list-backbones)"
+    return (f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}, or timm:NAME for a timm model "
+            f"(python train.py --list-backbones)")
 
 
 def unknown(kind: str, name: str, valid) -> str:
