@@ -12,7 +12,7 @@ from breakhis.config import make_config
 from breakhis.device import prepare_model
 from breakhis.errors import UserError
 from breakhis.models import build_model, feature_dim, portable_state_dict, set_frozen, train_mode
-from breakhis.registry import BACKBONES
+from breakhis.registry import BACKBONES, PATHOLOGY
 
 REQUIRED = ([f"resnet{n}" for n in (18, 34, 50, 101, 152)] + [f"efficientnet_b{i}" for i in range(8)]
             + ["densenet121", "densenet169", "densenet201", "alexnet", "convnext_tiny"]
@@ -261,7 +261,6 @@ def test_input_spec_comes_from_the_pretrained_config():
     import timm
 
     from breakhis.models import input_spec
-    from breakhis.registry import PATHOLOGY
     cfg = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
     spec = input_spec("timm:vit_tiny_patch16_224")
     assert spec == {"size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
@@ -271,14 +270,13 @@ def test_input_spec_comes_from_the_pretrained_config():
     assert input_spec("timm:hf-hub:bioptimus/H-optimus-0") == {"size": 224, "mean": h["mean"], "std": h["std"]}
 
 
-@pytest.mark.parametrize("hub", sorted(__import__("breakhis.registry").registry.PATHOLOGY))
+@pytest.mark.parametrize("hub", sorted(PATHOLOGY))
 def test_pathology_architectures_build_offline_with_their_feature_width(hub):
     """Each pathology entry's offline architecture builds (on the meta device: no memory) with the
     width its model card gives, so a downloaded weights file has something to load into."""
     import timm
 
     from breakhis.models import _timm_layers
-    from breakhis.registry import PATHOLOGY
     e = PATHOLOGY[hub]
     with torch.device("meta"):
         m = timm.create_model(e["arch"], pretrained=False, num_classes=0, **_timm_layers(e["kwargs"]))
