@@ -7,6 +7,8 @@
     python train.py --config results/tune/<name>/best.json   # retrain a tune result
     python train.py --seeds 0,1,2 --backbone resnet50        # repeats on the same patient split
     python train.py --resume results/<run>                   # continue an interrupted run
+    python train.py --backbone timm:convnext_tiny --freeze   # any timm model; --list-backbones shows names
+    python train.py --backbone timm:hf-hub:MahmoodLab/UNI --weights uni.bin --freeze   # a pathology model
 
 Precedence: defaults < --demo / --preset / --config < flags. Every setting is a flag
 (see --help); config.json in the run folder holds the resolved settings. Every setting is
@@ -42,11 +44,26 @@ def parse(argv):
     ap.add_argument("--seeds", help="train once per seed, e.g. 0,1,2, on the same patient split")
     ap.add_argument("--resplit", action="store_true", help="with --seeds: also redraw the patient split per seed")
     ap.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    ap.add_argument("--list-backbones", action="store_true", help="print the backbones: torchvision, tested timm "
+                    "names, pathology foundation models (hub names, licences, input sizes), and exit")
     add_flags(ap)
     return ap.parse_args(argv)
 
 
-def resolve(a):
+def list_backbones() -> str:
+    """The --list-backbones text, from breakhis.registry (no torch import)."""
+    from breakhis.registry import BACKBONES, NOT_TIMM, PATHOLOGY, TIMM_TESTED
+    lines = ["torchvision (ImageNet weights, 224 px, ImageNet normalisation):", "  " + ", ".join(BACKBONES), "",
+             "timm, any model as --backbone timm:NAME; tested here (normalisation and size from its pretrained_cfg):"]
+    lines += [f"  timm:{k:28s} {v}" for k, v in TIMM_TESTED.items()]
+    lines += ["", "pathology foundation models (gated hubs: download, then --weights FILE):"]
+    lines += [f"  timm:{k:40s} {v['size']} px, {v['features']} features, {v['arch']}; {v['licence']}"
+              for k, v in PATHOLOGY.items()]
+    lines += [f"  {k:45s} {v}" for k, v in NOT_TIMM.items()]
+    return "\n".join(lines)
+
+
+def layers_of(a) -> list[dict]:
     layers = []
     if a.demo:
         layers.append(DEMO)
@@ -55,7 +72,11 @@ def resolve(a):
     if a.config:
         layers.append(load_config_file(a.config))
     layers.append(overrides_from_args(a))
-    return make_config(*layers)
+    return layers
+
+
+def resolve(a):
+    return make_config(*layers_of(a))
 
 
 def seed_list(text: str | None, default: int) -> list[int]:
@@ -73,6 +94,9 @@ def seed_list(text: str | None, default: int) -> list[int]:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    if a.list_backbones:
+        print(list_backbones())
+        return 0
     # --- config: every setting checked before the heavy imports (torch: ~3 s) and any work ---
     if a.resume:
         given = [flag_name(k) for k in overrides_from_args(a)] + \
@@ -86,7 +110,7 @@ def main(argv=None) -> int:
     from breakhis import report, runs
     from breakhis.data.demo import make_demo
     from breakhis.data.prepare import prepare
-    from breakhis.fit import check_data, fit, preflight
+    from breakhis.fit import check_data, fit, preflight, with_inputs
 
     # --- resume: the run's own config, nothing else ---
     if a.resume:
@@ -105,6 +129,8 @@ def main(argv=None) -> int:
     runs.check_name(a.name)
     runs.check_results(a.results)
     preflight(cfg)
+    # the backbone's own normalisation, and its input size unless --image-size (or a preset) set one
+    cfg = with_inputs(cfg, keep_size=any("image_size" in layer for layer in layers_of(a)))
 
     # --- data ---
     if a.demo and not Path(cfg.data).exists():

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     from breakhis import runs
     from breakhis.data.prepare import prepare
-    from breakhis.fit import preflight
+    from breakhis.fit import build_features, preflight
     from breakhis.report import console
     from breakhis.tuning import experiment as tuning
     from breakhis.tuning.results import collect, results_table, write_results
@@ -93,10 +93,13 @@ def main(argv=None) -> int:
 
     # --- data: index, split and decode once, before any trial starts; trials memory-map the cache ---
     base_cfg = tuning.absolute_paths(make_config(setup.base), setup.cwd)
-    preflight(base_cfg)  # the device, AMP and --weights every trial needs
+    device = preflight(base_cfg)  # the device, AMP, --weights and a timm backbone every trial needs
     if a.resume:
         tuning.check_state(exp_dir, trust=a.trust_state)
-    prepare(base_cfg, progress=True)
+    prep = prepare(base_cfg, progress=True)
+    if base_cfg.cached_features:  # a frozen backbone: its features once, here; every trial reads them
+        with console.status("computing the frozen backbone's features once for all trials"):
+            build_features(base_cfg, prep, device)
     if not a.resume:
         exp_dir = tuning.new_experiment(results, name)
         setup.save(exp_dir)

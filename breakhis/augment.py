@@ -1,7 +1,8 @@
 """The views: how a cached field becomes the model input, and the augmentation maths.
 
 How a cached field (H x W uint8, e.g. 256 x 390 for the 700 x 460 originals) becomes the
-model input (image_size x image_size, normalised with the ImageNet MEAN and STD):
+model input (image_size x image_size, normalised with the backbone's mean and std: ImageNet's
+MEAN and STD for torchvision, timm's pretrained_cfg for timm models; config.json records them):
 
 * evaluation (train=False), and training with augmentation off: the central square of full
   field height (H x H) resized (bilinear) to image_size x image_size; in order, no randomness.

@@ -7,6 +7,12 @@ the last module, in the order modules finish their forward pass, that holds an n
 and returns a 4-D tensor. That is `layer4` of a ResNet and `features` of a DenseNet,
 EfficientNet, VGG, AlexNet or ConvNeXt; pooling and LayerNorm modules after it hold no
 convolution, so they are passed over.
+
+timm backbones: Grad-CAM is offered where forward_features gives a spatial (B, C, h, w) map
+(ResNets, ConvNeXts, EfficientNets...). Vision transformers (ViT, DeiT, and the pathology
+foundation models UNI, Virchow2, H-optimus-0, Prov-GigaPath) give (B, tokens, D) and Swin gives
+channels-last maps: their only convolution is the patch embedding, before any attention, so a
+map there would explain nothing; they are refused with a message.
 """
 from __future__ import annotations
 
@@ -88,10 +94,21 @@ def choose(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     return order[:n]
 
 
-def _view(x: torch.Tensor) -> np.ndarray:
+def spatial(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the backbone has a spatial feature map for Grad-CAM: always for torchvision's; for a
+    timm model, whether forward_features(x) is (B, C, h, w) with C its feature width."""
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "forward_features") or not hasattr(backbone, "num_features"):
+        return True
+    with torch.no_grad():
+        f = backbone.forward_features(x[:1])
+    return f.dim() == 4 and f.shape[1] == backbone.num_features
+
+
+def _view(x: torch.Tensor, mean_rgb=MEAN, std_rgb=STD) -> np.ndarray:
     """(3, S, S) normalised input -> (S, S, 3) RGB in [0, 1]."""
-    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(3, 1, 1)
+    mean = torch.tensor(mean_rgb, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std_rgb, device=x.device).view(3, 1, 1)
     return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
@@ -115,9 +132,13 @@ def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_f
     names = class_names(cfg.task)
     picked = choose(probs, labels, n)
     images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    mean, std = cfg.mean or MEAN, cfg.std or STD
     loader = Loader(images, idx[picked], labels[picked], batch_size=16, image_size=cfg.image_size, train=False,
-                    channels_last=False)
+                    channels_last=False, mean=mean, std=std)
     model = model.float()
+    if not spatial(model, next(iter(loader))[0]):
+        raise UserError(f"--cam: {cfg.backbone} has no spatial feature map (a transformer: its features are tokens), "
+                        f"so Grad-CAM is not offered for it; it is for convolutional backbones")
     out_folder, written = Path(out_folder), []
     for x, _, _ in loader:  # in order: batch rows follow `picked`
         rows = picked[len(written):len(written) + len(x)]
@@ -128,7 +149,7 @@ def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_f
             rec = by_position[int(idx[j])]
             p, y, c = probs[j], int(labels[j]), int(probs[j].argmax())
             kind = "error" if c != y else "correct"
-            view = _view(x[k])
+            view = _view(x[k], mean, std)
             fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="constrained")
             FigureCanvasAgg(fig)
             left, right = fig.subplots(1, 2)

@@ -60,13 +60,17 @@ class TrainConfig:
     color_jitter: float = _f(0.2, "brightness/contrast/saturation jitter strength (hue: a quarter of it); 0 off")
     stain_jitter: float = _f(0.05, "H&E stain jitter strength in HED space; 0 off")
     # --- model ---
-    backbone: str = _f("resnet152", "torchvision backbone (see breakhis.registry.BACKBONES)", choices=tuple(registry.BACKBONES))
-    pretrained: bool = _f(True, "start from torchvision's ImageNet weights (cached in TORCH_HOME)")
-    weights: str = _f("", "backbone weights from a local .safetensors or .pth state dict")
+    backbone: str = _f("resnet152", "torchvision name (registry.BACKBONES) or timm:NAME (a timm model, or timm:hf-hub:ORG/REPO); see --list-backbones")
+    pretrained: bool = _f(True, "start from the backbone's pretrained weights (torchvision: TORCH_HOME; timm: the Hugging Face cache)")
+    weights: str = _f("", "backbone weights from a local .safetensors, .bin or .pth state dict")
+    mean: tuple[float, ...] = _f((), "input normalisation mean per RGB channel (empty: the backbone's own; recorded in config.json)")
+    std: tuple[float, ...] = _f((), "input normalisation std per RGB channel (empty: the backbone's own)")
     head: tuple[int, ...] = _f((1000,), "hidden sizes of the head, e.g. 1000,512,128; 'none' for one linear layer")
     dropout: tuple[float, ...] = _f((0.5, 0.5), "dropout rates, one before each linear layer of the head from the first on")
     freeze: bool = _f(False, "freeze the backbone (weights and BatchNorm statistics): only the head trains")
     unfreeze_at: int = _f(0, "epoch at which a frozen backbone starts training (0: never)")
+    feature_cache: bool = _f(True, "with --freeze (no --unfreeze-at): compute the backbone's features once and train the head on them")
+    feature_views: int = _f(0, "with --freeze: augmented views per training image kept in the feature cache (0: 4 with augmentation, 1 without)")
     # --- optimisation ---
     epochs: int = _f(60, "training epochs")
     optimizer: str = _f("adamw", "adam, adamw or sgd", choices=tuple(registry.OPTIMIZERS))
@@ -99,6 +103,16 @@ class TrainConfig:
 
     # ------------------------------------------------------------------
     @property
+    def cached_features(self) -> bool:
+        """Whether the head trains on backbone features computed once (a backbone that never trains)."""
+        return self.freeze and not self.unfreeze_at and self.feature_cache
+
+    @property
+    def views(self) -> int:
+        """Training views per image in the feature cache: one without augmentation (they would be equal)."""
+        return (self.feature_views or 4) if self.augment else 1
+
+    @property
     def num_classes(self) -> int:
         return 8 if self.task == "subtype" else 2
 
@@ -118,6 +132,9 @@ class TrainConfig:
         """
         for key in CHOICE_FIELDS:  # registry names (backbone, optimizer, scheduler, select) included
             check_choice(key, getattr(self, key))
+        problem = registry.backbone_problem(self.backbone)
+        if problem:
+            raise UserError(problem)
         self.split_percentages()
         self.cache_hw()
         _positive_finite("--lr", self.lr)
@@ -130,6 +147,15 @@ class TrainConfig:
         _at_least("--workers", self.workers, 0)
         _at_least("--patience", self.patience, 0)
         _at_least("--unfreeze-at", self.unfreeze_at, 0)
+        _at_least("--feature-views", self.feature_views, 0)
+        if self.feature_views and not self.cached_features:
+            raise UserError(f"--feature-views {self.feature_views}: cached features need a backbone that never trains; "
+                            f"add --freeze (without --unfreeze-at or --no-feature-cache), or drop --feature-views")
+        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            if values and (len(values) != 3 or not all(math.isfinite(v) for v in values)):
+                raise UserError(f"{flag} {values}: give three numbers, one per RGB channel, e.g. 0.485,0.456,0.406")
+        if self.std and min(self.std) <= 0:
+            raise UserError(f"--std {self.std}: must be positive")
         _at_least("--plateau-patience", self.plateau_patience, 0)
         for flag, value in (("--weight-decay", self.weight_decay), ("--momentum", self.momentum),
                             ("--min-lr", self.min_lr), ("--device-cache-gb", self.device_cache_gb)):

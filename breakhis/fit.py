@@ -7,6 +7,7 @@ metrics.json, plots) is predict.py's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -23,9 +24,10 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, needs_grad_scaler, prepare_model, resolve_device, seed_everything
 from .engine import NonFiniteLoss, evaluate, make_loss, train_one_epoch
 from .errors import UserError
+from .features import FeatureLoader, run_features
 from .io import write_csv
 from .loader import DeviceImages, Loader
-from .models import build_model, set_frozen
+from .models import Classifier, build_model, check_timm, check_weights, input_spec, is_timm, set_frozen
 from .optim import build_optimizer, build_schedule, current_lr
 from .predict import finalize
 from .registry import EPOCH_METRICS
@@ -54,14 +56,38 @@ def improved(value: float, best: float | None, select: str) -> bool:
 
 
 def preflight(cfg: TrainConfig) -> torch.device:
-    """What a run needs of this machine, checked before any work: the device, the AMP dtype on it, and
-    the --weights file. Returns the device. (TrainConfig.validate() checks the settings themselves.)"""
+    """What a run needs of this machine, checked before any work: the device, the AMP dtype on it, the
+    --weights file, and a timm backbone's name (or its hub). Returns the device.
+    (TrainConfig.validate() checks the settings themselves, without torch.)"""
     device = resolve_device(cfg.device)
     amp_dtype(cfg.amp, device)
     if cfg.weights and not Path(cfg.weights).expanduser().is_file():
-        raise UserError(f"--weights {cfg.weights}: file not found; give a .safetensors or .pth state dict, "
+        raise UserError(f"--weights {cfg.weights}: file not found; give a .safetensors, .bin or .pth state dict, "
                         f"or use --no-pretrained")
+    if is_timm(cfg.backbone):
+        check_timm(cfg.backbone, cfg.pretrained, cfg.weights)
+    if cfg.weights:  # the file fits the architecture (missing and unexpected keys named), before any data work
+        check_weights(cfg.backbone, cfg.weights, cfg.num_classes, cfg.head, cfg.dropout, cfg.image_size)
     return device
+
+
+def with_inputs(cfg: TrainConfig, keep_size: bool = True) -> TrainConfig:
+    """cfg with the backbone's own input normalisation (--mean/--std when empty) and, unless
+    keep_size (--image-size was given), its expected input side: what config.json records."""
+    spec = input_spec(cfg.backbone, cfg.pretrained)
+    return dataclasses.replace(cfg, mean=tuple(cfg.mean) or spec["mean"], std=tuple(cfg.std) or spec["std"],
+                               image_size=cfg.image_size if keep_size else spec["size"]).validate()
+
+
+def build_features(cfg: TrainConfig, prep: Prepared, device: torch.device) -> None:
+    """Compute the feature cache a frozen run of cfg reads (tune.py: once in the driver, before the
+    trials). The backbone is built as fit() builds it: same seed, same weights, so the key matches."""
+    cfg = with_inputs(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
+                        image_size=cfg.image_size)
+    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    run_features(model.backbone, prep, cfg, device, amp_dtype(cfg.amp, device), images)
 
 
 def check_data(prep: Prepared, cfg: TrainConfig) -> None:
@@ -92,6 +118,7 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
 def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
          progress: bool, resume: bool, repeats: dict | None) -> dict:
     device = preflight(cfg)
+    cfg = with_inputs(cfg)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -107,10 +134,16 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                                 dtype=amp or torch.float32)
 
     # --- model, optimiser, loss ---
-    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights)
+    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
+                        image_size=cfg.image_size)
     set_frozen(model, cfg.freeze)
     model.to(device)
     fast = prepare_model(model, device, cfg.channels_last, cfg.compile, cfg.compile_mode)
+    if cfg.cached_features:  # the frozen backbone runs once per image (and view); the head trains on its features
+        feats = run_features(model.backbone, prep, cfg, device, amp, images)
+        train_loader = FeatureLoader.for_run(feats["train"], prep, "train", cfg)
+        val_loader = FeatureLoader.for_run(feats["val"], prep, "val", cfg)
+        fast = Classifier(torch.nn.Identity(), model.head)  # shares the head's parameters with model
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp))

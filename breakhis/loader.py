@@ -112,9 +112,22 @@ def _threads(n: int) -> ThreadPoolExecutor:
     return _POOLS[n]
 
 
-def _generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch's order and augmentation draws."""
     state = np.random.SeedSequence([seed % 2**63, epoch % 2**63]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def epoch_order(labels: np.ndarray, train: bool, balanced: bool, g: torch.Generator) -> torch.Tensor:
+    """(n,) positions in the order an epoch visits them: in order for evaluation, a permutation for
+    training, or n class-balanced draws with replacement. The first draws of g (see Loader)."""
+    n = len(labels)
+    if not train:
+        return torch.arange(n)
+    if balanced:  # each class drawn with equal probability, n draws with replacement
+        _, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        return torch.multinomial(torch.from_numpy(1.0 / counts[inv]), n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
 
 
 class Loader:
@@ -126,7 +139,7 @@ class Loader:
 
     def __init__(self, data: DeviceImages, indices, labels, *, batch_size: int, image_size: int, train: bool,
                  augment: Augment | None = None, balanced: bool = False, drop_last: bool = False, seed: int = 0,
-                 dtype=torch.float32, channels_last: bool = True):
+                 dtype=torch.float32, channels_last: bool = True, mean=MEAN, std=STD):
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.indices) != len(self.labels):
@@ -149,8 +162,10 @@ class Loader:
         self._y = torch.from_numpy(self.labels).to(data.device)
         self._idx = torch.from_numpy(self.indices).to(data.device)
         dev = data.device
-        self._mean = torch.tensor(MEAN, device=dev).view(1, 3, 1)
-        self._std = torch.tensor(STD, device=dev).view(1, 3, 1)
+        # the backbone's input normalisation (ImageNet for torchvision; timm's pretrained_cfg)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self._mean = torch.tensor(self.mean, device=dev).view(1, 3, 1)
+        self._std = torch.tensor(self.std, device=dev).view(1, 3, 1)
         self._grey = torch.tensor(GREY, device=dev)
         self._slots: list[torch.Tensor] | None = None  # pinned host batches of the streamed CUDA path
 
@@ -159,7 +174,8 @@ class Loader:
         """The training (train=True) or evaluation loader of a run's config."""
         return cls(data, indices, labels, batch_size=cfg.batch_size, image_size=cfg.image_size, train=train,
                    augment=Augment.from_config(cfg) if train else None, balanced=cfg.balanced_sampling and train,
-                   drop_last=cfg.drop_last and train, seed=cfg.seed, dtype=dtype, channels_last=cfg.channels_last)
+                   drop_last=cfg.drop_last and train, seed=cfg.seed, dtype=dtype, channels_last=cfg.channels_last,
+                   mean=cfg.mean or MEAN, std=cfg.std or STD)
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -171,13 +187,7 @@ class Loader:
 
     # ------------------------------------------------------------------ drawing
     def _order(self, g: torch.Generator) -> torch.Tensor:
-        n = len(self.indices)
-        if not self.train:
-            return torch.arange(n)
-        if self.balanced:  # each class drawn with equal probability, n draws with replacement
-            _, inv, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
-            return torch.multinomial(torch.from_numpy(1.0 / counts[inv]), n, replacement=True, generator=g)
-        return torch.randperm(n, generator=g)
+        return epoch_order(self.labels, self.train, self.balanced, g)
 
     def _draw(self, u: torch.Tensor) -> dict:
         """The epoch's per-sample parameters (augment.draw); box and k stay on the CPU, the
@@ -190,7 +200,7 @@ class Loader:
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
-        g = _generator(self.seed, self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         order = self._order(g)
         p = self._draw(torch.rand(len(order), NRAND, generator=g, dtype=torch.float64))
         order_d = order.to(self.data.device)
@@ -318,7 +328,7 @@ class Loader:
         m, t = self._colour(x, p["rs"], p["coef"], unit)
         y = torch.bmm(m, x, out=y)  # jittered and normalised, less the offset
         for ch in range(3):  # add the offset, clip to [0, 1] RGB: per plane, scalar bounds are fastest
-            y[:, ch].add_(t[:, ch]).clamp_(-MEAN[ch] / STD[ch], (1 - MEAN[ch]) / STD[ch])
+            y[:, ch].add_(t[:, ch]).clamp_(-self.mean[ch] / self.std[ch], (1 - self.mean[ch]) / self.std[ch])
         outv.copy_(y)
 
     @staticmethod

@@ -1,26 +1,35 @@
 """Backbones, the classification head, freezing, and weight files.
 
-The model is a torchvision backbone whose final classifier layer is replaced by nn.Identity,
-followed by our head. It outputs logits: two for the binary task, trained with cross-entropy.
+The model is a torchvision backbone whose final classifier layer is replaced by nn.Identity, or a
+timm model built with num_classes=0 (`--backbone timm:NAME`: its pooled features), followed by
+our head. It outputs logits: two for the binary task, trained with cross-entropy.
 The logbook's "2 -> sigmoid" output is the softmax of these two logits:
 the probability of malignant is `logits.softmax(1)[:, 1]`.
 
     model = build_model("resnet152", num_classes=2, head=(1000,), dropout=(0.5, 0.5))
     # backbone (B, 2048) -> Dropout(0.5) Linear(2048, 1000) ReLU Dropout(0.5) Linear(1000, 2)
+    build_model("timm:vit_tiny_patch16_224", image_size=64, pretrained=False)   # (B, 192) features
+
+Each backbone expects its own input normalisation and size: `input_spec` gives them (ImageNet and
+224 for torchvision; timm's pretrained_cfg, or registry.PATHOLOGY for hub models).
 """
 from __future__ import annotations
 
+import difflib
 import re
+import sys
+import warnings
 from pathlib import Path
 from urllib.error import URLError
 
+import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
 from .errors import UserError
-from .registry import BACKBONES, unknown
+from .registry import BACKBONES, IMAGENET, PATHOLOGY, TIMM, unknown
 
 # Old DenseNet checkpoints (the files torchvision downloads) name layers 'norm.1' for 'norm1'.
 _DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
@@ -72,7 +81,7 @@ def make_head(in_features: int, num_classes: int, head: tuple[int, ...], dropout
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise UserError(f"--weights {path}: file not found; give a .safetensors or .pth state dict, or use --no-pretrained")
+        raise UserError(f"--weights {path}: file not found; give a .safetensors, .bin or .pth state dict, or use --no-pretrained")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -139,20 +148,139 @@ def _download(name: str) -> dict[str, torch.Tensor]:
                         f"scratch with --no-pretrained") from None
 
 
+# ---------------------------------------------------------------------- timm
+def is_timm(backbone: str) -> bool:
+    return backbone.startswith(TIMM)
+
+
+def check_timm(backbone: str, pretrained: bool, weights: str) -> None:
+    """What a timm backbone needs, checked before any data work (fit.preflight): a name timm knows
+    (close matches listed otherwise), an architecture for hub names served by --weights, and, for
+    pretrained weights without --weights, the weights themselves (fetched now into the Hugging Face
+    cache, which the run then reads)."""
+    name = backbone[len(TIMM):]
+    hub = name.startswith("hf-hub:")
+    if hub and (weights or not pretrained) and name not in PATHOLOGY:
+        raise UserError(f"--backbone {backbone}{' with --weights' if weights else ' --no-pretrained'}: the "
+                        f"architecture of {name} is not known offline; use --backbone timm:ARCH (the timm "
+                        f"architecture its model card names, e.g. timm:vit_large_patch16_224), or one of "
+                        f"{', '.join(PATHOLOGY)}")
+    if not hub and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise UserError(f"--backbone {backbone}: timm has no model {name!r}"
+                        + (f"; close matches: {', '.join('timm:' + c for c in close)}" if close else
+                           "; see timm.list_models() or python train.py --list-backbones"))
+    if pretrained and not weights:
+        _create_timm(backbone, True)
+
+
+def check_weights(backbone: str, weights: str, num_classes: int, head: tuple[int, ...], dropout: tuple[float, ...],
+                  image_size: int = 0) -> None:
+    """Whether a --weights file fits the model (UserError naming missing and unexpected keys), checked
+    on the meta device: the file is read, the model takes no memory, nothing is copied."""
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore", UserWarning)  # "copying ... to a meta parameter is a no-op": the point
+        build_model(backbone, num_classes, head, dropout, pretrained=False, weights=weights, image_size=image_size)
+
+
+def _timm_layers(kwargs: dict) -> dict:
+    """registry.PATHOLOGY kwargs with layer names ('SwiGLUPacked', 'SiLU') resolved to classes."""
+    named = {"SwiGLUPacked": timm.layers.SwiGLUPacked, "SiLU": torch.nn.SiLU, "GELU": torch.nn.GELU}
+    return {k: named.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+
+
+def _create_timm(backbone: str, pretrained: bool, image_size: int = 0) -> nn.Module:
+    """timm.create_model(NAME, num_classes=0); image_size (0: the model's own) goes to models that
+    take an input size (ViTs: their position embedding has one entry per patch)."""
+    name = backbone[len(TIMM):]
+    known = PATHOLOGY.get(name)
+    if known and not pretrained:  # a hub model whose weights come from a file: its architecture, offline
+        name, kwargs = known["arch"], _timm_layers(known["kwargs"])
+    else:
+        kwargs = {}
+    try:
+        if image_size:
+            try:
+                return timm.create_model(name, pretrained=pretrained, num_classes=0, **{**kwargs, "img_size": image_size})
+            except TypeError:  # a convnet: any input size works, it takes none
+                pass
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    except Exception as e:  # offline, gated, no such repository: the hub's message says which
+        if not pretrained:
+            raise
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        if name.startswith("hf-hub:"):
+            repo = name.removeprefix("hf-hub:")
+            raise UserError(f"--backbone {backbone}: cannot fetch its weights from the Hugging Face hub "
+                            f"({type(e).__name__}: {first}); on a machine with access, accept the licence at "
+                            f"https://huggingface.co/{repo}, run `huggingface-cli download {repo}` and pass the weights "
+                            f"file with --weights FILE (pytorch_model.bin or model.safetensors)") from None
+        raise UserError(f"--backbone {backbone}: cannot fetch its pretrained weights ({type(e).__name__}: {first}); "
+                        f"give a local file with --weights FILE or train from scratch with --no-pretrained") from None
+
+
+def input_spec(backbone: str, pretrained: bool = True) -> dict:
+    """The input a backbone expects: {"size": pixels, "mean": (3,), "std": (3,)}.
+
+    torchvision: ImageNet statistics at 224. timm: the model's pretrained_cfg (input_size, mean,
+    std); hub models from registry.PATHOLOGY (no network needed). Built on the meta device."""
+    if not is_timm(backbone):
+        return {"size": 224, "mean": IMAGENET[0], "std": IMAGENET[1]}
+    known = PATHOLOGY.get(backbone[len(TIMM):])
+    if known:
+        return {"size": known["size"], "mean": tuple(known["mean"]), "std": tuple(known["std"])}
+    with torch.device("meta"):
+        cfg = timm.create_model(backbone[len(TIMM):], pretrained=False, num_classes=0).pretrained_cfg
+    return {"size": int(cfg.get("input_size", (3, 224, 224))[-1]), "mean": tuple(cfg.get("mean", IMAGENET[0])),
+            "std": tuple(cfg.get("std", IMAGENET[1]))}
+
+
+def _load_timm(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a state dict of the timm model (its own key names; its classifier's keys ignored).
+
+    The model's module's checkpoint_filter_fn, where timm has one, converts the file as timm's own
+    loader would (e.g. a ViT's position embedding resampled to this --image-size)."""
+    filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filt is not None:
+        try:
+            state = filt(state, model)
+        except Exception:  # a file the filter does not understand: the mismatch below names the keys
+            pass
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not any(k == c or k.startswith(c + ".") for c in classifiers) or k in own}
+    problem = mismatch(where, model, state)
+    if problem:
+        raise UserError(problem)
+    model.load_state_dict(state, strict=False)
+
+
 def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (1000,),
-                dropout: tuple[float, ...] = (0.5, 0.5), pretrained: bool = True, weights: str = "") -> Classifier:
-    """A torchvision backbone with our head.
+                dropout: tuple[float, ...] = (0.5, 0.5), pretrained: bool = True, weights: str = "",
+                image_size: int = 0) -> Classifier:
+    """A torchvision or timm backbone with our head.
+
+    image_size: the model input side in pixels, for timm models that are built for one (ViTs);
+    0 or another backbone: ignored.
 
     `weights` (a local file) takes precedence over `pretrained` (torchvision's DEFAULT weights,
     cached in TORCH_HOME). The file holds either torchvision's state dict of the backbone
     (its own key names, the classifier may be present or not) or a whole Classifier's
     (keys 'backbone.*' and 'head.*', head included).
     """
-    classifier = _check_backbone(backbone)
-    model = get_model(backbone, weights=None)
     state = _read_state_dict(Path(weights)) if weights else None
     whole = state is not None and any(k.startswith("head.") for k in state) \
         and all(k.startswith(("backbone.", "head.")) for k in state)
+    if is_timm(backbone):
+        model = _create_timm(backbone, pretrained and state is None, image_size)
+        if state is not None and not whole:
+            _load_timm(model, state, f"--weights {weights}: the tensors of this file and {backbone}")
+        features = model.num_features
+        net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
+        return _load_whole(net, state, weights, backbone, head, num_classes) if whole else net
+    classifier = _check_backbone(backbone)
+    model = get_model(backbone, weights=None)
     if state is not None and not whole:
         _load_backbone(model, state, classifier, f"--weights {weights}: the tensors of this file and {backbone}")
     elif state is None and pretrained:
@@ -161,12 +289,16 @@ def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (10
     features = _final_linear(model, classifier).in_features
     model.set_submodule(classifier, nn.Identity())
     net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
-    if whole:
-        problem = mismatch(f"--weights {weights}: the tensors of this saved model and a {backbone} with head "
-                            f"{tuple(head)} and {num_classes} classes", net, state)
-        if problem:
-            raise UserError(problem)
-        net.load_state_dict(state)
+    return _load_whole(net, state, weights, backbone, head, num_classes) if whole else net
+
+
+def _load_whole(net: Classifier, state: dict, weights: str, backbone: str, head, num_classes: int) -> Classifier:
+    """Load a whole saved Classifier (keys 'backbone.*' and 'head.*') into net."""
+    problem = mismatch(f"--weights {weights}: the tensors of this saved model and a {backbone} with head "
+                       f"{tuple(head)} and {num_classes} classes", net, state)
+    if problem:
+        raise UserError(problem)
+    net.load_state_dict(state)
     return net
 
 

@@ -29,7 +29,7 @@ from .models import build_model
 
 def load_run_model(run_dir: Path, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """The run's best checkpoint, rebuilt from its own files (no download)."""
-    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, pretrained=False)
+    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, pretrained=False, image_size=cfg.image_size)
     runs.load_weights(model, run_dir / "model.safetensors", cfg.backbone)
     model.to(device)
     if cfg.channels_last:

@@ -19,6 +19,57 @@ BACKBONES: dict[str, str] = {
     "convnext_tiny": "classifier.2",
 }
 
+# `--backbone timm:NAME`: any timm model as the feature extractor (timm.create_model(NAME,
+# num_classes=0)). NAME is a timm registry name (checked against timm's list after the imports, in
+# fit.preflight) or a Hugging Face hub name `hf-hub:ORG/REPO`. Here only the syntax is checked.
+TIMM = "timm:"
+
+# timm names the tests build (random init, CPU): known to train, evaluate, export. Name -> note.
+TIMM_TESTED: dict[str, str] = {
+    "vit_tiny_patch16_224": "ViT-Ti/16, 5.5 M parameters; any --image-size divisible by 16 (no Grad-CAM: tokens)",
+    "convnext_atto": "ConvNeXt-Atto, 3.4 M parameters; Grad-CAM at its last stage",
+    "resnet18": "timm's ResNet-18 (its own weights: resnet18.a1_in1k)",
+    "efficientnet_b0": "timm's EfficientNet-B0",
+    "vit_small_patch16_224": "ViT-S/16, 22 M parameters",
+    "convnext_tiny": "ConvNeXt-T, 28 M parameters",
+}
+
+# Pathology foundation models published for timm on the Hugging Face hub. Most are gated (accept the
+# licence on the model page, then download with a token), so a machine without access passes the
+# downloaded file with --weights; "arch"/"kwargs" rebuild the architecture offline for that, and
+# "mean"/"std"/"size" are the inputs the model card asks for. kwargs values naming timm layers are
+# strings, resolved in models.py (this module stays torch-free). "features": width of the pooled
+# output timm gives with num_classes=0 (the class token; Virchow2's card concatenates the mean
+# patch token as well, which this toolkit does not).
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+PATHOLOGY: dict[str, dict] = {
+    "hf-hub:MahmoodLab/UNI": {
+        "arch": "vit_large_patch16_224", "kwargs": {"init_values": 1e-5, "dynamic_img_size": True},
+        "mean": IMAGENET[0], "std": IMAGENET[1], "size": 224, "features": 1024,
+        "licence": "CC-BY-NC-ND-4.0, gated: accept the terms on huggingface.co/MahmoodLab/UNI"},
+    "hf-hub:paige-ai/Virchow2": {
+        "arch": "vit_huge_patch14_224",
+        "kwargs": {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "reg_tokens": 4,
+                   "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"},
+        "mean": IMAGENET[0], "std": IMAGENET[1], "size": 224, "features": 1280,
+        "licence": "CC-BY-NC-ND-4.0, gated: accept the terms on huggingface.co/paige-ai/Virchow2"},
+    "hf-hub:bioptimus/H-optimus-0": {
+        "arch": "vit_giant_patch14_reg4_dinov2", "kwargs": {"img_size": 224, "init_values": 1e-5,
+                                                            "dynamic_img_size": False},
+        "mean": (0.707223, 0.578729, 0.703617), "std": (0.211883, 0.230117, 0.177517), "size": 224,
+        "features": 1536, "licence": "Apache-2.0 (huggingface.co/bioptimus/H-optimus-0)"},
+    "hf-hub:prov-gigapath/prov-gigapath": {
+        "arch": "vit_giant_patch14_dinov2", "kwargs": {"img_size": 224, "patch_size": 16, "init_values": 1e-5,
+                                                       "mlp_ratio": 5.33334},
+        "mean": IMAGENET[0], "std": IMAGENET[1], "size": 224, "features": 1536,
+        "licence": "Apache-2.0, gated: accept the terms on huggingface.co/prov-gigapath/prov-gigapath"},
+}
+# Named in the literature but not timm models: listed by --list-backbones with the reason.
+NOT_TIMM: dict[str, str] = {
+    "owkin/phikon": "Phikon (ViT-B/16, iBOT): a Hugging Face transformers model, not a timm one; not supported",
+    "owkin/phikon-v2": "Phikon-v2 (ViT-L/16, DINOv2): a transformers model; not supported",
+}
+
 # optimizer name -> torch.optim class. Adam's weight decay is the classic L2 term added to the
 # gradient; AdamW's is decoupled (applied to the weights). Momentum and Nesterov apply to SGD.
 OPTIMIZERS: dict[str, str] = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
@@ -47,6 +98,20 @@ EPOCH_METRICS: dict[str, str] = {
     "train_loss": "min",
 }
 SELECT_METRICS: tuple[str, ...] = tuple(k for k in EPOCH_METRICS if k.startswith("val_"))
+
+
+def backbone_problem(name: str) -> str:
+    """'' when `name` is a torchvision registry name or a well-formed timm:NAME; else the message."""
+    if name in BACKBONES:
+        return ""
+    if name.startswith(TIMM):
+        rest = name[len(TIMM):]
+        if not rest or rest != rest.strip() or (rest.startswith("hf-hub:") and "/" not in rest):
+            return (f"--backbone {name!r}: give timm:NAME with a timm model name (timm:vit_small_patch16_224) "
+                    f"or a hub name (timm:hf-hub:MahmoodLab/UNI)")
+        return ""
+    return (f"--backbone {name!r}: choose one of {', '.join(BACKBONES)}, or timm:NAME for a timm model "
+            f"(python train.py --list-backbones)")
 
 
 def unknown(kind: str, name: str, valid) -> str:

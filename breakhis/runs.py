@@ -67,7 +67,8 @@ def new_run_dir(results: str | Path, name: str | None, backbone: str) -> Path:
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
-        path = results / (f"{stamp}-{backbone}" + (f"-{i}" if i else ""))
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone)  # timm:hf-hub:ORG/REPO -> timm-hf-hub-ORG-REPO
+        path = results / (f"{stamp}-{label}" + (f"-{i}" if i else ""))
         try:
             path.mkdir(parents=True)
             return path
@@ -87,7 +88,7 @@ def git_commit() -> str | None:
 
 def environment(device: torch.device) -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           **{name: version(dist) for name, dist in (("torchvision", "torchvision"), ("numpy", "numpy"),
+           **{name: version(dist) for name, dist in (("torchvision", "torchvision"), ("timm", "timm"), ("numpy", "numpy"),
                                                      ("sklearn", "scikit-learn"))},
            "git_commit": git_commit(),
            "host": platform.node(), "device": str(device)}

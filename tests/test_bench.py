@@ -104,3 +104,18 @@ def test_bench_coverage_prints_coverage_and_false_positives(capsys):
     fp = out["false_positives"]
     assert fp["replicates"] == 3 and all(0 <= v <= 1 for k, v in fp.items() if isinstance(v, float))
     assert 0.5 < out["truth"]["accuracy"] < 1
+
+
+# ---------------------------------------------------------------------------- python -m breakhis.bench frozen
+def test_bench_frozen_prints_three_runs_side_by_side(demo_root, cache_dir, capsys):
+    assert main(["frozen", "--data", str(demo_root), "--epochs", "2", "--image-size", "32", "--batch-size", "16",
+                 "--cache-dir", str(cache_dir), "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr().out
+    last = json.loads(out.strip().splitlines()[-1])
+    runs = last["runs"]
+    assert list(runs) == ["through the backbone", "feature cache, cold", "feature cache, warm"]
+    assert all(r["seconds"] > 0 and r["epoch_seconds"] > 0 for r in runs.values())
+    # no augmentation: the same test metrics, up to the float16 rounding of the features
+    assert runs["feature cache, cold"]["accuracy"] == pytest.approx(runs["through the backbone"]["accuracy"], abs=0.02)
+    assert runs["feature cache, warm"]["accuracy"] == runs["feature cache, cold"]["accuracy"]
+    assert "one-time feature pass" in out and "speed-up" in out

@@ -12,7 +12,7 @@ from breakhis.config import make_config
 from breakhis.device import prepare_model
 from breakhis.errors import UserError
 from breakhis.models import build_model, feature_dim, portable_state_dict, set_frozen, train_mode
-from breakhis.registry import BACKBONES
+from breakhis.registry import BACKBONES, PATHOLOGY
 
 REQUIRED = ([f"resnet{n}" for n in (18, 34, 50, 101, 152)] + [f"efficientnet_b{i}" for i in range(8)]
             + ["densenet121", "densenet169", "densenet201", "alexnet", "convnext_tiny"]
@@ -212,3 +212,92 @@ def test_portable_state_dict_copies():
     state = portable_state_dict(model)
     state["head.0.weight"].zero_()
     assert model.head[0].weight.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- timm backbones
+TINY_TIMM = ("timm:vit_tiny_patch16_224", "timm:convnext_atto")
+
+
+@pytest.mark.parametrize("name", TINY_TIMM)
+def test_timm_backbone_with_our_head_freezes_and_runs(name):
+    import timm
+    model = build_model(name, num_classes=2, head=(8,), dropout=(0.2,), pretrained=False, image_size=32)
+    width = timm.create_model(name[5:], pretrained=False, num_classes=0, **({"img_size": 32} if "vit" in name else {})).num_features
+    assert feature_dim(model) == model.backbone.num_features == width
+    x = torch.randn(3, 3, 32, 32)
+    assert model(x).shape == (3, 2)
+    assert model.backbone(x).shape == (3, width)  # pooled features, no timm classifier
+    set_frozen(model, True)
+    train_mode(model)
+    assert not model.backbone.training and model.head.training
+    model(x).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("name", TINY_TIMM)
+def test_timm_weights_file_loads_and_mismatch_names_keys(name, tmp_path):
+    from breakhis.errors import UserError
+    src = build_model(name, head=(8,), dropout=(0.2,), pretrained=False, image_size=32)
+    state = {k: v.contiguous() for k, v in src.backbone.state_dict().items()}
+    classifier = src.backbone.pretrained_cfg["classifier"] + ".weight"  # timm's own classifier: ignored
+    state[classifier] = torch.zeros(1000, src.backbone.num_features)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    got = build_model(name, head=(8,), dropout=(0.2,), pretrained=True, weights=str(tmp_path / "w.safetensors"),
+                      image_size=32)
+    for k, v in src.backbone.state_dict().items():
+        assert torch.equal(got.backbone.state_dict()[k], v), k
+    torch.save({"model": state}, tmp_path / "w.pth")  # a training checkpoint's layout
+    build_model(name, head=(8,), pretrained=False, weights=str(tmp_path / "w.pth"), image_size=32)
+    bad = {k: v for k, v in state.items() if k != classifier}
+    dropped = sorted(bad)[0]
+    del bad[dropped]
+    bad["extra.weight"] = torch.zeros(2)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(UserError, match=rf"missing: {dropped}.*unexpected: extra\.weight"):
+        build_model(name, head=(8,), weights=str(tmp_path / "bad.safetensors"), image_size=32)
+
+
+def test_input_spec_comes_from_the_pretrained_config():
+    import timm
+
+    from breakhis.models import input_spec
+    cfg = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
+    spec = input_spec("timm:vit_tiny_patch16_224")
+    assert spec == {"size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    assert spec["mean"] != (0.485, 0.456, 0.406)  # not ImageNet's: this model was trained at 0.5/0.5
+    assert input_spec("resnet18")["mean"] == (0.485, 0.456, 0.406)
+    h = PATHOLOGY["hf-hub:bioptimus/H-optimus-0"]
+    assert input_spec("timm:hf-hub:bioptimus/H-optimus-0") == {"size": 224, "mean": h["mean"], "std": h["std"]}
+
+
+@pytest.mark.parametrize("hub", sorted(PATHOLOGY))
+def test_pathology_architectures_build_offline_with_their_feature_width(hub):
+    """Each pathology entry's offline architecture builds (on the meta device: no memory) with the
+    width its model card gives, so a downloaded weights file has something to load into."""
+    import timm
+
+    from breakhis.models import _timm_layers
+    e = PATHOLOGY[hub]
+    with torch.device("meta"):
+        m = timm.create_model(e["arch"], pretrained=False, num_classes=0, **_timm_layers(e["kwargs"]))
+    assert m.num_features == e["features"]
+
+
+def test_unknown_timm_name_lists_close_matches():
+    from breakhis.errors import UserError
+    from breakhis.models import check_timm
+    with pytest.raises(UserError, match="close matches: .*timm:vit_tiny_patch16_224"):
+        check_timm("timm:vit_tiny_patch16", pretrained=False, weights="")
+
+
+def test_hub_without_network_or_weights_says_how_to_get_them(monkeypatch):
+    import huggingface_hub.constants
+
+    from breakhis.errors import UserError
+    from breakhis.models import check_timm
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="huggingface-cli download MahmoodLab/UNI.*--weights FILE"):
+        check_timm("timm:hf-hub:MahmoodLab/UNI", pretrained=True, weights="")
+    check_timm("timm:hf-hub:MahmoodLab/UNI", pretrained=True, weights="uni.bin")  # the file serves it
+    with pytest.raises(UserError, match="not known offline"):
+        check_timm("timm:hf-hub:someone/unknown", pretrained=True, weights="w.bin")

@@ -1,5 +1,6 @@
 """train.py and evaluate.py end to end on a generated tree (CPU, tiny model and images)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -261,3 +262,50 @@ def test_metrics_json_records_the_selected_checkpoint_and_the_intervals(trained,
     assert guard(evaluate.main, [str(copy), "--n-boot", "50", "--boot-seed", "7", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["test"]["ci_settings"]["resamples"] == 50 and out["test"]["ci_settings"]["seed"] == 7
+
+
+@pytest.mark.parametrize("backbone", ["timm:vit_tiny_patch16_224", "timm:convnext_atto"])
+def test_timm_backbone_trains_evaluates_exports_and_joins_the_logbook(backbone, demo_root, cache_dir, tmp_path, capsys):
+    """A random-init timm model end to end: config.json records its own normalisation; evaluate
+    --tta, --export and --model agree; the logbook lists it; Grad-CAM only where there is a map."""
+    import timm
+    res = tmp_path / "res"
+    assert guard(train.main, tiny(demo_root, cache_dir, backbone=backbone, epochs=1, name="t")
+                 + ["--results", str(res)]) == 0
+    run = res / "t"
+    cfg = read_json(run / "config.json")
+    own = timm.create_model(backbone[5:], pretrained=False).pretrained_cfg
+    assert tuple(cfg["mean"]) == tuple(own["mean"]) and tuple(cfg["std"]) == tuple(own["std"])
+    assert cfg["image_size"] == 32 and cfg["_env"]["timm"] == timm.__version__
+    pt2 = tmp_path / "m.pt2"
+    capsys.readouterr()
+    assert guard(evaluate.main, [str(run), "--tta", "--export", str(pt2), "--json"]) == 0
+    a = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert guard(evaluate.main, [str(run), "--tta", "--model", str(pt2), "--json"]) == 0
+    b = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert b["test"]["auroc"] == pytest.approx(a["test"]["auroc"], abs=1e-6)
+    shutil.copytree(run, res / "t-copy")  # the logbook compares several runs
+    assert guard(evaluate.main, [str(res), "--csv", str(tmp_path / "log.csv")]) == 0
+    assert [r["run"] for r in read_csv(tmp_path / "log.csv")] == ["t + t-copy"]  # identical settings: one row
+    cam = guard(evaluate.main, [str(run), "--cam", "2"])
+    assert cam == (2 if "vit" in backbone else 0)
+    if "vit" in backbone:
+        assert "no spatial feature map" in capsys.readouterr().err
+
+
+def test_timm_bad_input_is_one_line_and_writes_nothing(demo_root, cache_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from breakhis.models import build_model
+    state = build_model("timm:convnext_atto", pretrained=False).backbone.state_dict()
+    bad = {k: v.contiguous() for k, v in state.items() if not k.startswith("stem.")} | {"extra.w": torch.zeros(1)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    res = tmp_path / "res"
+    for extra in ({"backbone": "timm:convnext_atoo"}, {"feature-views": 2},
+                  {"backbone": "timm:convnext_atto", "weights": tmp_path / "bad.safetensors"}):
+        assert guard(train.main, tiny(demo_root, cache_dir, **extra) + ["--results", str(res)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "close matches: timm:convnext_atto" in err[0] and "--freeze" in err[1]
+    assert "missing: stem.0.weight" in err[2] and "unexpected: extra.w" in err[2]
+    assert not res.exists() and not any(cache_dir.iterdir())  # refused before any folder or decode cache

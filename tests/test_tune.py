@@ -106,14 +106,28 @@ def test_shipped_spaces_give_valid_configs(path):
 def test_shipped_grids_cover_the_logbook():
     weights = space.load_space(EXPERIMENTS / "weights.py").space["class_weights"]
     assert weights[0] == (0.5, 0.5) and weights[-1] == (0.5, 0.85)
-    backbones = space.load_space(EXPERIMENTS / "backbones.py").space
-    assert len(backbones["backbone"]) == 7 and backbones["freeze"] == [False, True]
+    backbones = space.load_space(EXPERIMENTS / "backbones.py")
+    picked = [tune_exp.trial_config({}, {"preset": p}, backbones.presets, "/") for p in backbones.space["preset"]]
+    assert len({c.backbone for c in picked if not c.backbone.startswith("timm:")}) == 7
+    assert {c.freeze for c in picked} == {False, True}
     sched = space.load_space(EXPERIMENTS / "schedulers.py")
     kinds = {tune_exp.trial_config({}, {"preset": p}, sched.presets, "/").scheduler for p in sched.space["preset"]}
     assert kinds == {"none", "step", "multistep", "exponential", "onecycle", "plateau"}
     milestones = {tune_exp.trial_config({}, {"preset": p}, sched.presets, "/").milestones
                   for p in ("multistep_20_40_60", "multistep_10_30_50")}
     assert milestones == {(20, 40, 60), (10, 30, 50)}
+
+
+def test_foundation_entry_is_skipped_without_its_weights_and_runs_with_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BREAKHIS_UNI_WEIGHTS", str(tmp_path / "absent.bin"))
+    s = space.load_space(EXPERIMENTS / "backbones.py")
+    assert "uni_frozen" not in s.space["preset"] and len(s.space["preset"]) == 14
+    assert "skipping uni_frozen: no UNI weights" in capsys.readouterr().err
+    (tmp_path / "uni.bin").write_bytes(b"")  # only its presence is asked here
+    monkeypatch.setenv("BREAKHIS_UNI_WEIGHTS", str(tmp_path / "uni.bin"))
+    s = space.load_space(EXPERIMENTS / "backbones.py")
+    cfg = tune_exp.trial_config({}, {"preset": "uni_frozen"}, s.presets, "/")
+    assert cfg.backbone == "timm:hf-hub:MahmoodLab/UNI" and cfg.freeze and cfg.weights == str(tmp_path / "uni.bin")
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -402,3 +416,18 @@ SPACE = {"preset": ["ok", "broken"]}
     with pytest.raises(UserError, match="preset='broken' would fail: --dropout has 3 rates"):
         tune_exp.make_setup(s, {}, **kw)
     assert space.check_grid(space.load_space(EXPERIMENTS / "logbook.py"), {}) == len(space.load_space(EXPERIMENTS / "logbook.py").presets)
+
+
+def test_frozen_sweep_reads_features_the_driver_computed_once(ray_cluster, tree, tmp_path):
+    """tune.py --freeze: the driver computes the backbone's features once; the trials (class weights
+    here) share them, so the feature folder holds one file per partition, not one per trial."""
+    space = write(tmp_path / "space.py", '"""Two class weights on a frozen backbone."""\n'
+                                         'SPACE = {"class_weights": [(0.5, 0.5), (0.5, 0.8)]}\n')
+    cache = tmp_path / "cache"
+    argv = ["--space", str(space), "--data", str(tree), "--cache-dir", str(cache), "--results", str(tmp_path / "res"),
+            "--name", "frozen", "--max-epochs", "2", "--concurrent", "2", "--freeze", "--no-augment", *ASHA, *FLAGS]
+    assert tune.main(argv) == 0
+    with open(tmp_path / "res" / "tune" / "frozen" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] in ("finished", "stopped") for r in rows)
+    assert sorted(p.name.split("-")[-2] for p in (cache / "features").glob("*.npy")) == ["train", "val"]

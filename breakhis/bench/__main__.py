@@ -2,6 +2,7 @@
 
     python -m breakhis.bench loader --data data/BreaKHis_v1   # our loader vs Pillow + torchvision + DataLoader
     python -m breakhis.bench train --backbone resnet50        # training img/s: channels-last, AMP, compile
+    python -m breakhis.bench frozen --data data/BreaKHis_v1   # frozen backbone: feature cache vs none
 """
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError, guard
-from . import coverage, loader, train
+from . import coverage, frozen, loader, train
 
-BENCHMARKS = {"loader": loader.main, "train": train.main, "coverage": coverage.main}
-USAGE = ("usage: python -m breakhis.bench {loader,train,coverage} ...\n"
-         "  loader  our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
-         "  train   training throughput of a backbone (python -m breakhis.bench train -h)\n"
+BENCHMARKS = {"loader": loader.main, "train": train.main, "frozen": frozen.main, "coverage": coverage.main}
+USAGE = ("usage: python -m breakhis.bench {loader,train,frozen,coverage} ...\n"
+         "  loader    our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
+         "  train     training throughput of a backbone (python -m breakhis.bench train -h)\n"
+         "  frozen    a frozen-backbone run with and without the feature cache (python -m breakhis.bench frozen -h)\n"
          "  coverage  interval coverage and false positives, simulated (python -m breakhis.bench coverage -h)")
 
 

@@ -1,0 +1,168 @@
+"""Frozen backbone features computed once; the head trains on them.
+
+    feats = run_features(model.backbone, prep, cfg, device, amp, images)   # {"train": (K, n, F), "val": (n, F)}
+    train = FeatureLoader(feats["train"], prep.labels("train"), cfg, train=True)
+    for epoch in ...: train.set_epoch(epoch); train_one_epoch(head_only, train, ...)
+
+With --freeze (and no --unfreeze-at), the backbone is a fixed function of the image (eval mode,
+no gradients), so its pooled features (B, F) can be computed once and a training epoch becomes a
+few small matrix products through the head. The features are kept beside the decode cache, in
+`<cache dir>/features/<decode cache folder>-<key>.npy`, float16 (half the bytes; the relative
+rounding, 2^-11, is far below what separates the classes), read memory-mapped. The key hashes
+the decode cache key, the backbone name, its weights (file SHA-256, pretrained, or the seed of a
+random initialisation), the input size and normalisation, the precision, the partition's cache
+positions, and the view: evaluation, or the training views with their augmentation settings and
+seed. A changed setting is a new file; the old one stays (delete the folder to reclaim space).
+
+Views. Evaluation features are the evaluation view (the central square), in partition order.
+Training features: without augmentation, the evaluation view of each training image (one view).
+With augmentation, K = --feature-views views per image (default 4): view v is the per-sample
+augmentation the run's loader draws at epoch v + 1, and epoch e trains on view (e - 1) mod K. For
+e <= K the head sees exactly (up to float16) the augmented images a run through the backbone
+sees; later epochs reuse views, so a run of E > K epochs sees K distinct augmentations of each
+image instead of E: the approximation. With --balanced-sampling the views are drawn in a plain
+permutation (every image needs one), so the augmentation of an image differs from the uncached
+run's, though drawn from the same distribution. The order of the images in an epoch is the
+loader's own (same seed, same permutation), and the head's dropout draws from the same global
+generator, so without augmentation a cached run equals a run through the frozen backbone up to
+float16 rounding (tests/test_features.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .augment import Augment
+from .config import TrainConfig
+from .data.prepare import Prepared
+from .device import autocast
+from .io import atomic_path, sha256_of
+from .loader import DeviceImages, Loader, epoch_generator, epoch_order
+
+FORMAT_VERSION = 1
+PASS_BATCH = 64  # images per forward pass of the one-time feature computation
+
+
+def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None) -> str:
+    """sha256 of everything the features of one partition and view depend on (see the module docstring)."""
+    train = part == "train" and cfg.augment
+    weights = sha256_of(Path(cfg.weights).expanduser()) if cfg.weights else None
+    blob = {
+        "version": FORMAT_VERSION, "cache": prep.cache.key, "backbone": cfg.backbone, "weights": weights,
+        "pretrained": cfg.pretrained and not weights,
+        "init_seed": cfg.seed if not (cfg.pretrained or weights) else None,  # a random init depends on it
+        "image_size": cfg.image_size, "mean": list(cfg.mean), "std": list(cfg.std), "amp": str(amp),
+        "channels_last": cfg.channels_last,
+        "positions": hashlib.sha256(np.ascontiguousarray(prep.positions[part], dtype=np.int64).tobytes()).hexdigest(),
+        "view": {"augment": Augment.from_config(cfg).__dict__, "seed": cfg.seed, "views": cfg.views} if train
+        else "evaluation",
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=list).encode()).hexdigest()
+
+
+@torch.no_grad()  # not inference_mode: the loader's scratch buffers outlive this call
+def compute(backbone: torch.nn.Module, loader: Loader, rows: np.ndarray, n: int, amp: torch.dtype | None) -> np.ndarray:
+    """(n, F) float16 features of the n images the loader yields, row rows[idx] for cache position idx."""
+    backbone.eval()
+    out = None
+    for x, _, idx in loader:
+        with autocast(x.device, amp):
+            f = backbone(x).float()  # (B, F)
+        if out is None:
+            out = np.zeros((n, f.shape[1]), dtype=np.float16)
+        out[rows[idx.cpu().numpy()]] = f.cpu().numpy().astype(np.float16)
+    return out
+
+
+def _stored(path: Path, make) -> np.ndarray:
+    """The array at path, memory-mapped; made (make() -> array) and written atomically when missing."""
+    if not path.is_file():
+        arr = make()
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+    return np.load(path, mmap_mode="r")
+
+
+def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None) -> Path:
+    """Where the features of one partition (and view) of a run are kept."""
+    return prep.cache.folder.parent / "features" / f"{prep.cache.folder.name}-{part}-{feature_key(prep, cfg, part, amp)[:20]}.npy"
+
+
+def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, device: torch.device,
+                 amp: torch.dtype | None, images: DeviceImages | None = None,
+                 parts: tuple[str, ...] = ("train", "val")) -> dict[str, torch.Tensor]:
+    """The cached features of a run's partitions, computed once: "train" (K, n, F), others (n, F),
+    float16 tensors on the device, rows in partition order (prep.positions[part])."""
+    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    backbone.to(device, memory_format=fmt)
+    out = {}
+    for part in parts:
+        pos, labels = prep.positions[part], prep.labels(part)
+        if not len(pos):
+            continue
+        rows = np.zeros(len(prep.cache.images), dtype=np.int64)
+        rows[pos] = np.arange(len(pos))
+        views = cfg.views if part == "train" else 1
+        train_view = part == "train" and cfg.augment
+
+        def make(part=part, pos=pos, labels=labels, rows=rows, views=views, train_view=train_view):
+            loader = Loader(images, pos, labels, batch_size=PASS_BATCH, image_size=cfg.image_size, train=train_view,
+                            augment=Augment.from_config(cfg) if train_view else None, drop_last=False, seed=cfg.seed,
+                            dtype=amp or torch.float32, channels_last=cfg.channels_last, mean=cfg.mean, std=cfg.std)
+            arrays = []
+            for v in range(views):
+                loader.set_epoch(v + 1)  # view v: the draws of the loader's epoch v + 1
+                arrays.append(compute(backbone, loader, rows, len(pos), amp))
+            return np.stack(arrays)  # (K, n, F)
+
+        arr = _stored(feature_path(prep, cfg, part, amp), make)
+        t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+        out[part] = t if part == "train" else t[0]
+    return out
+
+
+class FeatureLoader:
+    """Batches (f, y, idx) of cached features, in the order Loader would visit the same images:
+    f (B, F) float32 on the features' device, y (B,) labels, idx (B,) cache positions.
+
+    feats: (K, n, F) training views (epoch e reads view (e - 1) mod K) or (n, F); rows in the
+    order of `positions`. Order, balanced sampling and drop_last follow Loader (same seed, same
+    generator), so the head sees the batches of a run through the backbone.
+    """
+
+    def __init__(self, feats: torch.Tensor, positions, labels, *, batch_size: int, train: bool,
+                 balanced: bool = False, drop_last: bool = False, seed: int = 0):
+        self.feats = feats if feats.dim() == 3 else feats[None]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        dev = self.feats.device
+        self._y = torch.from_numpy(self.labels).to(dev)
+        self._idx = torch.as_tensor(np.asarray(positions, dtype=np.int64)).to(dev)
+        self.batch_size, self.train, self.balanced = batch_size, train, balanced and train
+        self.drop_last, self.seed, self.epoch = drop_last and train, seed, 0
+
+    @classmethod
+    def for_run(cls, feats: torch.Tensor, prep: Prepared, part: str, cfg: TrainConfig) -> FeatureLoader:
+        train = part == "train"
+        return cls(feats, prep.positions[part], prep.labels(part), batch_size=cfg.batch_size, train=train,
+                   balanced=cfg.balanced_sampling, drop_last=cfg.drop_last, seed=cfg.seed)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        order = epoch_order(self.labels, self.train, self.balanced, epoch_generator(self.seed, self.epoch))
+        order = order.to(self.feats.device)
+        view = self.feats[(self.epoch - 1) % len(self.feats)] if self.train else self.feats[0]  # (n, F)
+        for s in range(0, len(self) * self.batch_size, self.batch_size):
+            c = order[s:s + self.batch_size]
+            yield view[c].float(), self._y[c], self._idx[c]
