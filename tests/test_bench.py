@@ -225,7 +225,7 @@ def test_gpu_share_check_on_cpu(tmp_path):
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         res = share_check(torch.device("cpu"), tmp_path, trials=2, patients=8, images_per_patient=4, size=(64, 48),
-                          image_size=32, batch_size=8)
+                          image_size=32, batch_size=8, backbone="resnet18")
     finally:
         ray.shutdown()
     assert res["gpu_per_trial"] == 0 and res["speedup"] == pytest.approx(res["one_after_another_s"] / res["together_s"])
