@@ -290,10 +290,12 @@ def main(argv: Sequence[str]) -> int:
     try:
         if "cache_cold" in chosen:
             shutil.rmtree(work / "cache", ignore_errors=True)  # cold: nothing to find
-        with console.status("") as status:
-            for s in (s for s in STAGES if s in chosen):
-                status.update(f"stage {s}")
+        for s in (s for s in STAGES if s in chosen):
+            with console.status(f"stage {s}"):
                 rows[s] = run_stage(s, child)
+            r = rows[s]  # a line per stage as it ends: a long run shows its figures as it goes
+            console.print(f"{s}: {r['seconds']:.2f} s, peak RSS {_gib(r['peak_rss'])}, peak PSS {_gib(r['peak_pss'])}",
+                          highlight=False)
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
