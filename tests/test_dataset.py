@@ -196,3 +196,6 @@ def test_full_fraction_errors(tmp_path):
 
     with pytest.raises(UserError, match="--fraction 0"):
         main([str(tmp_path), "--full", "--fraction", "0"])
+    with pytest.raises(UserError, match="--fraction applies to --full"):
+        main([str(tmp_path), "--fraction", "0.5"])
+    assert not list(tmp_path.iterdir())

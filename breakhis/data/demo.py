@@ -178,18 +178,21 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="folder to create the BreaKHis_v1 tree in")
     ap.add_argument("--patients", type=int, default=16)
     ap.add_argument("--images-per-patient", type=int, default=12)
-    ap.add_argument("--size", default="350x230", help="image size WxH (the real one is 700x460)")
+    ap.add_argument("--size", help="image size WxH (default 350x230; with --full 700x460, the real one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="the archive's layout: 82 patients, 7,909 images at 700x460")
-    ap.add_argument("--fraction", type=float, default=1.0, help="with --full: this share of each patient's images")
+    ap.add_argument("--fraction", type=float, help="with --full: this share of each patient's images (default 1)")
     ap.add_argument("--workers", type=int, default=0, help="with --full: writer processes (0: one per core)")
     a = ap.parse_args(argv)
+    if a.fraction is not None and not a.full:
+        raise UserError("--fraction applies to --full trees only; for a small tree give --patients and --images-per-patient")
+    a.size = a.size or ("700x460" if a.full else "350x230")
     try:
         w, h = (int(v) for v in a.size.lower().split("x"))
     except ValueError:
         raise UserError(f"--size {a.size!r}: give WxH in pixels, e.g. 700x460") from None
     if a.full:
-        root = make_full(a.out, (w, h) if a.size != "350x230" else (700, 460), a.seed, a.fraction, a.workers)
+        root = make_full(a.out, (w, h), a.seed, 1.0 if a.fraction is None else a.fraction, a.workers)
         n = sum(1 for _ in root.rglob("*.png"))
         print(f"wrote a SYNTHETIC tree in the archive's layout: {root} (82 patients, {n} images)")
         return 0
