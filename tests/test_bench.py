@@ -1,5 +1,8 @@
-"""The benchmarks (python -m breakhis.bench loader|train): they run on the CPU and print their figures."""
+"""The benchmarks (python -m breakhis.bench loader|train|pipeline|gpu): they run on the CPU and print their figures."""
+import csv
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -119,3 +122,150 @@ def test_bench_frozen_prints_three_runs_side_by_side(demo_root, cache_dir, capsy
     assert runs["feature cache, cold"]["accuracy"] == pytest.approx(runs["through the backbone"]["accuracy"], abs=0.02)
     assert runs["feature cache, warm"]["accuracy"] == runs["feature cache, cold"]["accuracy"]
     assert "one-time feature pass" in out and "speed-up" in out
+
+
+# ---------------------------------------------------------------------------- python -m breakhis.bench pipeline
+PIPE_STAGES = ["cache_cold", "decode_limit", "cache_warm", "index_report", "split", "train", "finalize", "logbook"]
+
+
+def test_bench_pipeline_stages_on_a_small_tree(demo_root, tmp_path, capsys):
+    """Every stage but tune (Ray: covered by test_gpu_share_check_on_cpu and test_tune) in its own process."""
+    from breakhis.data.cache import default_cache_size
+    from breakhis.data.dataset import index_tree
+
+    work = tmp_path / "work"
+    assert main(["pipeline", "--data", str(demo_root), "--json", "--image-size", "32", "--batch-size", "8",
+                 "--workers", "2", "--runs", "3", "--stages", ",".join(PIPE_STAGES), "--work", str(work)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n = len(index_tree(demo_root).records)
+    h, w = default_cache_size(32)
+    stages = out["stages"]
+    assert list(stages) == PIPE_STAGES and out["images"] == n and out["cache_hw"] == [h, w]
+    assert stages["cache_cold"]["built"] and not stages["cache_warm"]["built"]
+    assert stages["cache_cold"]["cache_bytes"] == stages["cache_warm"]["cache_bytes"] == n * h * w * 3
+    assert all(stages[s]["images"] == n for s in ("cache_cold", "decode_limit", "cache_warm", "index_report"))
+    assert 0 < stages["split"]["train"] and stages["split"]["train"] + stages["split"]["val"] + stages["split"]["test"] == n
+    assert stages["logbook"]["runs"] == 3 and sorted(p.name for p in (work / "results").iterdir()) == ["run0", "run1", "run2"]
+    for s in stages.values():
+        assert s["seconds"] > 0 and s["process_s"] >= s["seconds"] and s["peak_rss"] > 0 and s["peak_pss"] > 0
+    goals = {g["goal"]: g for g in out["goals"]}
+    ratio = stages["decode_limit"]["seconds"] / stages["cache_cold"]["seconds"]
+    assert goals["cache build >= 0.8 of the decode limit"]["figures"] == f"{ratio:.2f}"
+    assert goals["cache build >= 0.8 of the decode limit"]["met"] == (ratio >= 0.8)
+    slowest = max(stages[s]["seconds"] for s in ("finalize", "logbook"))
+    assert goals["every stage after training < 15 s"]["met"] == (slowest < 15)
+
+
+def test_bench_pipeline_user_errors(demo_root):
+    with pytest.raises(UserError, match="unknown stage"):
+        main(["pipeline", "--data", str(demo_root), "--stages", "cache_cold,warp"])
+    with pytest.raises(UserError, match="needs the train stage"):
+        main(["pipeline", "--data", str(demo_root), "--stages", "finalize"])
+    with pytest.raises(UserError, match="--runs 0"):
+        main(["pipeline", "--data", str(demo_root), "--runs", "0"])
+
+
+def test_tree_pss_counts_this_process_and_its_children():
+    import subprocess
+    import sys
+
+    from breakhis.bench.pipeline import tree_pss
+
+    alone = tree_pss(os.getpid())
+    if alone is None:
+        pytest.skip("no /proc/<pid>/smaps_rollup here")
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (tree_pss(os.getpid()) or 0) < alone + 150 * 2**20:
+            time.sleep(0.1)
+        assert tree_pss(os.getpid()) >= alone + 150 * 2**20  # the child's 200 MiB buffer is counted
+    finally:
+        child.kill()
+        child.wait()
+
+
+# ---------------------------------------------------------------------------- python -m breakhis.bench gpu
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_bench_gpu_without_cuda_exits_2(capsys, tmp_path):
+    assert guard(main, ["gpu", "--json", str(tmp_path / "gpu.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bench gpu needs a CUDA device") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "gpu.json").exists()
+    with pytest.raises(UserError, match="unknown check"):
+        main(["gpu", "--checks", "loader,warp"])
+
+
+TINY = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(4, 2))
+
+
+def test_gpu_loader_check_on_cpu():
+    """The loader-overhead check with the streamed (budget 0) loader, on the CPU."""
+    from breakhis.bench.gpu import loader_check
+
+    res = loader_check(torch.device("cpu"), n=32, hw=(20, 30), batch_size=8, image_size=16, model_fn=TINY)
+    assert res["overhead"] == pytest.approx(res["epoch_fed_s"] / res["epoch_premade_s"] - 1)
+    assert res["met"] == (res["overhead"] <= 0.05)
+    assert res["resident_img_s"] > 0 and res["streamed_img_s"] > 0
+
+
+def test_gpu_train_check_on_cpu_with_autocast_and_grad_scaler():
+    """bf16 autocast and fp16 autocast with an enabled GradScaler, both on the CPU; no MFU without a peak."""
+    from breakhis.bench.gpu import train_check
+    from breakhis.bench.train import train_flops
+    from breakhis.models import build_model
+
+    rows = (("fp32", None, False, False), ("bf16+channels-last", torch.bfloat16, True, False),
+            ("fp16", torch.float16, False, False))
+    res = train_check(torch.device("cpu"), "resnet18", batch_size=2, image_size=64, steps=1, warmup=1, rows=rows)
+    assert [r["row"] for r in res["rows"]] == ["fp32", "bf16+channels-last", "fp16"]
+    assert [r["grad_scaler"] for r in res["rows"]] == [False, False, True]
+    assert all(r["img_s"] > 0 and r["mfu"] is None for r in res["rows"])
+    ref = train_flops(build_model("resnet18", pretrained=False), 64, torch.device("cpu"))[1] / 1e9
+    assert res["gflop_train_per_image"] == pytest.approx(ref)
+
+
+def test_fractional_gpu_request_with_a_faked_cluster(monkeypatch):
+    """Four trials per GPU: what Ray is asked for when the cluster reports one GPU."""
+    import ray
+
+    from breakhis.tuning import experiment as tuning
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    assert tuning.trial_resources(0.25, 1.0) == ({"cpu": 1.0, "gpu": 0.25}, "1 GPU(s); 0.25 per trial")
+    assert tuning.trial_resources(None, 2.0)[0] == {"cpu": 2.0, "gpu": 1.0}
+    with pytest.raises(UserError, match="--gpus-per-trial 1.5"):
+        tuning.trial_resources(1.5, 1.0)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    assert tuning.trial_resources(0.25, 1.0) == ({"cpu": 1.0, "gpu": 0},
+                                                 "no GPU in the Ray cluster: trials run on the CPU (--gpus-per-trial ignored)")
+
+
+def test_gpu_share_check_on_cpu(tmp_path):
+    """Two one-epoch trials together, then one after another, through the package's tune code (CPU: no GPU share)."""
+    import logging
+
+    import ray
+
+    from breakhis.bench.gpu import share_check
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        res = share_check(torch.device("cpu"), tmp_path, trials=2, patients=8, images_per_patient=4, size=(64, 48),
+                          image_size=32, batch_size=8, backbone="resnet18")
+    finally:
+        ray.shutdown()
+    assert res["gpu_per_trial"] == 0 and res["speedup"] == pytest.approx(res["one_after_another_s"] / res["together_s"])
+    for name in ("together", "alone"):
+        with open(tmp_path / "tune" / name / "trials.csv") as f:
+            assert [r["status"] for r in csv.DictReader(f)] == ["finished", "finished"]
+
+
+def test_gpu_end_to_end_check_on_cpu(tmp_path):
+    from breakhis.bench.gpu import end_to_end_check
+
+    res = end_to_end_check(torch.device("cpu"), tmp_path, patients=8, images_per_patient=4, size=(96, 64),
+                           backbone="resnet18", image_size=32, batch_size=8, amp="off")
+    assert res["problems"] == [] and res["met"] and 0 <= res["test_accuracy"] <= 1
+    assert (tmp_path / "run" / "metrics.json").is_file()

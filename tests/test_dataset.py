@@ -1,6 +1,8 @@
 """breakhis.data.dataset: name parsing, root forms, the index, duplicates."""
+import hashlib
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 from trees import REAL, check_split, demo_spec, full_spec, records_for  # noqa: F401
@@ -139,3 +141,61 @@ def test_duplicates_from_decoded_pixels(fresh_demo, cache_dir):
                                           "conflicting_labels": ["subtype"]}]
     assert rep["dropped"] == {"binary": 1, "subtype": 2} and rep["modes"] == {"RGBA": 1}
     assert dc.patient in rep["verdict"] and rep["verdict"].startswith("OK")
+
+
+# --- python -m breakhis.data.demo OUT --full ---------------------------------------------------------
+# the published images per magnification (40X, 100X, 200X, 400X) over all subtypes
+PUBLISHED_MAGS = {40: 1995, 100: 2081, 200: 2013, 400: 1820}
+
+
+def test_full_layout_has_the_published_counts():
+    from breakhis.data.demo import full_layout
+
+    layout = full_layout()
+    assert len(layout) == D.FULL["patients"] and len({(c, y, s) for c, y, s, _ in layout}) == 82
+    assert sum(sum(m.values()) for *_, m in layout) == D.FULL["images"]
+    for code, (patients, images) in REAL.items():
+        mine = [m for c, _, _, m in layout if c == code]
+        assert (len(mine), sum(sum(m.values()) for m in mine)) == (patients, images), code
+    assert {mag: sum(m[mag] for *_, m in layout) for mag in D.MAGNIFICATIONS} == PUBLISHED_MAGS
+    benign = sum(sum(m.values()) for c, _, _, m in layout if D.SUBTYPE_CODES[c][0] == "benign")
+    assert (benign, D.FULL["images"] - benign) == (D.FULL["benign"], D.FULL["malignant"])
+    slides = {(c, y, s) for c, y, s, _ in layout}
+    assert {("A", 14, "22549AB"), ("A", 14, "22549CD"), ("A", 14, "22549G"), ("DC", 14, "13412"), ("LC", 14, "13412"),
+            ("PC", 15, "190EF")} <= slides
+    dc, lc = (next(m for c, _, s, m in layout if (c, s) == (code, "13412")) for code in ("DC", "LC"))
+    assert all(dc[mag] >= lc[mag] for mag in D.MAGNIFICATIONS)  # every LC 13412 picture has its DC twin
+    assert full_layout() == layout and full_layout(seed=1) != layout  # seeded
+    half = full_layout(fraction=0.5)
+    assert len(half) == 82 and all(h[3][m] == max(1, round(f[3][m] * 0.5)) for h, f in zip(half, layout) for m in f[3])
+
+
+def test_make_full_writes_the_layout_with_the_13412_duplicates(tmp_path):
+    from breakhis.data.demo import full_layout, make_full
+
+    root = make_full(tmp_path, size=(12, 8), fraction=0.02, workers=2)
+    idx = D.index_tree(root)
+    layout = full_layout(fraction=0.02)
+    assert len(idx.records) == sum(sum(m.values()) for *_, m in layout)
+    assert len({r.patient for r in idx.records}) == 82
+    assert "SOB_B_A-14-22549AB" in {r.patient for r in idx.records} and "SOB_M_PC-15-190EF" in {r.patient for r in idx.records}
+    assert (root / "histology_slides/breast/malignant/SOB/papillary_carcinoma/SOB_M_PC_15-190EF/40X").is_dir()
+    pixels = lambda p: np.asarray(Image.open(root / p))
+    by_name = {(r.patient, r.magnification, r.seq): r.path for r in idx.records}
+    twins = [(by_name[("SOB_M_DC-14-13412", m, q)], p) for (pat, m, q), p in by_name.items() if pat == "SOB_M_LC-14-13412"]
+    assert twins and all(np.array_equal(pixels(a), pixels(b)) for a, b in twins)
+    others = [p for (pat, m, q), p in by_name.items() if pat.startswith("SOB_M_MC")]
+    assert not any(np.array_equal(pixels(twins[0][0]), pixels(p)) for p in others)
+    hashes = {r.path: hashlib.sha1(pixels(r.path).tobytes()).hexdigest() for r in idx.records}
+    groups = D.find_duplicates(idx.records, hashes)
+    assert sorted(map(sorted, groups)) == sorted(sorted(pair) for pair in twins)
+
+
+def test_full_fraction_errors(tmp_path):
+    from breakhis.data.demo import main
+
+    with pytest.raises(UserError, match="--fraction 0"):
+        main([str(tmp_path), "--full", "--fraction", "0"])
+    with pytest.raises(UserError, match="--fraction applies to --full"):
+        main([str(tmp_path), "--fraction", "0.5"])
+    assert not list(tmp_path.iterdir())

@@ -3,6 +3,8 @@
     python -m breakhis.bench loader --data data/BreaKHis_v1   # our loader vs Pillow + torchvision + DataLoader
     python -m breakhis.bench train --backbone resnet50        # training img/s: channels-last, AMP, compile
     python -m breakhis.bench frozen --data data/BreaKHis_v1   # frozen backbone: feature cache vs none
+    python -m breakhis.bench pipeline --data /tmp/full --json # every stage at full size: seconds, peak memory
+    python -m breakhis.bench gpu --json gpu.json              # every check only a GPU can show (exit 2 without CUDA)
 """
 from __future__ import annotations
 
@@ -10,14 +12,17 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import UserError, guard
-from . import coverage, frozen, loader, train
+from . import coverage, frozen, gpu, loader, pipeline, train
 
-BENCHMARKS = {"loader": loader.main, "train": train.main, "frozen": frozen.main, "coverage": coverage.main}
-USAGE = ("usage: python -m breakhis.bench {loader,train,frozen,coverage} ...\n"
+BENCHMARKS = {"loader": loader.main, "train": train.main, "frozen": frozen.main, "coverage": coverage.main,
+              "pipeline": pipeline.main, "gpu": gpu.main}
+USAGE = ("usage: python -m breakhis.bench {loader,train,frozen,coverage,pipeline,gpu} ...\n"
          "  loader    our device loader vs Pillow + torchvision + DataLoader (python -m breakhis.bench loader -h)\n"
          "  train     training throughput of a backbone (python -m breakhis.bench train -h)\n"
          "  frozen    a frozen-backbone run with and without the feature cache (python -m breakhis.bench frozen -h)\n"
-         "  coverage  interval coverage and false positives, simulated (python -m breakhis.bench coverage -h)")
+         "  coverage  interval coverage and false positives, simulated (python -m breakhis.bench coverage -h)\n"
+         "  pipeline  every stage on one tree: seconds and peak memory (python -m breakhis.bench pipeline -h)\n"
+         "  gpu       every check only a GPU can show, figures to JSON (python -m breakhis.bench gpu -h)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:
         raise UserError("choose a benchmark: python -m breakhis.bench loader --data ROOT (or train; -h for help)")
     if argv[0] not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {argv[0]!r}: choose {' or '.join(BENCHMARKS)}, e.g. "
+        raise UserError(f"unknown benchmark {argv[0]!r}: choose {', '.join(BENCHMARKS)}, e.g. "
                         f"python -m breakhis.bench loader --data data/demo")
     return BENCHMARKS[argv[0]](argv[1:])
 

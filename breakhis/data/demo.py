@@ -1,6 +1,15 @@
 """Synthetic BreakHis-shaped tree, so every command can be tried without the 4 GB archive.
 
     python -m breakhis.data.demo data/demo --patients 16 --images-per-patient 12 --size 350x230
+    python -m breakhis.data.demo /tmp/full --full                  # the archive's layout: 82 patients, 7,909 x 700x460
+    python -m breakhis.data.demo /tmp/half --full --fraction 0.5   # every patient, half of each one's images
+
+--full: the published per-subtype, per-magnification image counts (Spanhol et al. 2016, Table 1;
+they sum to the per-subtype totals and to 7,909) and patients per subtype. The per-PATIENT
+split of those counts is NOT the archive's (not known here): it is a deterministic, seeded,
+plausible split that sums exactly to the published counts. Patient ids: A 22549AB, 22549CD,
+22549G, DC and LC 13412, PC 15-190EF are real; the others are made-up ids of the same form.
+As in the archive, SOB_M_LC-14-13412 holds pixel-identical copies of images of SOB_M_DC-14-13412.
 
 The pictures are SYNTHETIC: pink stroma with purple nuclei; malignant fields have denser,
 larger, less regular nuclei. Folder and file naming are exactly the real ones:
@@ -9,6 +18,8 @@ BreaKHis_v1/histology_slides/breast/<class>/SOB/<subtype>/<patient folder>/<mag>
 from __future__ import annotations
 
 import argparse
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -80,18 +91,111 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
     return root
 
 
+# --- the full archive's layout ------------------------------------------------------------------
+
+# images per magnification (40X, 100X, 200X, 400X) of each subtype, as published; patients per subtype
+FULL_COUNTS = {"A": (114, 113, 111, 106), "F": (253, 260, 264, 237), "PT": (109, 121, 108, 115),
+               "TA": (149, 150, 140, 130), "DC": (864, 903, 896, 788), "LC": (156, 170, 163, 137),
+               "MC": (205, 222, 196, 169), "PC": (145, 142, 135, 138)}
+FULL_PATIENTS = {"A": 4, "F": 10, "PT": 3, "TA": 7, "DC": 38, "LC": 5, "MC": 9, "PC": 6}
+KNOWN_SLIDES = {"A": [(14, "22549AB"), (14, "22549CD"), (14, "22549G")], "DC": [(14, "13412")],
+                "LC": [(14, "13412")], "PC": [(15, "190EF")]}
+DUPLICATED = ("LC", "DC", "13412")  # the LC patient's images are pixel-identical copies of the DC patient's
+
+
+def _split(total: int, weights: np.ndarray) -> np.ndarray:
+    """total split in proportion to weights, summing exactly (largest remainders get the rest)."""
+    raw = weights / weights.sum() * total
+    out = np.floor(raw).astype(int)
+    out[np.argsort(raw - out, kind="stable")[::-1][: total - out.sum()]] += 1
+    return out
+
+
+def full_layout(seed: int = 0, fraction: float = 1.0) -> list[tuple[str, int, str, dict[int, int]]]:
+    """[(code, year, slide, {magnification: images})] of the 82 patients; sums are the published counts.
+
+    fraction < 1 keeps every patient with round(fraction x) of each of its per-magnification counts
+    (at least 1). The DC 13412 patient gets the largest DC count at each magnification; the LC 13412
+    images with a (magnification, seq) that DC 13412 also has are copies of those pictures.
+    """
+    rng = np.random.default_rng(seed)
+    layout = []
+    for code, counts in FULL_COUNTS.items():
+        k = FULL_PATIENTS[code]
+        known = KNOWN_SLIDES.get(code, [])
+        made_up = 10000 + 1000 * list(FULL_COUNTS).index(code)  # ids unique across subtypes
+        slides = known + [(14, str(made_up + 37 * i)) for i in range(k - len(known))]
+        weights = rng.uniform(0.5, 1.5, k)  # patient sizes vary about 3x, as in the archive
+        per_mag = [_split(n, weights) for n in counts]  # (4, k)
+        for j, (year, slide) in enumerate(slides):
+            layout.append((code, year, slide, {m: int(per_mag[i][j]) for i, m in enumerate(MAGNIFICATIONS)}))
+    if fraction < 1:
+        layout = [(c, y, s, {m: max(1, round(n * fraction)) for m, n in mags.items()}) for c, y, s, mags in layout]
+    # the duplicated pair: the DC 13412 patient takes the largest DC count at each magnification (a swap)
+    dc = [x[3] for x in layout if x[0] == DUPLICATED[1]]
+    mine = next(x[3] for x in layout if x[0] == DUPLICATED[1] and x[2] == DUPLICATED[2])
+    for m in MAGNIFICATIONS:
+        big = max(dc, key=lambda c: c[m])
+        big[m], mine[m] = mine[m], big[m]
+    return layout
+
+
+def _render(job: tuple[str, tuple[int, int], int, bool, int]) -> None:
+    """Write one field; its pixels depend only on (seed, picture number), not on the worker."""
+    path, size, mag, malignant, key = job
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    synth_field(np.random.default_rng(key), malignant, size, mag).save(path, compress_level=1)
+
+
+def make_full(out: str | Path, size: tuple[int, int] = (700, 460), seed: int = 0, fraction: float = 1.0,
+              workers: int = 0) -> Path:
+    """Write the full archive's layout (see the module docstring) under OUT/BreaKHis_v1; return that root."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"--fraction {fraction}: give a share of each patient's images in (0, 1]")
+    root = Path(out) / "BreaKHis_v1"
+    layout = full_layout(seed, fraction)
+    jobs, pictures = [], {}
+    dc13412 = next(mags for code, _, slide, mags in layout if (code, slide) == DUPLICATED[1:])
+    for code, year, slide, mags in layout:
+        malignant = SUBTYPE_CODES[code][0] == "malignant"
+        for mag, n in mags.items():
+            for seq in range(1, n + 1):
+                # the LC 13412 images reuse the DC 13412 pictures of the same (magnification, seq): pixel-identical
+                dup = (code, slide) == (DUPLICATED[0], DUPLICATED[2]) and seq <= dc13412[mag]
+                owner = DUPLICATED[1] if dup else code
+                key = pictures.setdefault((owner, year, slide, mag, seq), len(pictures))
+                jobs.append((str(image_path(root, code, slide, mag, seq, year)), size, mag, malignant,
+                             seed * 1_000_003 + key))
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(workers) as pool:
+        for _ in pool.map(_render, jobs, chunksize=32):
+            pass
+    return root
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder to create the BreaKHis_v1 tree in")
     ap.add_argument("--patients", type=int, default=16)
     ap.add_argument("--images-per-patient", type=int, default=12)
-    ap.add_argument("--size", default="350x230", help="image size WxH (the real one is 700x460)")
+    ap.add_argument("--size", help="image size WxH (default 350x230; with --full 700x460, the real one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="the archive's layout: 82 patients, 7,909 images at 700x460")
+    ap.add_argument("--fraction", type=float, help="with --full: this share of each patient's images (default 1)")
+    ap.add_argument("--workers", type=int, default=0, help="with --full: writer processes (0: one per core)")
     a = ap.parse_args(argv)
+    if a.fraction is not None and not a.full:
+        raise UserError("--fraction applies to --full trees only; for a small tree give --patients and --images-per-patient")
+    a.size = a.size or ("700x460" if a.full else "350x230")
     try:
         w, h = (int(v) for v in a.size.lower().split("x"))
     except ValueError:
         raise UserError(f"--size {a.size!r}: give WxH in pixels, e.g. 700x460") from None
+    if a.full:
+        root = make_full(a.out, (w, h), a.seed, 1.0 if a.fraction is None else a.fraction, a.workers)
+        n = sum(1 for _ in root.rglob("*.png"))
+        print(f"wrote a SYNTHETIC tree in the archive's layout: {root} (82 patients, {n} images)")
+        return 0
     root = make_demo(a.out, a.patients, a.images_per_patient, (w, h), a.seed)
     print(f"wrote a SYNTHETIC BreakHis-shaped tree: {root} ({a.patients} patients x {a.images_per_patient} images)")
     return 0

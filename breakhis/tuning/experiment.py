@@ -116,13 +116,15 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
     """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch."""
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
+    node = ray.get_runtime_context().get_node_id()  # which Ray node ran it: trials.csv shows the spread
     if runs.status_of(run_dir) == runs.FINISHED and (run_dir / "metrics.json").is_file():
         # finished on disk although Ray did not see it end (Ctrl-C as it finished): report it, never retrain
         rows = read_csv(run_dir / "history.csv")
         last = {k: v if number(v) is None else float(v) for k, v in rows[-1].items()} if rows else {}
         last["epoch"] = int(last.get("epoch") or cfg.epochs)
         metrics = read_json(run_dir / "metrics.json") or {}
-        tune.report({**last, "run": str(run_dir), **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
+        tune.report({**last, "run": str(run_dir), "node": node,
+                     **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
         return
     resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
     if run_dir.exists() and not resume:
@@ -133,7 +135,7 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
     last: dict = {}
 
     def on_epoch(row: dict) -> None:
-        row = {**row, "run": str(run_dir)}
+        row = {**row, "run": str(run_dir), "node": node}
         if row["epoch"] >= cfg.epochs:
             last.update(row)  # reported after finalize, so that ASHA's stop at max_t cannot cut it short
         else:

@@ -3,7 +3,7 @@
 trials.csv  one row per trial: its sampled settings, status (runs.STATUSES: finished, stopped = cut
             by ASHA, failed, interrupted = left by Ctrl-C), epochs run, stopped_early, the best
             validation value of the tuned metric, the test metrics of its best checkpoint, its run
-            folder, its error
+            folder, the Ray node id it last ran on, its error
 best.json   {"config": the best trial's resolved TrainConfig, "metric", "mode", "value", "run", "trial"};
             `python train.py --config best.json` retrains it
 """
@@ -64,7 +64,8 @@ def collect(pairs: list, setup: Setup, exp_dir: Path) -> list[dict]:
             "stopped_early": status in SCORED and epochs < setup.max_epochs,
             f"best_{setup.metric}": best, "best_epoch": int(history[values.index(best)]["epoch"]) if best is not None else None,
             **{f"test_{k}": test.get(k) for k in TEST_KEYS},
-            "run": str(run_dir) if run_dir.is_dir() else "", "error": error})
+            "run": str(run_dir) if run_dir.is_dir() else "", "node": ((res.metrics if res else None) or {}).get("node", ""),
+            "error": error})
     return rows
 
 
