@@ -255,6 +255,8 @@ def ray_cluster():
 
     import ray
 
+    if ray.is_initialized():  # left by another module's test: this module wants its own 2-CPU Ray
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from rich.console import Console
 from torchvision.models import resnet50
@@ -142,10 +143,15 @@ def share_check(device: torch.device, work: Path, *, trials: int = 4, share: flo
                         "image_size": image_size, "batch_size": batch_size, "epochs": 1, "device": device.type,
                         "head": (64,), "dropout": (0.2,)}).to_dict()
     prepare(make_config(base), progress=False)  # the cache once, as tune.py does
+    started = not ray.is_initialized()  # a Ray this check starts, it stops
     tuning.start_ray(None)
     gpus = share if device.type == "cuda" else 0
-    together = _tune(base, work, "together", trials, gpus, None)
-    alone = _tune(base, work, "alone", trials, gpus, 1)
+    try:
+        together = _tune(base, work, "together", trials, gpus, None)
+        alone = _tune(base, work, "alone", trials, gpus, 1)
+    finally:
+        if started:
+            ray.shutdown()
     ratio = alone / together
     return {"trials": trials, "gpu_per_trial": gpus, "together_s": together, "one_after_another_s": alone,
             "speedup": ratio, "goal": "at least 2.5x", "met": ratio >= 2.5}
