@@ -269,3 +269,12 @@ def test_gpu_end_to_end_check_on_cpu(tmp_path):
                            backbone="resnet18", image_size=32, batch_size=8, amp="off")
     assert res["problems"] == [] and res["met"] and 0 <= res["test_accuracy"] <= 1
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_bench_pipeline_creates_a_work_folder_it_is_given(demo_root, tmp_path, capsys):
+    """--work naming a folder that does not exist yet used to end in a traceback in the stage process."""
+    work = tmp_path / "not" / "yet"
+    assert main(["pipeline", "--data", str(demo_root), "--stages", "index_report,split", "--work", str(work),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert work.is_dir() and {"index_report", "split"} <= set(json.dumps(out).replace('"', " ").split())

@@ -282,6 +282,10 @@ def main(argv: Sequence[str]) -> int:
         if s in need and need[s] not in chosen and not (a.work and (Path(a.work) / "results" / "run0").is_dir()):
             raise UserError(f"--stages {s} needs the train stage (or a --work folder holding its run)")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="breakhis-pipeline-"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)  # a --work folder that does not exist yet
+    except OSError as e:
+        raise UserError(f"--work {work}: cannot create it ({e.strerror or e})") from None
     console = Console(stderr=a.json)
     child = ["--data", str(index.root), "--work", str(work), "--image-size", str(a.image_size), "--backbone", a.backbone,
              "--batch-size", str(a.batch_size), "--workers", str(a.workers), "--runs", str(a.runs),
