@@ -342,14 +342,15 @@ def _cluster_wilson(num: np.ndarray, den: np.ndarray, alpha: float) -> tuple[flo
 
 def _logit_t(estimate: float, boots: np.ndarray, units: int, n_pat: int, alpha: float) -> tuple[float, float]:
     """estimate +- t * se on the logit scale: se is the bootstrap standard deviation over patients, times
-    sqrt(P/(P-1)) (the bootstrap's small-sample bias), t has units-1 degrees of freedom (the patients of
-    the scarcer class that carries the figure). Percentile and BCa intervals of AUROC covered 88-89% at
-    24 patients; this one is wider where few patients carry the figure (bench coverage)."""
+    sqrt(P/(P-1)) (the bootstrap's small-sample bias); t's degrees of freedom lie halfway between the
+    patients of the scarcer class that carries the figure and all patients, minus one (the scarcer class
+    alone, 1 df at 2 benign patients, covered 100% with absurd widths). Percentile and BCa intervals of
+    AUROC covered 72% at 8 patients and 86-89% at 24; this one 91% and 94% (bench coverage)."""
     boots = boots[np.isfinite(boots)]
     if boots.size < 2 or not 0 < estimate < 1 or units < 2:
         return (math.nan, math.nan)
     se = float(boots.std(ddof=1)) * math.sqrt(n_pat / max(n_pat - 1, 1)) / (estimate * (1 - estimate))
-    half = float(student_t.ppf(1 - alpha / 2, units - 1)) * se
+    half = float(student_t.ppf(1 - alpha / 2, max(units - 1, (units + n_pat) // 2 - 1))) * se
     centre = math.log(estimate / (1 - estimate))
     return (1 / (1 + math.exp(-(centre - half))), 1 / (1 + math.exp(-(centre + half))))
 
