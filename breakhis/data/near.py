@@ -12,11 +12,13 @@ The hashes are computed once per cache (a pass over the uint8 array) and kept be
 """
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import numpy as np
 
-from ..io import atomic_path
+from ..io import atomic_path, read_json, write_json
 from .cache import Cache
-from .dataset import Record
+from .dataset import Record, parse_name
 
 GRID_W, GRID_H = 9, 8  # dHash: 8 rows x 8 neighbour comparisons = 64 bits
 MAX_DISTANCE = 5  # bits; unrelated BreakHis-like fields differ in about 32 of 64
@@ -104,14 +106,27 @@ def near_duplicates(records: list[Record], hashes: dict[str, int], max_distance:
 
 
 def cache_pairs(cache: Cache, records: list[Record], max_distance: int = MAX_DISTANCE) -> tuple[list[dict], str]:
-    """(near_duplicates of the readable fields of `records`, a note): from the cache's stored hashes.
-    Blank fields are not compared; when the fields all look alike the search stops, the note says so,
-    and no pair is returned (nothing can be linked on such evidence)."""
-    hashes = cache_hashes(cache)
-    by_path = {p: int(h) for p, (h, blank), i in zip(cache.paths, hashes, cache.info) if i["ok"] and not blank}
-    blank = len(cache.paths) - len(by_path)
-    note = f"{blank} blank field(s) not compared for near-duplicates" if blank else ""
-    try:
-        return near_duplicates(records, by_path, max_distance), note
-    except TooAlike as e:
-        return [], f"near-duplicate search stopped: {e} (the fields look alike: blank or synthetic?)"
+    """(near_duplicates among `records`, a note), from the cache's stored hashes.
+
+    The pairwise search runs once per cache and distance, over every readable field, and is stored
+    beside the cache (near-<d>.json): every train start, tune trial and evaluation reads it instead of
+    comparing 31 million pairs again. Blank fields are not compared; when the fields all look alike the
+    search stops, the note says so, and no pair is returned (nothing can be linked on such evidence)."""
+    path = cache.folder / f"near-{max_distance}.json"
+    stored = read_json(path) if path.is_file() else None
+    if not isinstance(stored, dict) or not isinstance(stored.get("pairs"), list):
+        hashes = cache_hashes(cache)
+        by_path = {p: int(h) for p, (h, blank), i in zip(cache.paths, hashes, cache.info) if i["ok"] and not blank}
+        blank = len(cache.paths) - len(by_path)
+        stored = {"pairs": [], "note": f"{blank} blank field(s) not compared for near-duplicates" if blank else ""}
+        every = [r for r in (parse_name(PurePosixPath(p).name, p) for p in by_path) if r is not None]
+        try:
+            stored["pairs"] = near_duplicates(every, by_path, max_distance)
+        except TooAlike as e:
+            stored["note"] = f"near-duplicate search stopped: {e} (the fields look alike: blank or synthetic?)"
+        try:
+            write_json(path, stored)
+        except OSError:
+            pass  # a read-only shared cache: use the pairs without keeping them
+    kept = {r.path for r in records}
+    return [x for x in stored["pairs"] if set(x["paths"]) <= kept], stored["note"]
