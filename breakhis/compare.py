@@ -342,7 +342,7 @@ def versus_text(row: Row, many_sets: bool) -> str:
     text = f"{_signed(v['diff'])} [{_signed(v['ci'][0])}, {_signed(v['ci'][1])}]"
     shown = f"p={v['p_value']:.3f}, Holm {v['p_holm']:.3f}"
     what = "recipes" if v.get("test", "").startswith("recipes") else "these checkpoints only"
-    return text + (f" {shown} *" if v["significant"] else f" n.s. ({shown})") + f" [{what}]"
+    return text + (f" {shown} *" if v["significant"] else f" n.s. ({shown})") + f" ({what})"
 
 
 def _cell(row: Row, key: str) -> str:
@@ -425,11 +425,11 @@ def markdown(book: Logbook) -> str:
 
 
 def caption(sort: str, part: str, n_boot: int, threshold: str, seed: int = 0) -> str:
-    return (f"{part} figures at threshold {threshold} (each run's own), [95% interval: percentile bootstrap over "
+    return (f"{part} figures at threshold {threshold} (each run's own), [95% interval over "
             f"patients, {n_boot} resamples, seed {seed}]. Rows are ranked and ★ picked by their validation {sort}, "
             f"never by {part}; other rows: {part} difference to the pick [95% interval]: between rows of repeats a "
-            f"Welch t-test over their runs [recipes], otherwise a paired bootstrap over the patients of the shared "
-            f"{part} images [these checkpoints only]; p-values Holm-corrected for the rows compared, * where the "
+            f"Welch t-test over their runs (recipes), otherwise a paired bootstrap over the patients of the shared "
+            f"{part} images (these checkpoints only); p-values Holm-corrected for the rows compared, * where the "
             f"corrected p <= 0.05. Rows of repeats: mean ± std across runs, pooled interval. Rows are ranked only "
             f"against rows on the same {part} images (the same letter under 'image set').")
 

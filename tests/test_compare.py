@@ -384,3 +384,16 @@ def test_ranked_and_picked_on_validation_with_holm_corrected_p_values(tmp_path, 
     holm_hi = max(holm_lo, min(1, ps[hi_k]))
     assert rows[lo_k]["vs_best_p_holm"] == pytest.approx(holm_lo) and rows[hi_k]["vs_best_p_holm"] == pytest.approx(holm_hi)
     assert rows[lo_k]["significant"] == (holm_lo <= 0.05)
+
+
+def test_the_verdict_label_survives_rich_markup(tmp_path):
+    """'[these checkpoints only]' was read by rich as a style tag and vanished from the terminal table."""
+    import io
+
+    from rich.console import Console
+
+    perfect, coin = perfect_and_coin(tmp_path)
+    out = io.StringIO()
+    Console(file=out, width=400).print(C.render(C.logbook([perfect, coin], n_boot=50), width=400))
+    text = out.getvalue()
+    assert "(these checkpoints only)" in text and "(recipes)" in text
