@@ -89,14 +89,16 @@ def evaluate(model: torch.nn.Module, batches: Iterable, loss_fn: Callable | None
     """Class probabilities of every image, in loader order.
 
     Returns probs (N, C) float64 numpy, idx (N,) cache positions, labels (N,), loss (mean, or nan).
-    With tta, the softmax of the 8 dihedral views is averaged.
+    With tta, the softmax of the 8 dihedral views is averaged: augment.tta_views of the images, or
+    the batches' own tta_views where they already hold the views (features.FeatureLoader).
     """
+    views_of = getattr(batches, "tta_views", tta_views)
     model.eval()
     probs, idxs, labels = [], [], []
     loss_sum, n = 0.0, 0
     for x, y, idx in batches:
         with autocast(x.device, amp):
-            views = tta_views(x) if tta else [x]
+            views = views_of(x) if tta else [x]
             logits = torch.stack([model(v).float() for v in views])  # (V, B, C)
         p = F.softmax(logits, dim=-1).mean(0)
         if loss_fn is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import Augment
+from .augment import Augment, tta_views
 from .config import TrainConfig
 from .data.prepare import Prepared
 from .device import autocast
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 PASS_BATCH = 64  # images per forward pass of the one-time feature computation
 
 
-def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None) -> str:
+def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False) -> str:
     """sha256 of everything the features of one partition and view depend on (see the module docstring)."""
     train = part == "train" and cfg.augment
     weights = sha256_of(Path(cfg.weights).expanduser()) if cfg.weights else None
@@ -59,22 +59,31 @@ def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | 
         "channels_last": cfg.channels_last,
         "positions": hashlib.sha256(np.ascontiguousarray(prep.positions[part], dtype=np.int64).tobytes()).hexdigest(),
         "view": {"augment": Augment.from_config(cfg).__dict__, "seed": cfg.seed, "views": cfg.views} if train
-        else "evaluation",
+        else "evaluation-tta8" if tta and part != "train" else "evaluation",
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=list).encode()).hexdigest()
 
 
+def features_usable(cfg: TrainConfig) -> bool:
+    """Whether a run of cfg is scored on cached features: it trained on them, and the weights file
+    its features are keyed by is still there (a run whose --weights file moved runs whole)."""
+    return cfg.cached_features and (not cfg.weights or Path(cfg.weights).expanduser().is_file())
+
+
 @torch.no_grad()  # not inference_mode: the loader's scratch buffers outlive this call
-def compute(backbone: torch.nn.Module, loader: Loader, rows: np.ndarray, n: int, amp: torch.dtype | None) -> np.ndarray:
-    """(n, F) float16 features of the n images the loader yields, row rows[idx] for cache position idx."""
+def compute(backbone: torch.nn.Module, loader: Loader, rows: np.ndarray, n: int, amp: torch.dtype | None,
+            tta: bool = False) -> np.ndarray:
+    """(V, n, F) float16 features of the n images the loader yields, row rows[idx] for cache position
+    idx; V = 1, or the 8 dihedral views of augment.tta_views (identity first) with tta."""
     backbone.eval()
     out = None
     for x, _, idx in loader:
+        views = tta_views(x) if tta else [x]
         with autocast(x.device, amp):
-            f = backbone(x).float()  # (B, F)
+            f = torch.stack([backbone(v).float() for v in views])  # (V, B, F)
         if out is None:
-            out = np.zeros((n, f.shape[1]), dtype=np.float16)
-        out[rows[idx.cpu().numpy()]] = f.cpu().numpy().astype(np.float16)
+            out = np.zeros((len(views), n, f.shape[-1]), dtype=np.float16)
+        out[:, rows[idx.cpu().numpy()]] = f.cpu().numpy().astype(np.float16)
     return out
 
 
@@ -88,16 +97,18 @@ def _stored(path: Path, make) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None) -> Path:
+def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False) -> Path:
     """Where the features of one partition (and view) of a run are kept."""
-    return prep.cache.folder.parent / "features" / f"{prep.cache.folder.name}-{part}-{feature_key(prep, cfg, part, amp)[:20]}.npy"
+    key = feature_key(prep, cfg, part, amp, tta)[:20]
+    return prep.cache.folder.parent / "features" / f"{prep.cache.folder.name}-{part}-{key}.npy"
 
 
 def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, device: torch.device,
                  amp: torch.dtype | None, images: DeviceImages | None = None,
-                 parts: tuple[str, ...] = ("train", "val")) -> dict[str, torch.Tensor]:
+                 parts: tuple[str, ...] = ("train", "val", "test"), tta: bool = False) -> dict[str, torch.Tensor]:
     """The cached features of a run's partitions, computed once: "train" (K, n, F), others (n, F),
-    float16 tensors on the device, rows in partition order (prep.positions[part])."""
+    or with tta (8, n, F): the 8 dihedral views of the evaluation view. float16 tensors on the
+    device, rows in partition order (prep.positions[part])."""
     images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=fmt)
@@ -110,20 +121,21 @@ def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, de
         rows[pos] = np.arange(len(pos))
         views = cfg.views if part == "train" else 1
         train_view = part == "train" and cfg.augment
+        dihedral = tta and part != "train"
 
-        def make(part=part, pos=pos, labels=labels, rows=rows, views=views, train_view=train_view):
+        def make(part=part, pos=pos, labels=labels, rows=rows, views=views, train_view=train_view, dihedral=dihedral):
             loader = Loader(images, pos, labels, batch_size=PASS_BATCH, image_size=cfg.image_size, train=train_view,
                             augment=Augment.from_config(cfg) if train_view else None, drop_last=False, seed=cfg.seed,
                             dtype=amp or torch.float32, channels_last=cfg.channels_last, mean=cfg.mean, std=cfg.std)
             arrays = []
             for v in range(views):
                 loader.set_epoch(v + 1)  # view v: the draws of the loader's epoch v + 1
-                arrays.append(compute(backbone, loader, rows, len(pos), amp))
-            return np.stack(arrays)  # (K, n, F)
+                arrays.append(compute(backbone, loader, rows, len(pos), amp, tta=dihedral))
+            return np.concatenate(arrays)  # (K, n, F), or (8, n, F) with tta
 
-        arr = _stored(feature_path(prep, cfg, part, amp), make)
+        arr = _stored(feature_path(prep, cfg, part, amp, dihedral), make)
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
-        out[part] = t if part == "train" else t[0]
+        out[part] = t if part == "train" or dihedral else t[0]
     return out
 
 
@@ -131,14 +143,19 @@ class FeatureLoader:
     """Batches (f, y, idx) of cached features, in the order Loader would visit the same images:
     f (B, F) float32 on the features' device, y (B,) labels, idx (B,) cache positions.
 
-    feats: (K, n, F) training views (epoch e reads view (e - 1) mod K) or (n, F); rows in the
-    order of `positions`. Order, balanced sampling and drop_last follow Loader (same seed, same
+    feats: (K, n, F) training views (epoch e reads view (e - 1) mod K) or (n, F); with tta (an
+    evaluation loader over the (8, n, F) dihedral views) f is (8, B, F) and tta_views splits it,
+    so engine.evaluate averages the views as it does for images. Rows in the order of
+    `positions`. Order, balanced sampling and drop_last follow Loader (same seed, same
     generator), so the head sees the batches of a run through the backbone.
     """
 
     def __init__(self, feats: torch.Tensor, positions, labels, *, batch_size: int, train: bool,
-                 balanced: bool = False, drop_last: bool = False, seed: int = 0):
+                 balanced: bool = False, drop_last: bool = False, seed: int = 0, tta: bool = False):
+        if tta and (train or feats.dim() != 3 or len(feats) != 8):
+            raise ValueError("tta features are the 8 (8, n, F) dihedral views of an evaluation partition")
         self.feats = feats if feats.dim() == 3 else feats[None]
+        self.tta = tta
         self.labels = np.asarray(labels, dtype=np.int64)
         dev = self.feats.device
         self._y = torch.from_numpy(self.labels).to(dev)
@@ -147,10 +164,10 @@ class FeatureLoader:
         self.drop_last, self.seed, self.epoch = drop_last and train, seed, 0
 
     @classmethod
-    def for_run(cls, feats: torch.Tensor, prep: Prepared, part: str, cfg: TrainConfig) -> FeatureLoader:
+    def for_run(cls, feats: torch.Tensor, prep: Prepared, part: str, cfg: TrainConfig, tta: bool = False) -> FeatureLoader:
         train = part == "train"
         return cls(feats, prep.positions[part], prep.labels(part), batch_size=cfg.batch_size, train=train,
-                   balanced=cfg.balanced_sampling, drop_last=cfg.drop_last, seed=cfg.seed)
+                   balanced=cfg.balanced_sampling, drop_last=cfg.drop_last, seed=cfg.seed, tta=tta)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -159,10 +176,15 @@ class FeatureLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @staticmethod
+    def tta_views(f: torch.Tensor) -> list[torch.Tensor]:
+        """The 8 views of a tta batch (8, B, F): features of augment.tta_views' images, identity first."""
+        return list(f.unbind(0))
+
     def __iter__(self):
         order = epoch_order(self.labels, self.train, self.balanced, epoch_generator(self.seed, self.epoch))
         order = order.to(self.feats.device)
         view = self.feats[(self.epoch - 1) % len(self.feats)] if self.train else self.feats[0]  # (n, F)
         for s in range(0, len(self) * self.batch_size, self.batch_size):
             c = order[s:s + self.batch_size]
-            yield view[c].float(), self._y[c], self._idx[c]
+            yield (self.feats[:, c] if self.tta else view[c]).float(), self._y[c], self._idx[c]

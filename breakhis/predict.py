@@ -22,9 +22,10 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, resolve_device
 from .engine import evaluate, make_loss
 from .errors import UserError
+from .features import FeatureLoader, features_usable, run_features
 from .io import atomic_path, jsonable, number, read_csv, read_json, sha256_of, write_csv, write_json
 from .loader import DeviceImages, Loader
-from .models import build_model
+from .models import Classifier, build_model
 
 
 def load_run_model(run_dir: Path, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -81,11 +82,23 @@ def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch
 
 def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
             *, tta: bool = False, images: DeviceImages | None = None) -> dict:
-    """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict)."""
+    """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict).
+
+    A run trained on cached features (cfg.cached_features) is scored on them too: its backbone is
+    the one the features were computed with (it never trained), so the head on the cached
+    evaluation view (or the 8 cached dihedral views, with tta) gives the whole model's
+    probabilities up to float16 rounding, and a partition's backbone pass happens once, not at
+    every evaluation. An exported program (not a Classifier) always runs whole.
+    """
     images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
     amp = amp_dtype(cfg.amp, device)
-    loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=False,
-                            dtype=amp or torch.float32)
+    if features_usable(cfg) and isinstance(model, Classifier):
+        feats = run_features(model.backbone, prep, cfg, device, amp, images, parts=(part,), tta=tta)[part]
+        loader = FeatureLoader.for_run(feats, prep, part, cfg, tta=tta)
+        model = Classifier(torch.nn.Identity(), model.head).eval()
+    else:
+        loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=False,
+                                dtype=amp or torch.float32)
     ev = evaluate(model, loader, make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
     assert np.array_equal(ev["idx"], prep.positions[part]), "evaluation must iterate in order"
     return ev
