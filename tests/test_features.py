@@ -108,3 +108,35 @@ def test_a_second_run_reads_the_cache(demo_root, cache_dir, tmp_path, monkeypatc
     fit(cfg, tmp_path / "b", data=prep, progress=False)
     assert sorted((cache_dir / "features").glob("*.npy")) == files
     assert read_json(tmp_path / "b" / "metrics.json")["test"] == read_json(tmp_path / "a" / "metrics.json")["test"]
+
+
+def test_scoring_and_tta_read_cached_evaluation_views(demo_root, cache_dir, tmp_path, monkeypatch):
+    """finalize and evaluate --tta of a cached run read cached val/test features (computed once) and
+    give the probabilities of the whole model, backbone and head, up to float16 rounding."""
+    import breakhis.features
+    from breakhis.augment import tta_views
+    from breakhis.predict import evaluate_run, load_run_model, predict
+    from breakhis.runs import load_config
+
+    cfg = frozen_cfg(demo_root, cache_dir, epochs=1)
+    prep = prepare(cfg, progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    fit(cfg, run, data=prep, progress=False)
+    parts = {p.name.split("-")[-2] for p in (cache_dir / "features").glob("*.npy")}
+    assert parts == {"train", "val", "test"}
+    first = evaluate_run(run, tta=True, device="cpu", n_boot=0)
+    monkeypatch.setattr(breakhis.features, "compute", lambda *a, **k: pytest.fail("features computed again"))
+    again = evaluate_run(run, tta=True, device="cpu", n_boot=0)
+    assert again["test"] == first["test"]
+    # reference: the whole loaded model over the 8 dihedral views of each test image, softmax averaged
+    rcfg = load_config(run)
+    model = load_run_model(run, rcfg, torch.device("cpu"))
+    loader = Loader.for_run(DeviceImages(prep.cache.images, "cpu"), prep.positions["test"], prep.labels("test"), rcfg,
+                            train=False, dtype=torch.float32)
+    with torch.no_grad():
+        want = torch.cat([torch.stack([torch.softmax(model(v), -1) for v in tta_views(x)]).mean(0) for x, _, _ in loader])
+    got = predict(model, prep, "test", rcfg, torch.device("cpu"), tta=True)["probs"]
+    np.testing.assert_allclose(got, want.double().numpy(), atol=2e-3)
+    plain = predict(model, prep, "test", rcfg, torch.device("cpu"))["probs"]
+    assert np.abs(plain - got).max() > 1e-6  # the views differ from the plain evaluation view
