@@ -83,12 +83,19 @@ def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig,
             *, tta: bool = False, images: DeviceImages | None = None) -> dict:
     """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict)."""
     images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
-    amp = amp_dtype(cfg.amp, device)
-    loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=False,
-                            dtype=amp or torch.float32)
-    ev = evaluate(model, loader, make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
+    ev = predict_rows(model, images, prep.positions[part], prep.labels(part), cfg, device, tta=tta)
     assert np.array_equal(ev["idx"], prep.positions[part]), "evaluation must iterate in order"
     return ev
+
+
+def predict_rows(model: torch.nn.Module, images: DeviceImages, rows, labels, cfg: TrainConfig,
+                 device: torch.device, *, tta: bool = False) -> dict:
+    """engine.evaluate over `rows` (N,) of `images` through the run's evaluation loader: the one place
+    a run's evaluation view, normalisation and precision are set up, for its partitions (predict) and
+    for new images (newimages.score_images) alike. labels (N,) only feed the returned loss."""
+    amp = amp_dtype(cfg.amp, device)
+    loader = Loader.for_run(images, rows, labels, cfg, train=False, dtype=amp or torch.float32)
+    return evaluate(model, loader, make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
 
 
 def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
