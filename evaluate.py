@@ -56,7 +56,7 @@ def parse(argv):
                          "exported itself, by SHA-256, unless --trust-model)")
     ap.add_argument("--trust-model", action="store_true",
                     help="load --model even if this run did not export it: loading a .pt2 file can run code stored in it")
-    ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images")
+    ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images (with --images: of N new images)")
     ap.add_argument("--images", nargs="+", metavar="PATH",
                     help="score new images (files, folders searched recursively, or glob patterns; PNG, JPEG, TIFF) "
                          "and write a CSV of probabilities and predictions; no metrics (they carry no labels)")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from test_train import tiny
 
+import breakhis.newimages
 import evaluate
 import train
 from breakhis.data.images import decode_images, find_images
@@ -74,8 +75,10 @@ def scored(out: Path) -> dict[str, dict]:
     return {Path(r["path"]).name: r for r in read_csv(out)}
 
 
-def test_scores_match_the_runs_predictions_and_every_file_is_accounted_for(trained, new_folder, tmp_path, capsys):
+def test_scores_match_the_runs_predictions_and_every_file_is_accounted_for(trained, new_folder, tmp_path, capsys,
+                                                                            monkeypatch):
     d, made = new_folder
+    monkeypatch.setattr(breakhis.newimages, "CHUNK", 4)  # 15 files in 4 chunks, unreadable ones among them
     out = tmp_path / "scores.csv"
     assert guard(evaluate.main, [str(trained), "--images", str(d), "--out", str(out)]) == 0
     text = capsys.readouterr().out
