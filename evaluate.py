@@ -7,6 +7,7 @@
     python evaluate.py results/<run> --export model.pt2     # torch.export program for deployment
     python evaluate.py results/<run> --model model.pt2      # evaluate with that exported program
     python evaluate.py results/<run> --cam 8                # Grad-CAM overlays of 8 test images
+    python evaluate.py results/<run> --images new/ 'more/*.tif' --cam 4   # score new images: a CSV, no metrics
     python evaluate.py results/ --sort auroc --markdown logbook.md   # the logbook: all runs compared
 
 The model is rebuilt from model.safetensors and config.json; the split from split.json.
@@ -22,17 +23,22 @@ import argparse
 import json
 from pathlib import Path
 
+from rich.markup import escape
+
+from breakhis.data.images import find_images
 from breakhis.errors import UserError, guard
 from breakhis.metrics import check_threshold_rule
 
 BY = ("magnification", "subtype", "patient")
-MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam")  # options that need one run's model
+MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam", "images")  # options that need one run's model
+# options of a partition's evaluation or of the logbook, meaningless for unlabelled new images
+NOT_WITH_IMAGES = ("part", "data", "include_seen", "by", "export", "model", "trust_model", "csv", "markdown")
 
 
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folder(s), or a folder holding runs (e.g. results/)")
-    ap.add_argument("--part", "--split", dest="part", default="test", choices=("val", "test"),
+    ap.add_argument("--part", "--split", dest="part", default=None, choices=("val", "test"),
                     help="partition to score (default test)")
     ap.add_argument("--tta", action="store_true", help="average the 8 dihedral views of each image")
     ap.add_argument("--threshold", default="0.5",
@@ -50,7 +56,12 @@ def parse(argv):
                          "exported itself, by SHA-256, unless --trust-model)")
     ap.add_argument("--trust-model", action="store_true",
                     help="load --model even if this run did not export it: loading a .pt2 file can run code stored in it")
-    ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images")
+    ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images (with --images: of N new images)")
+    ap.add_argument("--images", nargs="+", metavar="PATH",
+                    help="score new images (files, folders searched recursively, or glob patterns; PNG, JPEG, TIFF) "
+                         "and write a CSV of probabilities and predictions; no metrics (they carry no labels)")
+    ap.add_argument("--out", metavar="FILE.csv", help="with --images: the CSV to write (default RUN/scores/<time>.csv; "
+                                                      "an existing file is never overwritten)")
     ap.add_argument("--sort", default="accuracy", help="compare: metric that ranks the runs")
     ap.add_argument("--csv", metavar="FILE", help="compare: write the table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="compare: write the table as Markdown")
@@ -64,6 +75,15 @@ def parse(argv):
     check_threshold_rule(a.threshold)
     if a.cam < 0:
         raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
+    if a.out and not a.images:
+        raise UserError(f"--out {a.out} names the CSV of --images: add --images PATH...")
+    if a.images:
+        used = [f"--{k.replace('_', '-')}" for k in NOT_WITH_IMAGES if getattr(a, k)]
+        if used:
+            raise UserError(f"{', '.join(used)} cannot go with --images (new images are scored with the run's model, "
+                            f"without labels, into a CSV: --out FILE.csv names it); leave {'it' if len(used) == 1 else 'them'} out")
+        a.images = find_images(a.images)  # a missing file, an empty folder or a pattern matching nothing: one line
+    a.part = a.part or "test"
     return a
 
 
@@ -92,6 +112,30 @@ def compare(a, paths: list[Path]) -> int:
     return 0
 
 
+def score_new(a, run: Path) -> int:
+    """--images: the run's probabilities and predictions for new image files, a CSV and a short table."""
+    from breakhis import report
+    from breakhis.newimages import score_images
+
+    out = score_images(run, a.images, threshold=a.threshold, tta=a.tta, device=a.device, out=a.out, cam=a.cam,
+                       progress=not a.json)
+    if a.json:
+        print(json.dumps(out))
+        return 0
+    report.console.print(report.scores_table(out))
+    for s in out["skipped"]:
+        report.console.print(f"[red]unreadable, skipped:[/] {escape(s['path'])} ({escape(s['error'])})", soft_wrap=True)
+    r = out["resized"]
+    if r["other_aspect"] or r["smaller_than_field"]:
+        report.console.print(f"note: {r['other_aspect']} image(s) of another aspect than 700:460 were stretched to the "
+                             f"run's {r['field']} (HxW) field, {r['smaller_than_field']} smaller than it were upsampled",
+                             soft_wrap=True)
+    report.console.print("no metrics: new images carry no labels")
+    for p in [out["csv"], *out["cam"]]:
+        report.console.print(f"wrote {escape(p)}", soft_wrap=True)
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     from breakhis import report, runs
@@ -100,6 +144,8 @@ def main(argv=None) -> int:
     paths = runs.find_runs(a.runs)
     if len(paths) > 1:
         return compare(a, paths)
+    if a.images:
+        return score_new(a, paths[0])
     if a.csv or a.markdown:
         raise UserError(f"{'--csv' if a.csv else '--markdown'} writes the logbook table of several runs; "
                         f"{paths[0]} is one run: give more runs (e.g. results/), or use --json for this one")

@@ -16,6 +16,7 @@ map there would explain nothing; they are refused with a message.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,13 @@ def spatial(model: nn.Module, x: torch.Tensor) -> bool:
     return f.dim() == 4 and f.shape[1] == backbone.num_features
 
 
+def check_spatial(model: nn.Module, x: torch.Tensor, backbone: str) -> None:
+    """A UserError unless the model has a spatial feature map for Grad-CAM (see spatial); x (B, 3, S, S)."""
+    if not spatial(model, x):
+        raise UserError(f"--cam: {backbone} has no spatial feature map (a transformer: its features are tokens), "
+                        f"so Grad-CAM is not offered for it; it is for convolutional backbones")
+
+
 def _view(x: torch.Tensor, mean_rgb=MEAN, std_rgb=STD) -> np.ndarray:
     """(3, S, S) normalised input -> (S, S, 3) RGB in [0, 1]."""
     mean = torch.tensor(mean_rgb, device=x.device).view(3, 1, 1)
@@ -120,49 +128,68 @@ def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_f
     the records of prep.parts in the same order. The class explained is the predicted one.
     Files: cam-01-error-<image name>.png, ... in the order chosen (errors first).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if n < 1:
         raise UserError(f"--cam {n}: give the number of images to explain, e.g. --cam 8")
     probs, labels, idx = np.asarray(ev["probs"]), np.asarray(ev["labels"]), np.asarray(ev["idx"])
     if len(idx) == 0:
         raise UserError("--cam: the evaluated partition has no images")
     by_position = {int(i): r for part, recs in prep.parts.items() for i, r in zip(prep.positions[part], recs)}
-    names = class_names(cfg.task)
     picked = choose(probs, labels, n)
     images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    return draw_cams(model, images, idx[picked], probs[picked], labels[picked],
+                     [by_position[int(i)].path for i in idx[picked]], cfg, out_folder)
+
+
+def draw_cams(model: nn.Module, images: DeviceImages, rows, probs: np.ndarray, labels: np.ndarray | None,
+              names: list[str], cfg, out_folder: str | Path) -> list[Path]:
+    """One Grad-CAM overlay PNG per image, in the order given, into out_folder.
+
+    rows (K,): positions in `images`, shown through the run's evaluation loader (Loader.for_run);
+    probs (K, C): the predictions to explain (the predicted class is explained); labels (K,) the
+    true classes, or None for unlabelled images (then the title gives the prediction only and the
+    files are cam-01-<predicted class>-<stem>.png instead of cam-01-<error|correct>-<stem>.png);
+    names (K,): the image paths shown in the titles, their stems in the file names.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    class_of = class_names(cfg.task)
+    rows, probs = np.asarray(rows), np.asarray(probs)
+    y = np.zeros(len(rows), np.int64) if labels is None else np.asarray(labels)
     mean, std = cfg.mean or MEAN, cfg.std or STD
-    loader = Loader(images, idx[picked], labels[picked], batch_size=16, image_size=cfg.image_size, train=False,
-                    channels_last=False, mean=mean, std=std)
+    # the run's own evaluation view, in float32 and channels-first for the overlays
+    loader = Loader.for_run(images, rows, y, dataclasses.replace(cfg, batch_size=16, channels_last=False),
+                            train=False, dtype=torch.float32)
     model = model.float()
-    if not spatial(model, next(iter(loader))[0]):
-        raise UserError(f"--cam: {cfg.backbone} has no spatial feature map (a transformer: its features are tokens), "
-                        f"so Grad-CAM is not offered for it; it is for convolutional backbones")
+    check_spatial(model, next(iter(loader))[0], cfg.backbone)
     out_folder, written = Path(out_folder), []
-    for x, _, _ in loader:  # in order: batch rows follow `picked`
-        rows = picked[len(written):len(written) + len(x)]
-        pred = torch.as_tensor(probs[rows].argmax(1), device=x.device)
+    for x, _, _ in loader:  # in order: batch rows follow `rows`
+        ks = range(len(written), len(written) + len(x))
+        pred = torch.as_tensor(probs[list(ks)].argmax(1), device=x.device)
         heat = grad_cam(model, x, pred)[:, None]  # (B, 1, h, w)
         heat = F.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
-        for k, j in enumerate(rows):
-            rec = by_position[int(idx[j])]
-            p, y, c = probs[j], int(labels[j]), int(probs[j].argmax())
-            kind = "error" if c != y else "correct"
-            view = _view(x[k], mean, std)
+        for b, j in enumerate(ks):
+            p, c = probs[j], int(probs[j].argmax())
+            view = _view(x[b], mean, std)
             fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="constrained")
             FigureCanvasAgg(fig)
             left, right = fig.subplots(1, 2)
             left.imshow(view)
             right.imshow(view)
-            right.imshow(heat[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            right.imshow(heat[b], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             for ax in (left, right):
                 ax.set_axis_off()
             left.set_title("evaluation view", fontsize=9)
-            right.set_title(f"Grad-CAM of '{names[c]}'", fontsize=9)
-            fig.suptitle(f"{rec.path}\nlabel {names[y]}, predicted {names[c]} (p={p[c]:.3f}"
-                         + (f", p_{names[y]}={p[y]:.3f}" if c != y else "") + f"): {kind}", fontsize=8)
-            path = out_folder / f"cam-{len(written) + 1:02d}-{kind}-{Path(rec.path).stem}.png"
+            right.set_title(f"Grad-CAM of '{class_of[c]}'", fontsize=9)
+            if labels is None:
+                kind, what = class_of[c], f"predicted {class_of[c]} (p={p[c]:.3f}), no label"
+            else:
+                t = int(y[j])
+                kind = "error" if c != t else "correct"
+                what = (f"label {class_of[t]}, predicted {class_of[c]} (p={p[c]:.3f}"
+                        + (f", p_{class_of[t]}={p[t]:.3f}" if c != t else "") + f"): {kind}")
+            fig.suptitle(f"{names[j]}\n{what}", fontsize=8)
+            path = out_folder / f"cam-{j + 1:02d}-{kind}-{Path(names[j]).stem}.png"
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, format="png")
             written.append(path)

@@ -91,17 +91,26 @@ def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig,
     every evaluation. An exported program (not a Classifier) always runs whole.
     """
     images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
-    amp = amp_dtype(cfg.amp, device)
     if features_usable(cfg) and isinstance(model, Classifier):
+        amp = amp_dtype(cfg.amp, device)
         feats = run_features(model.backbone, prep, cfg, device, amp, images, parts=(part,), tta=tta)[part]
-        loader = FeatureLoader.for_run(feats, prep, part, cfg, tta=tta)
-        model = Classifier(torch.nn.Identity(), model.head).eval()
+        head = Classifier(torch.nn.Identity(), model.head).eval()
+        ev = evaluate(head, FeatureLoader.for_run(feats, prep, part, cfg, tta=tta),
+                      make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
     else:
-        loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=False,
-                                dtype=amp or torch.float32)
-    ev = evaluate(model, loader, make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
+        ev = predict_rows(model, images, prep.positions[part], prep.labels(part), cfg, device, tta=tta)
     assert np.array_equal(ev["idx"], prep.positions[part]), "evaluation must iterate in order"
     return ev
+
+
+def predict_rows(model: torch.nn.Module, images: DeviceImages, rows, labels, cfg: TrainConfig,
+                 device: torch.device, *, tta: bool = False) -> dict:
+    """engine.evaluate over `rows` (N,) of `images` through the run's evaluation loader: the one place
+    a run's evaluation view, normalisation and precision are set up, for its partitions (predict) and
+    for new images (newimages.score_images) alike. labels (N,) only feed the returned loss."""
+    amp = amp_dtype(cfg.amp, device)
+    loader = Loader.for_run(images, rows, labels, cfg, train=False, dtype=amp or torch.float32)
+    return evaluate(model, loader, make_loss(cfg.class_weights, cfg.label_smoothing, device), amp=amp, tta=tta)
 
 
 def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -167,6 +167,22 @@ def breakdown_table(by: dict, title: str) -> Table:
     return t
 
 
+def scores_table(out: dict) -> Table:
+    """New images scored with a run (newimages.score_images): images and patients per predicted
+    class, unreadable files. Counts only: the images carry no labels, so no figure of merit."""
+    title = f"New images: {out['run']}" + (" (TTA)" if out.get("tta") else "")
+    t = Table(title=title, title_style="bold", caption=f"threshold {fmt(out['threshold'])}", caption_justify="left")
+    t.add_column("predicted class")
+    t.add_column("images", justify="right")
+    t.add_column("patients (vote)", justify="right")  # files with BreakHis names: mean probability per patient
+    for name, n in out["counts"].items():
+        t.add_row(name, str(n), str(out["patient_votes"].get(name, 0)))
+    t.add_row("unreadable (skipped)", str(len(out["skipped"])), "", style="red" if out["skipped"] else None,
+              end_section=True)
+    t.add_row("files", str(out["images"]), "")
+    return t
+
+
 def logbook_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
                   best: set[int] = frozenset(), sections: set[int] = frozenset(), drop_order: list[str] = (),
                   width: int | None = None) -> Table:

@@ -39,11 +39,15 @@ class Prepared:
         return np.array([r.target(self.task) for r in self.parts[part]], dtype=np.int64)
 
 
+def field_size(cfg: TrainConfig) -> tuple[int, int]:
+    """(H, W) pixels of a run's cached fields: --cache-size, else chosen from --image-size."""
+    return cfg.cache_hw() or default_cache_size(cfg.image_size)
+
+
 def load_tree(cfg: TrainConfig, progress: bool = True) -> tuple[Index, Cache]:
     """The tree's index and its decode cache (built once, then memory-mapped)."""
     index = index_tree(cfg.data)
-    size = cfg.cache_hw() or default_cache_size(cfg.image_size)
-    cache = build_cache(index.root, [r.path for r in index.records], size, cache_dir=cfg.cache_dir or None,
+    cache = build_cache(index.root, [r.path for r in index.records], field_size(cfg), cache_dir=cfg.cache_dir or None,
                         workers=cfg.workers, progress=progress)
     return index, cache
 
