@@ -59,7 +59,7 @@ from scipy.stats import t as student_t
 
 from . import metrics as M
 from . import report
-from .config import renamed
+from .config import TrainConfig, renamed
 from .errors import UserError
 from .io import jsonable, number, read_csv, read_json
 
@@ -73,6 +73,7 @@ REPEAT_KEYS = ("seed", "split_seed")
 # comparison with the best stay; the settings that differ go last)
 DROP_ORDER = ("AUCPR", "specificity", "patient rec. rate", "precision", "patient acc.", "F1", "recall",
               "val acc (selected epoch)", "runs", "image set", "AUROC")
+DEFAULTS = TrainConfig().to_dict()
 SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in M.CI_KEYS if k not in dict(METRICS))
 
 
@@ -137,6 +138,9 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
     raw = read_json(path / "config.json") or {}
     config = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(path / "config.json"))
+    # a setting added after the run was made reads as its default, as runs.load_config reads it (e.g. folds):
+    # it neither splits the run from its repeats nor shows as a differing column
+    config = {**{k: v for k, v in DEFAULTS.items() if k not in config}, **config}
     run = Run(path, name, config, read_json(path / "metrics.json") or {}, repeats=raw.get("_repeats") or {},
               cv=raw.get("_cv") or {})
     if run.task != "binary":
@@ -477,7 +481,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
     out = []
     for r in rows:
         rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "image_set": r.image_set,
-               "folds": ",".join(map(str, r.folds)), "shared_test_patients": r.shared_patients if r.folds else None,
+               "cv_folds": ",".join(map(str, r.folds)), "shared_test_patients": r.shared_patients if r.folds else None,
                "best": r.best, "folders": ";".join(str(x.path) for x in r.runs), "identical": ";".join(r.identical),
                "thresholds": ";".join(f"{x.threshold:.6g}" for x in r.runs),
                **{f"val_{k}": r.val.get(k) for k, _ in METRICS}}

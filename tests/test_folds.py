@@ -6,6 +6,7 @@ image), whose folds, like the official ones, are separate patient splits with ov
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_logbook_shows_the_folds_as_one_row(cv_tree, cv_runs, capsys):
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert len(rows) == 1
     row = rows[0]
-    assert (row["run"], row["runs"], row["folds"], row["fold"]) == ("cv (3 folds)", 3, "1,2,3", "1,2,3")
+    assert (row["run"], row["runs"], row["cv_folds"], row["fold"]) == ("cv (3 folds)", 3, "1,2,3", "1,2,3")
     saved = [read_json(res / f"cv-fold{f}" / "metrics.json")["test"] for f in range(1, FOLDS + 1)]
     for k in ("accuracy", "recall", "specificity", "auroc", "patient_accuracy"):
         xs = np.array([m[k] for m in saved], dtype=float)
@@ -192,6 +193,16 @@ def test_two_cross_validations_are_compared_fold_for_fold(tmp_path, capsys):
     assert "paired t over 3 folds, Nadeau-Bengio" in b["vs_best_test"]
 
 
+def test_a_run_made_before_folds_existed_still_groups_with_its_repeats(tmp_path, capsys):
+    paths, patients, y = cases()
+    runs_ = [write_run(tmp_path / f"r-seed{s}", np.where(y == 1, 0.8, 0.3), seed=s) for s in range(2)]
+    raw = json.loads((runs_[0] / "config.json").read_text())
+    del raw["folds"]  # written before the setting existed
+    (runs_[0] / "config.json").write_text(json.dumps(raw))
+    rows = run_json(runs_, capsys)["rows"]
+    assert len(rows) == 1 and rows[0]["runs"] == 2 and "folds" not in rows[0]
+
+
 # --- tune.py --folds: the fold-averaging and trials.csv, without Ray --------------------------------
 
 def test_fold_mean_takes_each_folds_best():
@@ -235,3 +246,34 @@ def test_tune_refuses_folds_in_the_space(tmp_path):
         tune_exp.make_setup(space.load_space(path), {}, metric=None, mode=None, max_epochs=1, grace_period=None,
                             reduction_factor=2, samples=1, concurrent=None)
 
+
+
+def test_tune_py_folds_end_to_end(cv_tree, tmp_path):
+    """One trial over folds 1-2 through Ray (about 30 s on a shared 2-core CPU): each fold a run folder of
+    the trial, the trial scored by the mean of the folds' best val_acc, best.json retraining both folds."""
+    import logging
+
+    import ray
+
+    import tune
+
+    root, _ = cv_tree
+    space = tmp_path / "space.py"
+    space.write_text('"""One learning rate."""\nSPACE = {"lr": [1e-3]}\n')
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        code = tune.main(["--space", str(space), "--name", "cv", "--results", str(tmp_path / "res"), "--max-epochs", "1",
+                          "--folds", "1-2", *(x for x in tiny(root, tmp_path / "cache") if x != "--quiet")])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    exp = tmp_path / "res" / "tune" / "cv"
+    (row,) = read_csv(exp / "trials.csv")
+    trial_dir = Path(row["run"])
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["fold1", "fold2"] and row["status"] == "finished"
+    best = [max(float(h["val_acc"]) for h in read_csv(trial_dir / f"fold{f}" / "history.csv")) for f in (1, 2)]
+    assert float(row["best_val_acc"]) == pytest.approx(np.mean(best))
+    assert [read_json(trial_dir / f"fold{f}" / "config.json")["_cv"]["folds"] for f in (1, 2)] == [[1, 2], [1, 2]]
+    assert read_json(exp / "best.json")["config"]["folds"] == "1,2"

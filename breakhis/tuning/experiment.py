@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,7 @@ def fold_runs(trial_dir: Path) -> list[Path]:
 def fold_trial(cfg: TrainConfig, trial_dir: Path, node: str, metric: str, mode: str) -> None:
     """Every fold of cfg.folds trained in turn (finished folds kept, an interrupted one continued); one report."""
     cv = {"id": trial_dir.name, "folds": list(cfg.fold_list()), "name": trial_dir.name}
-    values, tests = [], []
+    values, tests, t0 = [], [], time.perf_counter()
     for fold_cfg in cfg.per_fold():
         run_dir = trial_dir / f"fold{fold_cfg.fold}"
         if finished(run_dir):
@@ -198,7 +199,7 @@ def fold_trial(cfg: TrainConfig, trial_dir: Path, node: str, metric: str, mode: 
         tests.append(test_scalars(metrics))
     keys = [k for k in TEST_KEYS if all(k in t for t in tests)]
     tune.report({"epoch": cfg.epochs, metric: fold_mean(values, mode), "folds": len(values), "run": str(trial_dir),
-                 "node": node, **{f"test_{k}": sum(t[k] for t in tests) / len(tests) for k in keys}})
+                 "node": node, "seconds": time.perf_counter() - t0, **{f"test_{k}": sum(t[k] for t in tests) / len(tests) for k in keys}})
 
 
 def trial_dirname(trial) -> str:
