@@ -277,3 +277,41 @@ def test_tune_py_folds_end_to_end(cv_tree, tmp_path):
     assert float(row["best_val_acc"]) == pytest.approx(np.mean(best))
     assert [read_json(trial_dir / f"fold{f}" / "config.json")["_cv"]["folds"] for f in (1, 2)] == [[1, 2], [1, 2]]
     assert read_json(exp / "best.json")["config"]["folds"] == "1,2"
+
+
+def test_ctrl_c_in_a_fold_names_the_folds_not_started(cv_tree, tmp_path, capsys, monkeypatch):
+    import breakhis.fit
+
+    real, calls = breakhis.fit.train_one_epoch, []
+
+    def second_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(breakhis.fit, "train_one_epoch", second_interrupted)
+    root, _ = cv_tree
+    assert guard(train.main, tiny(root, tmp_path / "cache", folds="1-3", name="c") + ["--results", str(tmp_path / "r")]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was saved" in err and "folds 3 were not started" in err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["c-fold1"]
+
+
+def test_a_fold_trial_keeps_its_finished_folds(cv_runs, tmp_path, monkeypatch):
+    """tune's trial with --folds after an interruption: finished folds are read back, never retrained."""
+    res, _ = cv_runs
+    exp = tmp_path / "exp"
+    for f in (1, 2):
+        shutil.copytree(res / f"cv-fold{f}", exp / "runs" / "t1" / f"fold{f}")
+    reported = []
+    monkeypatch.setattr(tune_exp.tune, "get_context", lambda: type("C", (), {"get_trial_id": lambda self: "t1"})())
+    monkeypatch.setattr(tune_exp.tune, "report", reported.append)
+    monkeypatch.setattr(tune_exp, "fit", lambda *a, **k: pytest.fail("a finished fold was trained again"))
+    base = {**read_json(res / "cv-fold1" / "config.json"), "fold": 0, "folds": "1-2"}
+    base = {k: v for k, v in base.items() if not k.startswith("_")}
+    tune_exp.trial({}, base=base, presets={}, exp_dir=str(exp), cwd=str(tmp_path), metric="val_loss", mode="min")
+    best = [min(float(h["val_loss"]) for h in read_csv(res / f"cv-fold{f}" / "history.csv")) for f in (1, 2)]
+    assert len(reported) == 1 and reported[0]["folds"] == 2 and reported[0]["val_loss"] == pytest.approx(np.mean(best))
+    tests = [read_json(res / f"cv-fold{f}" / "metrics.json")["test"]["accuracy"] for f in (1, 2)]
+    assert reported[0]["test_accuracy"] == pytest.approx(np.mean(tests))
