@@ -6,6 +6,7 @@
     python train.py --preset logbook:resnet50_frozen         # one named entry of experiments/logbook.py
     python train.py --config results/tune/<name>/best.json   # retrain a tune result
     python train.py --seeds 0,1,2 --backbone resnet50        # repeats on the same patient split
+    python train.py --folds 1-5                              # one run per official fold (Folds.csv / mkfold)
     python train.py --resume results/<run>                   # continue an interrupted run
     python train.py --backbone timm:convnext_tiny --freeze   # any timm model; --list-backbones shows names
     python train.py --backbone timm:hf-hub:MahmoodLab/UNI --weights uni.bin --freeze   # a pathology model
@@ -106,6 +107,9 @@ def main(argv=None) -> int:
                             f"(to train longer or differently, start a new run, e.g. --config {a.resume}/config.json)")
     cfg = None if a.resume else resolve(a)
     seeds = seed_list(a.seeds, cfg.seed if cfg else 0)
+    if cfg and cfg.folds and (a.seeds or a.resplit):
+        raise UserError(f"--folds {cfg.folds} with --seeds/--resplit is not supported: the folds are the repeats "
+                        f"(one run per fold); for seed repeats on one fold use --fold N --seeds {a.seeds or '0,1,2'}")
 
     from breakhis import report, runs
     from breakhis.data.demo import make_demo
@@ -137,6 +141,27 @@ def main(argv=None) -> int:
         make_demo(DEMO_DIR, patients=16, images_per_patient=16, size=(350, 230))
         report.console.print(f"made the SYNTHETIC demo tree {DEMO_DIR / 'BreaKHis_v1'}")
 
+    # --- one run per official fold: every fold's data and folder name checked before the first one trains ---
+    if cfg.folds:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = a.name or f"{stamp}-{runs.label_of(cfg.backbone)}"
+        folds = [(fold_cfg, f"{base}-fold{fold_cfg.fold}") for fold_cfg in cfg.per_fold()]
+        for _, name in folds:
+            runs.check_new(a.results, name)
+        preps = []
+        for fold_cfg, _ in folds:  # the fold file lists the fold, no patient on both sides, partitions fit a batch
+            preps.append(prepare(fold_cfg, progress=not a.quiet))
+            check_data(preps[-1], fold_cfg)
+        cv = {"id": stamp, "folds": list(cfg.fold_list()), "name": base}
+        for i, ((fold_cfg, name), prep) in enumerate(zip(folds, preps)):
+            code = train_one(fold_cfg, runs.new_run_dir(a.results, name, fold_cfg.backbone), prep, a.quiet, cv=cv)
+            if code:
+                rest = [c.fold for c, _ in folds[i + 1:]]
+                if rest:
+                    print(f"folds {','.join(map(str, rest))} were not started", file=sys.stderr)
+                return code
+        return 0
+
     # --- one run per seed ---
     prep = None
     repeats = {"id": time.strftime("%Y%m%d-%H%M%S"), "seeds": seeds, "resplit": a.resplit} if len(seeds) > 1 else None
@@ -147,18 +172,30 @@ def main(argv=None) -> int:
             check_data(prep, run_cfg)
         name = a.name and (f"{a.name}-seed{seed}" if len(seeds) > 1 else a.name)
         run_dir = runs.new_run_dir(a.results, name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
-        report.console.print(f"run folder: {run_dir}")
-        try:
-            metrics = fit(run_cfg, run_dir, data=prep, progress=not a.quiet, repeats=repeats)
-        except KeyboardInterrupt:
-            if run_dir.exists():
-                print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
-                      file=sys.stderr)
-            else:
-                print(f"interrupted during the first epoch: nothing was saved (the folder {run_dir} was removed); "
-                      f"start again", file=sys.stderr)
-            return 130
-        report.console.print(report.evaluation_table(metrics, title=f"Model Evaluation: {run_dir.name}"))
+        code = train_one(run_cfg, run_dir, prep, a.quiet, repeats=repeats)
+        if code:
+            return code
+    return 0
+
+
+def train_one(cfg, run_dir: Path, prep, quiet: bool, **record) -> int:
+    """fit() one run into run_dir and print its table; 130 after Ctrl-C (saying how to continue), else 0.
+    record: repeats= or cv=, what the run records of the call it is one of (runs.start_run)."""
+    from breakhis import report
+    from breakhis.fit import fit
+
+    report.console.print(f"run folder: {run_dir}")
+    try:
+        metrics = fit(cfg, run_dir, data=prep, progress=not quiet, **record)
+    except KeyboardInterrupt:
+        if run_dir.exists():
+            print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
+                  file=sys.stderr)
+        else:
+            print(f"interrupted during the first epoch: nothing was saved (the folder {run_dir} was removed); "
+                  f"start again", file=sys.stderr)
+        return 130
+    report.console.print(report.evaluation_table(metrics, title=f"Model Evaluation: {run_dir.name}"))
     return 0
 
 

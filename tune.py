@@ -7,6 +7,7 @@
     python tune.py --space experiments/lr.py --backbone resnet18 --image-size 64   # any train.py flag is a base setting
     python tune.py --name lr-20260101-120000 --resume                             # continue after Ctrl-C
     python tune.py --space experiments/lr.py --address HEAD_IP:6379               # an existing Ray cluster
+    python tune.py --space experiments/weights.py --folds 1-5                     # each trial scored over 5 folds (slow)
     python train.py --config results/tune/<name>/best.json                        # retrain the best trial
 
 Precedence: train defaults < the space file's BASE < flags < each trial's SPACE sample.
@@ -17,6 +18,11 @@ epochs; at each rung (grace, grace*factor, grace*factor^2, ... epochs) only the 
 experiment folder, tune.json, trials.csv and best.json. The decode cache is built once, before
 any trial starts; trials memory-map it. With --address the data root, the cache folder and
 --results must be on a filesystem that every node sees at the same path.
+
+--folds 1-5 (slow): every trial trains each listed official fold in turn, as train.py --folds, into
+runs/<trial_id>/fold<N>/, and is scored by the mean over folds of each fold's best validation value
+of --metric. It reports once, after its last fold, so ASHA cannot stop it early: a search costs
+samples x folds full runs. Every fold's data is checked in the driver before Ray starts.
 """
 from __future__ import annotations
 
@@ -96,10 +102,11 @@ def main(argv=None) -> int:
     device = preflight(base_cfg)  # the device, AMP, --weights and a timm backbone every trial needs
     if a.resume:
         tuning.check_state(exp_dir, trust=a.trust_state)
-    prep = prepare(base_cfg, progress=True)
-    if base_cfg.cached_features:  # a frozen backbone: its features once, here; every trial reads them
-        with console.status("computing the frozen backbone's features once for all trials"):
-            build_features(base_cfg, prep, device)
+    for fold_cfg in base_cfg.per_fold():  # with --folds, every fold's split is checked before Ray starts
+        prep = prepare(fold_cfg, progress=True)
+        if fold_cfg.cached_features:  # a frozen backbone: its features once, here; every trial reads them
+            with console.status("computing the frozen backbone's features once for all trials"):
+                build_features(fold_cfg, prep, device)
     if not a.resume:
         exp_dir = tuning.new_experiment(results, name)
         setup.save(exp_dir)

@@ -24,6 +24,21 @@ model is loaded. The choices made here:
   drawn brings its images from every run), and ranking and the paired test use that pooled
   figure. A row of repeats is comparable with another row when both cover the same test
   splits; the paired test then pairs the runs of each split (every run with every run).
+- Cross-validations: the runs of one `train.py --folds` call (config.json "_cv", a tune trial with
+  --folds too) form one row, whatever else differs between the folds' splits: each figure is
+  mean ± sample std (ddof 1) across folds, the Spanhol protocol's figure (every fold weighs the
+  same), and the interval is the patient bootstrap of all folds' test predictions pooled, each at
+  its own run's threshold (the pooled point estimate weighs folds by their test images). The
+  official folds (Folds.csv, mkfold; see data.splits.fold_split) are five independent 70/30 patient
+  splits, not a partition: every prediction is held out for the model that made it, but the test
+  sides of different folds overlap, so a patient can have rows from several folds (from different
+  models) and the pooled rows are not independent. The bootstrap therefore draws patients with all
+  their rows from every fold together (metrics.bootstrap_ci groups rows by patient id); the row
+  records how many patients are in more than one fold's test side. A CV row is ranked only against
+  rows on the same test images fold for fold (another --folds call over the same folds); between two
+  such rows the test is a paired t over folds with the Nadeau-Bengio correction for overlapping
+  training and test sets (variance × (1/k + n_test/n_train)); a CV row with one fold is compared
+  like a single run.
 - The paired test (metrics.paired_bootstrap) resamples the patients of the shared test
   images jointly for both rows, on the --sort metric: "−0.012 [−0.031, +0.006] n.s." or
   "p=0.003 *" where the 95% interval of the difference excludes 0.
@@ -44,7 +59,7 @@ from scipy.stats import t as student_t
 
 from . import metrics as M
 from . import report
-from .config import renamed
+from .config import TrainConfig, renamed
 from .errors import UserError
 from .io import jsonable, number, read_csv, read_json
 
@@ -58,6 +73,7 @@ REPEAT_KEYS = ("seed", "split_seed")
 # comparison with the best stay; the settings that differ go last)
 DROP_ORDER = ("AUCPR", "specificity", "patient rec. rate", "precision", "patient acc.", "F1", "recall",
               "val acc (selected epoch)", "runs", "image set", "AUROC")
+DEFAULTS = TrainConfig().to_dict()
 SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in M.CI_KEYS if k not in dict(METRICS))
 
 
@@ -75,6 +91,8 @@ class Run:
     threshold: float = 0.5              # this run's decision threshold (--threshold, chosen on its own val rows)
     val: tuple | None = None            # (y, p, patients) of its validation rows: what the ranking reads
     repeats: dict = field(default_factory=dict)  # config.json "_repeats": the train.py --seeds call it came from
+    cv: dict = field(default_factory=dict)       # config.json "_cv": the train.py --folds call it came from
+    test_train: float = math.nan                 # test / train images of its split (the CV test's correction)
     fingerprint: str = ""   # sha1 of the scored images' paths and labels: equal means comparable
     note: str = ""
 
@@ -102,6 +120,12 @@ class Row:
     versus: dict | None = None                  # paired_bootstrap result against the best
     note: str = ""
     identical: list[str] = field(default_factory=list)  # runs left out: same seed, split and images as one kept
+    shared_patients: int = 0                    # cross-validation: patients in the test side of more than one fold
+
+    @property
+    def folds(self) -> list[int]:
+        """The folds of a cross-validation row (the runs of one --folds call), in order; [] for other rows."""
+        return sorted(int(r.config.get("fold") or 0) for r in self.runs) if self.runs and self.runs[0].cv else []
 
     @property
     def signature(self) -> tuple[str, ...]:
@@ -114,7 +138,11 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
     raw = read_json(path / "config.json") or {}
     config = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(path / "config.json"))
-    run = Run(path, name, config, read_json(path / "metrics.json") or {}, repeats=raw.get("_repeats") or {})
+    # a setting added after the run was made reads as its default, as runs.load_config reads it (e.g. folds):
+    # it neither splits the run from its repeats nor shows as a differing column
+    config = {**{k: v for k, v in DEFAULTS.items() if k not in config}, **config}
+    run = Run(path, name, config, read_json(path / "metrics.json") or {}, repeats=raw.get("_repeats") or {},
+              cv=raw.get("_cv") or {})
     if run.task != "binary":
         run.note = "subtype task: not ranked"
         return run
@@ -146,6 +174,10 @@ def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     run.val = _arrays(val_rows) if val_rows else None
     text = "\n".join(f"{q}\t{label}" for q, label in zip(run.paths, y))
     run.fingerprint = hashlib.sha1(text.encode()).hexdigest()
+    if run.cv:
+        split = read_json(path / "split.json") or {}
+        if split.get("train") and split.get("test"):
+            run.test_train = len(split["test"]) / len(split["train"])
     return run
 
 
@@ -184,14 +216,16 @@ def group_repeats(items: list[Run]) -> list[tuple[list[Run], list[Run]]]:
 
     Runs are repeats when their settings are equal except the seed: they share the patient split.
     Runs on other splits (split_seed) are pooled only when they came from one `train.py --seeds
-    --resplit` call (its "_repeats" record). Runs with the same seed, split and test images are
+    --resplit` call (its "_repeats" record), runs of other folds only when they came from one
+    `train.py --folds` call (its "_cv" record). Runs with the same seed, split and test images are
     the same run trained twice: one is kept, the others are listed as left out."""
     groups: dict[str, list[Run]] = {}
     for r in items:
         resplit = bool(r.repeats.get("resplit"))
-        ignored = REPEAT_KEYS if resplit else ("seed",)
+        ignored = ("fold",) if r.cv else REPEAT_KEYS if resplit else ("seed",)
+        call = ("cv", r.cv.get("id"), r.cv.get("name")) if r.cv else r.repeats.get("id") if resplit else None
         key = repr((sorted((k, repr(_setting(r.config, k))) for k in r.config if k not in IGNORED and k not in ignored),
-                    r.repeats.get("id") if resplit else None))
+                    call))
         groups.setdefault(key, []).append(r)
     out = []
     for runs_ in groups.values():
@@ -204,13 +238,28 @@ def group_repeats(items: list[Run]) -> list[tuple[list[Run], list[Run]]]:
     return out
 
 
+def _prefix(names: list[str]) -> str:
+    """The names' common prefix without a trailing -seed / -fold."""
+    prefix = os.path.commonprefix(names).rstrip("-_./ ")
+    for suffix in ("seed", "fold"):
+        if prefix.endswith(suffix):
+            prefix = prefix[:-len(suffix)].rstrip("-_./ ")
+    return prefix
+
+
 def _group_name(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
-    prefix = os.path.commonprefix(names).rstrip("-_./ ")
-    if prefix.endswith("seed"):
-        prefix = prefix[:-4].rstrip("-_./ ")
+    prefix = _prefix(names)
     return prefix if len(prefix) >= 3 else " + ".join(names)
+
+
+def _row_name(items: list[Run]) -> str:
+    """A cross-validation: its runs' common prefix (or the --folds call's name) and "(k folds)"; other rows: _group_name."""
+    names = [r.name for r in items]
+    if not (items[0].cv and len(items) > 1):
+        return _group_name(names)
+    return f"{_prefix(names) or items[0].cv.get('name') or ' + '.join(names)} ({len(items)} folds)"
 
 
 # --- figures and the paired test ------------------------------------------------------------
@@ -234,8 +283,11 @@ def score_row(row: Row, n_boot: int, seed: int = 0) -> None:
     keys = [k for k, _ in METRICS] + ["best_val_acc"]
     per_run = [{**_figures(r.y, r.p, r.patients, r.threshold), "best_val_acc": r.saved.get("best_val_acc")}
                for r in row.runs]
-    row.spread = M.mean_std(per_run, keys)
+    row.spread = M.mean_std(per_run, keys)  # sample std (ddof 1)
     row.per_run = per_run
+    if row.folds:
+        seen = [set(r.patients.tolist()) for r in row.runs]
+        row.shared_patients = sum(sum(p in s for s in seen) > 1 for p in set().union(*seen))
     row.value["best_val_acc"] = row.spread["best_val_acc"]["mean"]
     if all(r.val is not None for r in row.runs):
         vy, vp, vpat = (np.concatenate([r.val[i] for r in row.runs]) for i in range(3))
@@ -278,6 +330,37 @@ def recipes(a: Row, b: Row, metric: str) -> dict:
             "test": f"recipes: Welch t over runs ({xa.size} vs {xb.size})"}
 
 
+def folds_test(a: Row, b: Row, metric: str) -> dict:
+    """Is cross-validation a better than b over the same folds? A paired t over folds (fold j of a against
+    the run of b on the same test images) with the Nadeau-Bengio correction: the official folds are
+    repeated random splits whose training and test sides overlap, so the fold-to-fold variance understates
+    the variance of the mean difference; it is scaled by (1/k + n_test/n_train) instead of 1/k
+    (Nadeau & Bengio 2003, "Inference for the generalization error"), with k - 1 degrees of freedom."""
+    runs_b = {r.fingerprint: r for r in b.runs}
+    pairs = []
+    for ra, fa in zip(a.runs, a.per_run):
+        rb = runs_b.get(ra.fingerprint)
+        fb = b.per_run[b.runs.index(rb)] if rb is not None else {}
+        if all(f.get(metric) is not None and math.isfinite(f[metric]) for f in (fa, fb)):
+            pairs.append((fa[metric] - fb[metric], ra.test_train, rb.test_train))
+    d = np.array([x for x, _, _ in pairs])
+    k = d.size
+    ratio = float(np.nanmean([v for _, *vs in pairs for v in vs])) if k else math.nan
+    diff = float(d.mean()) if k else math.nan
+    var = d.var(ddof=1) * (1 / k + (ratio if math.isfinite(ratio) else 0.0)) if k > 1 else math.nan
+    if not k > 1:
+        p_value, ci = math.nan, (math.nan, math.nan)
+    elif var == 0:
+        p_value, ci = (1.0 if diff == 0 else 0.0), (diff, diff)
+    else:
+        se = math.sqrt(var)
+        p_value = float(2 * student_t.sf(abs(diff) / se, k - 1))
+        half = float(student_t.ppf(0.975, k - 1)) * se
+        ci = (diff - half, diff + half)
+    return {"metric": metric, "diff": diff, "ci": ci, "p_value": p_value, "significant": bool(p_value <= 0.05),
+            "test": f"recipes: paired t over {k} folds, Nadeau-Bengio corrected (test/train {ratio:.2f})"}
+
+
 def holm(p_values: list[float]) -> list[float]:
     """Holm-adjusted p-values (step-down, monotone, capped at 1) of m comparisons, in the given order."""
     m = len(p_values)
@@ -315,7 +398,9 @@ def rank(rows: list[Row], metric: str, n_boot: int, seed: int = 0) -> list[Row]:
         else:
             members[0].best = True
             for row in members[1:]:
-                if len(row.per_run) > 1 and len(members[0].per_run) > 1:
+                if len(row.folds) > 1 and len(members[0].folds) > 1:
+                    row.versus = folds_test(row, members[0], metric)
+                elif len(row.per_run) > 1 and len(members[0].per_run) > 1:
                     row.versus = recipes(row, members[0], metric)
                 else:
                     row.versus = {**paired(row, members[0], metric, n_boot, seed),
@@ -396,6 +481,7 @@ def records(rows: list[Row], keys: list[str]) -> list[dict]:
     out = []
     for r in rows:
         rec = {"run": r.name, **settings_of(r, keys), "runs": len(r.runs), "image_set": r.image_set,
+               "cv_folds": ",".join(map(str, r.folds)), "shared_test_patients": r.shared_patients if r.folds else None,
                "best": r.best, "folders": ";".join(str(x.path) for x in r.runs), "identical": ";".join(r.identical),
                "thresholds": ";".join(f"{x.threshold:.6g}" for x in r.runs),
                **{f"val_{k}": r.val.get(k) for k, _ in METRICS}}
@@ -430,7 +516,9 @@ def caption(sort: str, part: str, n_boot: int, threshold: str, seed: int = 0) ->
             f"never by {part}; other rows: {part} difference to the pick [95% interval]: between rows of repeats a "
             f"Welch t-test over their runs (recipes), otherwise a paired bootstrap over the patients of the shared "
             f"{part} images (these checkpoints only); p-values Holm-corrected for the rows compared, * where the "
-            f"corrected p <= 0.05. Rows of repeats: mean ± std across runs, pooled interval. Rows are ranked only "
+            f"corrected p <= 0.05. Rows of repeats and of folds (one --folds call; between two of them a paired t over "
+            f"folds, Nadeau-Bengio corrected): mean ± sample std (ddof 1) across runs, interval of the pooled "
+            f"predictions, patients resampled with their rows of every run. Rows are ranked only "
             f"against rows on the same {part} images (the same letter under 'image set').")
 
 
@@ -457,7 +545,7 @@ def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", so
     loaded = [load_run(p, n, part, threshold) for p, n in zip(paths, run_names(paths))]
     keys = differing_settings([r.config for r in loaded])
     scored = [r for r in loaded if r.scored]
-    rows = [Row(g, _group_name([r.name for r in g]), identical=[r.name for r in same])
+    rows = [Row(g, _row_name(g), identical=[r.name for r in same])
             for g, same in group_repeats(scored)]
     for row in rows:
         score_row(row, n_boot, seed)

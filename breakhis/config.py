@@ -42,6 +42,7 @@ class TrainConfig:
     split_seed: int = _f(0, "seed of the patient split (kept across --seeds unless --resplit)")
     group: str = _f("patient", "split unit: patient folder, or accession (slide ids that differ only in letter suffix)", choices=("patient", "accession"))
     fold: int = _f(0, "official fold 1..5 from Folds.csv / mkfold (0: use --split-ratio)")
+    folds: str = _f("", "train one run per official fold, each as --fold N: 1-5, 1,2,3,4,5, 2-4 or 3 (the logbook shows them as one row)")
     val_fraction: float = _f(0.1, "--fold: fraction of the fold's training units moved to validation")
     split_file: str = _f("", "reuse a split manifest (split.json) instead of drawing one")
     skip_bad: bool = _f(False, "skip unreadable images (recorded in the manifest) instead of failing")
@@ -120,6 +121,16 @@ class TrainConfig:
         """--split-ratio as three whole percentages (train, val, test) summing to 100."""
         return parse_split_ratio(self.split_ratio)
 
+    def fold_list(self) -> tuple[int, ...]:
+        """--folds as the official fold numbers, ascending; () without --folds."""
+        return parse_folds(self.folds) if self.folds else ()
+
+    def per_fold(self) -> list[TrainConfig]:
+        """One config per fold of --folds, each exactly what --fold N makes (folds cleared); [self] without --folds."""
+        if not self.folds:
+            return [self]
+        return [dataclasses.replace(self, fold=k, folds="") for k in self.fold_list()]
+
     def cache_hw(self) -> tuple[int, int] | None:
         """--cache-size as (H, W) pixels; None: chosen from --image-size."""
         return parse_hw(self.cache_size, "--cache-size") if self.cache_size else None
@@ -191,6 +202,13 @@ class TrainConfig:
             raise UserError(f"--fold {self.fold}: official folds are 1..5 (0: use --split-ratio)")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction {self.val_fraction}: must lie in [0, 1)")
+        if self.folds:
+            parse_folds(self.folds)
+            if self.fold:
+                raise UserError(f"--folds {self.folds} with --fold {self.fold}: --folds already trains each fold it lists "
+                                f"(as --fold N); give one of them")
+            if self.split_file:
+                raise UserError(f"--folds {self.folds} with --split-file: a split file fixes one split; drop one of them")
         # optimizer and schedule
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise UserError(f"--nesterov needs --optimizer sgd with a positive --momentum "
@@ -245,6 +263,26 @@ def parse_split_ratio(text) -> tuple[int, int, int]:
         raise UserError(f"--split-ratio {text!r}: give three whole percentages train:val:test summing to 100, "
                         f"e.g. 70:10:20 or 60:10:30")
     return r  # type: ignore[return-value]
+
+
+def parse_folds(text: str) -> tuple[int, ...]:
+    """'1-5', '1,2,3,4,5', '2-4', '1-2,5' or '3' -> the official fold numbers (1..5), ascending, each once."""
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            ends = [int(v) for v in part.split("-")]  # int() refuses '' ('1-', '-3') and words
+            if len(ends) > 2:
+                raise ValueError
+            a, b = ends[0], ends[-1]
+            if not 1 <= a <= b <= 5:
+                raise ValueError
+            out += range(a, b + 1)
+    except ValueError:
+        out = []
+    if not out or len(set(out)) != len(out):
+        raise UserError(f"--folds {text!r}: give official folds 1..5, each once, as a list or ascending ranges, "
+                        f"e.g. 1-5, 1,2,3,4,5, 2-4 or 3")
+    return tuple(sorted(out))
 
 
 def parse_hw(text: str, flag: str) -> tuple[int, int]:

@@ -99,24 +99,30 @@ def check_data(prep: Prepared, cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None = None,
-        data: Prepared | None = None, progress: bool = True, resume: bool = False, repeats: dict | None = None) -> dict:
+        data: Prepared | None = None, progress: bool = True, resume: bool = False, repeats: dict | None = None,
+        cv: dict | None = None) -> dict:
     """Train one run into run_dir and finalize it; returns the metrics dict (as metrics.json).
 
     Everything that can be refused (device, data, model, weights) is built before the folder is
     written to. If anything fails, the folder is not left saying "running": an empty one is removed,
     a started one is marked failed with the message (runs.abandon). Ctrl-C marks it interrupted, or
     removes it when no epoch was saved. "finished" is written last, after the scoring.
+    repeats / cv: the record of the --seeds / --folds call this run is one of (runs.start_run).
+    A config with --folds is several runs: expand it with cfg.per_fold() first.
     """
+    if cfg.folds:
+        raise ValueError(f"fit() trains one run; expand folds {cfg.folds!r} with cfg.per_fold() first")
     run_dir = Path(run_dir)
     try:
-        return _fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=progress, resume=resume, repeats=repeats)
+        return _fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=progress, resume=resume, repeats=repeats,
+                    cv=cv)
     except Exception as e:
         runs.abandon(run_dir, e)
         raise
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
-         progress: bool, resume: bool, repeats: dict | None) -> dict:
+         progress: bool, resume: bool, repeats: dict | None, cv: dict | None) -> dict:
     device = preflight(cfg)
     cfg = with_inputs(cfg)
     seed_everything(cfg.seed)
@@ -153,7 +159,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     history: list[dict] = []
     best, best_epoch, start, stale = None, 0, 1, 0
     if not resume:
-        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats)
+        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats, cv=cv)
     else:
         runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
         st = runs.load_state(run_dir / "last.pt")

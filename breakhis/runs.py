@@ -1,7 +1,8 @@
 """Run folders: create them (never reusing one), write their files atomically, read them back.
 
 A run folder is self-describing (results/<name>/):
-  config.json       the resolved TrainConfig plus environment (versions, git commit, device)
+  config.json       the resolved TrainConfig plus environment (versions, git commit, device), and
+                    "_repeats" (train.py --seeds) or "_cv" (train.py --folds) when it is one of several
   split.json        the patient split manifest the run used
   status.json       one of STATUSES, the last epoch done, a message
   history.csv       one row per epoch
@@ -54,20 +55,32 @@ def check_results(results: str | Path) -> None:
         raise UserError(f"--results {p}: cannot write in {existing} (permission denied); give a folder you can write")
 
 
+def check_new(results: str | Path, name: str) -> Path:
+    """results/name, refused if it exists (finished runs are never overwritten); nothing is created."""
+    check_name(name)
+    path = Path(results) / name
+    if path.exists():
+        raise UserError(f"run folder {path} already exists; finished runs are never overwritten: "
+                        f"choose another --name, or continue it with --resume {path}")
+    return path
+
+
+def label_of(backbone: str) -> str:
+    """The backbone as part of a folder name: timm:hf-hub:ORG/REPO -> timm-hf-hub-ORG-REPO."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone)
+
+
 def new_run_dir(results: str | Path, name: str | None, backbone: str) -> Path:
     """Create and return a fresh run folder; an explicit name that exists is refused."""
     results = Path(results)
     check_name(name)
     if name:
-        path = results / name
-        if path.exists():
-            raise UserError(f"run folder {path} already exists; finished runs are never overwritten: "
-                            f"choose another --name, or continue it with --resume {path}")
+        path = check_new(results, name)
         path.mkdir(parents=True)
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
-        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", backbone)  # timm:hf-hub:ORG/REPO -> timm-hf-hub-ORG-REPO
+        label = label_of(backbone)
         path = results / (f"{stamp}-{label}" + (f"-{i}" if i else ""))
         try:
             path.mkdir(parents=True)
@@ -98,14 +111,16 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def start_run(run_dir: Path, cfg: TrainConfig, manifest: dict, device: torch.device,
-              repeats: dict | None = None) -> None:
+              repeats: dict | None = None, cv: dict | None = None) -> None:
     """Write config.json and split.json: from here on the folder is a (not yet finished) run.
 
     repeats: for one of the runs of `train.py --seeds`, {"id", "seeds", "resplit"}: the logbook pools
-    runs on different test splits only when they share this record with resplit true."""
+    runs on different test splits only when they share this record with resplit true.
+    cv: for one of the runs of `train.py --folds` (or a tune trial with --folds), {"id", "folds", "name"}:
+    the logbook shows the runs that share this record as one cross-validation row."""
     write_json(run_dir / "split.json", manifest)
     write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device),
-                                         **({"_repeats": repeats} if repeats else {})})
+                                         **({"_repeats": repeats} if repeats else {}), **({"_cv": cv} if cv else {})})
     set_status(run_dir, RUNNING, epoch=0)
 
 

@@ -102,6 +102,10 @@ def test_ruff_is_clean():
     (["--class-weights", "0.5,0.3,0.2"], "one positive weight per class"),
     (["--lr", "nan"], "--lr nan"),
     (["--weight-decay", "-1"], "--weight-decay -1.0"),
+    (["--folds", "0-9"], "--folds '0-9': give official folds 1..5"),
+    (["--folds", "3-1"], "--folds '3-1'"),
+    (["--folds", "1-3", "--fold", "2"], "--folds 1-3 with --fold 2"),
+    (["--folds", "1-5", "--seeds", "0,1"], "--folds 1-5 with --seeds/--resplit is not supported"),
 ])
 def test_bad_settings_fail_before_torch_data_or_folder(flags, words, tmp_path):
     """train.py refuses a bad setting in one line, exit 2, before importing torch, reading the tree or

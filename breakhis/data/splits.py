@@ -246,6 +246,14 @@ def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0
                group: str = "patient", links=()) -> dict:
     """Manifest of an official fold (1..5); validation units are carved out of the fold's train side.
 
+    The official folds (Spanhol et al. 2016; Folds.csv with fold,mag,filename,grp, every fold listing
+    every image, or mkfold/dsfold<N>.txt) are five independent random 70/30 patient splits, not a
+    partition: each fold is read on its own here, and a patient is on the test side of some folds and
+    the train side of others. So the test predictions of the folds' runs, pooled, are each held out
+    for the model that made it, but not one prediction per image and not independent: a patient may
+    have rows from several folds (compare.py's cross-validation row resamples patients with all their
+    rows together).
+
     A fold file that puts one patient (accession, with group='accession') on both sides is a UserError:
     training on it would leak. Images the file does not list are left out (counted in "unlisted").
     links (near-duplicate patients) keep together when val is carved; pairs the fold file itself puts on

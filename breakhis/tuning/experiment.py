@@ -1,8 +1,14 @@
 """A Ray Tune experiment: its settings (tune.json), the trial, Ray, the Tuner, the live progress line.
 
 An experiment lives in results/tune/<name>/: Ray's experiment state and trial folders, tune.json
-(what --resume continues), runs/<trial_id>/ (one normal run folder per trial, written by fit),
-trials.csv and best.json (results.py, which reads what this module leaves; nothing here imports it).
+(what --resume continues), runs/<trial_id>/ (one normal run folder per trial, written by fit; with
+--folds, one per fold: runs/<trial_id>/fold<N>/), trials.csv and best.json (results.py, which reads
+what this module leaves; nothing here imports it).
+
+With --folds every trial trains each listed fold in turn (one run each, as train.py --folds) and
+reports once, after the last fold: the tuned metric is the mean over folds of each fold's best
+validation value (fold_mean). ASHA therefore cannot stop such a trial early, and a search costs
+samples x folds full runs.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +97,9 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
     # a trial keeps its best checkpoint by the tuned metric, unless a setting says otherwise
     select = {"select": metric} if metric in SELECT_METRICS else {}
     base = {**select, **space.base, **flags}
+    if "folds" in space.space:
+        raise UserError(f"{space.path}: SPACE samples 'folds'; --folds is a setting of the whole search: "
+                        f"give it as a flag (tune.py --folds 1-5) or in BASE")
     max_epochs = make_config(base).epochs if max_epochs is None else max_epochs
     if max_epochs < 1:
         raise UserError(f"--max-epochs {max_epochs}: must be at least 1")
@@ -112,12 +122,17 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
 
 # --- the trial (runs in a Ray worker) ---------------------------------------------------------
 
-def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) -> None:
-    """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch."""
+def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, metric: str = "val_acc",
+          mode: str = "max") -> None:
+    """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch; with
+    --folds, one fit() per fold into runs/<trial_id>/fold<N>/, reporting the mean over folds once."""
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
     node = ray.get_runtime_context().get_node_id()  # which Ray node ran it: trials.csv shows the spread
-    if runs.status_of(run_dir) == runs.FINISHED and (run_dir / "metrics.json").is_file():
+    if cfg.folds:
+        fold_trial(cfg, run_dir, node, metric, mode)
+        return
+    if finished(run_dir):
         # finished on disk although Ray did not see it end (Ctrl-C as it finished): report it, never retrain
         rows = read_csv(run_dir / "history.csv")
         last = {k: v if number(v) is None else float(v) for k, v in rows[-1].items()} if rows else {}
@@ -126,12 +141,7 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
         tune.report({**last, "run": str(run_dir), "node": node,
                      **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
         return
-    resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
-    if run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)  # this trial's own folder from a start that never finished an epoch
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_cfg = dataclasses.replace(cfg, split_file=str(run_dir / "split.json")) if resume else cfg
-    data = prepare(data_cfg, progress=False)  # warm: the driver built the cache
+    resume, data = start_trial_run(cfg, run_dir)
     last: dict = {}
 
     def on_epoch(row: dict) -> None:
@@ -144,6 +154,52 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str) ->
     metrics = fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=False, resume=resume)
     if last:
         tune.report({**last, **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
+
+
+def finished(run_dir: Path) -> bool:
+    return runs.status_of(run_dir) == runs.FINISHED and (run_dir / "metrics.json").is_file()
+
+
+def start_trial_run(cfg: TrainConfig, run_dir: Path):
+    """(resume, data) for a trial's run folder: an interrupted one continues from its last.pt on its own
+    split.json; one that never finished an epoch is removed and starts again."""
+    resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
+    if run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)  # this trial's own folder from a start that never finished an epoch
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_cfg = dataclasses.replace(cfg, split_file=str(run_dir / "split.json")) if resume else cfg
+    return resume, prepare(data_cfg, progress=False)  # warm: the driver built the cache
+
+
+def fold_mean(values: list[list], mode: str) -> float | None:
+    """The mean over folds of each fold's best value (per-epoch values of the tuned metric, best by mode);
+    None when a fold has no value: a trial is scored on every fold or not at all."""
+    best = [best_value(v, mode) for v in values]
+    return None if not best or any(b is None for b in best) else float(sum(best) / len(best))
+
+
+def fold_runs(trial_dir: Path) -> list[Path]:
+    """The fold run folders of a --folds trial (runs/<trial_id>/fold<N>/), in fold order; [] for other trials."""
+    return sorted((p for p in trial_dir.glob("fold[1-5]") if runs.is_run(p)), key=lambda p: p.name) \
+        if trial_dir.is_dir() else []
+
+
+def fold_trial(cfg: TrainConfig, trial_dir: Path, node: str, metric: str, mode: str) -> None:
+    """Every fold of cfg.folds trained in turn (finished folds kept, an interrupted one continued); one report."""
+    cv = {"id": trial_dir.name, "folds": list(cfg.fold_list()), "name": trial_dir.name}
+    values, tests, t0 = [], [], time.perf_counter()
+    for fold_cfg in cfg.per_fold():
+        run_dir = trial_dir / f"fold{fold_cfg.fold}"
+        if finished(run_dir):
+            metrics = read_json(run_dir / "metrics.json") or {}
+        else:
+            resume, data = start_trial_run(fold_cfg, run_dir)
+            metrics = fit(fold_cfg, run_dir, data=data, progress=False, resume=resume, cv=cv)
+        values.append([number(h.get(metric)) for h in read_csv(run_dir / "history.csv")])
+        tests.append(test_scalars(metrics))
+    keys = [k for k in TEST_KEYS if all(k in t for t in tests)]
+    tune.report({"epoch": cfg.epochs, metric: fold_mean(values, mode), "folds": len(values), "run": str(trial_dir),
+                 "node": node, "seconds": time.perf_counter() - t0, **{f"test_{k}": sum(t[k] for t in tests) / len(tests) for k in keys}})
 
 
 def trial_dirname(trial) -> str:
@@ -190,7 +246,8 @@ def make_tuner(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool, ca
     """A new Tuner for the experiment, or the interrupted one restored from exp_dir."""
     space = load_space(setup.space)
     trainable = tune.with_resources(
-        tune.with_parameters(trial, base=setup.base, presets=space.presets, exp_dir=str(exp_dir), cwd=setup.cwd),
+        tune.with_parameters(trial, base=setup.base, presets=space.presets, exp_dir=str(exp_dir), cwd=setup.cwd,
+                             metric=setup.metric, mode=setup.mode),
         resources)
     if resume:
         # errored trials stay failed (their error is a property of their settings); unfinished ones continue

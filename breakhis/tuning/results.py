@@ -3,22 +3,26 @@
 trials.csv  one row per trial: its sampled settings, status (runs.STATUSES: finished, stopped = cut
             by ASHA, failed, interrupted = left by Ctrl-C), epochs run, stopped_early, the best
             validation value of the tuned metric, the test metrics of its best checkpoint, its run
-            folder, the Ray node id it last ran on, its error
+            folder, the Ray node id it last ran on, its error. With --folds: the mean over folds of
+            each fold's best validation value and of its test metrics, "folds", and the trial folder
+            (runs/<trial_id>/, holding fold<N>/; evaluate.py shows it as one cross-validation row)
 best.json   {"config": the best trial's resolved TrainConfig, "metric", "mode", "value", "run", "trial"};
             `python train.py --config best.json` retrains it
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rich.table import Table
 
 from .. import runs
+from ..config import make_config
 from ..errors import UserError
 from ..io import number, read_csv, read_json, write_csv, write_json
 from ..predict import finalize
 from ..report import fmt, show
-from .experiment import TEST_KEYS, Setup, best_value, short_error
+from .experiment import TEST_KEYS, Setup, best_value, fold_mean, fold_runs, short_error
 
 TABLE_TEST = (("accuracy", "test acc"), ("f1", "test F1"), ("auroc", "test AUROC"))
 SCORED = (runs.FINISHED, runs.STOPPED)  # trials whose best checkpoint was scored on val and test
@@ -40,8 +44,12 @@ def finalize_stopped(run_dir: Path, epochs: int, max_epochs: int) -> str:
 def collect(pairs: list, setup: Setup, exp_dir: Path) -> list[dict]:
     """One row per trial from Ray's saved trials and the trials' run folders."""
     rows = []
+    folds = len(make_config(setup.base).fold_list())  # --folds is a setting of the whole search (make_setup)
     for t, res in pairs:
         run_dir = exp_dir / "runs" / t.trial_id
+        if folds:
+            rows.append(collect_folds(t, res, setup, run_dir, folds))
+            continue
         history = read_csv(run_dir / "history.csv")
         epochs = int(history[-1]["epoch"]) if history else 0
         run_status = runs.status_of(run_dir) if run_dir.is_dir() else None
@@ -69,6 +77,42 @@ def collect(pairs: list, setup: Setup, exp_dir: Path) -> list[dict]:
     return rows
 
 
+def collect_folds(t, res, setup: Setup, trial_dir: Path, want: int) -> dict:
+    """The trials.csv row of a --folds trial: mean over folds of each fold's best validation value and of
+    its test metrics; finished only when every fold finished (the trial reports once, after the last)."""
+    dirs = fold_runs(trial_dir)
+    histories = [read_csv(d / "history.csv") for d in dirs]
+    done = [d for d in dirs if runs.status_of(d) == runs.FINISHED and (d / "metrics.json").is_file()]
+    error = short_error(res.error) if t.status == "ERROR" else ""
+    if t.status == "ERROR":
+        status = runs.FAILED
+    elif t.status != "TERMINATED" or len(done) < want:
+        status = runs.INTERRUPTED
+    else:
+        status = runs.FINISHED
+    tests = [(read_json(d / "metrics.json") or {}).get("test") or {} for d in done] if status == runs.FINISHED else []
+    mean = {k: sum(x[k] for x in tests) / len(tests) for k in TEST_KEYS
+            if tests and all(isinstance(x.get(k), (int, float)) for x in tests)}
+    return {
+        "trial": t.trial_id, **{k: show(v, 200) for k, v in (t.config or {}).items()},
+        "status": status, "epochs": min((int(h[-1]["epoch"]) for h in histories if h), default=0),
+        "stopped_early": False, "folds": ",".join(d.name[4:] for d in dirs),
+        f"best_{setup.metric}": fold_mean([[number(r.get(setup.metric)) for r in h] for h in histories], setup.mode)
+        if status == runs.FINISHED else None,
+        "best_epoch": None, **{f"test_{k}": mean.get(k) for k in TEST_KEYS},
+        "run": str(trial_dir) if trial_dir.is_dir() else "", "node": ((res.metrics if res else None) or {}).get("node", ""),
+        "error": error}
+
+
+def best_config(run: Path) -> dict:
+    """The config that retrains a trial: its run's, or for a --folds trial its first fold's with --folds again."""
+    if runs.is_run(run):
+        return runs.load_config(run).to_dict()
+    dirs = fold_runs(run)
+    folds = ",".join(d.name[4:] for d in dirs)
+    return dataclasses.replace(runs.load_config(dirs[0]), fold=0, folds=folds).validate().to_dict()
+
+
 def pick_best(rows: list[dict], setup: Setup) -> dict | None:
     key = f"best_{setup.metric}"
     ok = [r for r in rows if r["status"] in SCORED and r[key] is not None]
@@ -82,9 +126,8 @@ def write_results(exp_dir: Path, rows: list[dict], setup: Setup) -> dict | None:
     write_csv(exp_dir / "trials.csv", rows)
     best = pick_best(rows, setup)
     if best and not any(r["status"] == runs.INTERRUPTED for r in rows):
-        cfg = runs.load_config(Path(best["run"]))
         write_json(exp_dir / "best.json", {
-            "config": cfg.to_dict(), "metric": setup.metric, "mode": setup.mode,
+            "config": best_config(Path(best["run"])), "metric": setup.metric, "mode": setup.mode,
             "value": best[f"best_{setup.metric}"], "run": best["run"], "trial": best["trial"]})
     return best
 
