@@ -7,6 +7,7 @@
     python evaluate.py results/<run> --export model.pt2     # torch.export program for deployment
     python evaluate.py results/<run> --model model.pt2      # evaluate with that exported program
     python evaluate.py results/<run> --cam 8                # Grad-CAM overlays of 8 test images
+    python evaluate.py results/<run> --calibrate --save-temperature   # temperature scaling fitted on val
     python evaluate.py results/ --sort auroc --markdown logbook.md   # the logbook: all runs compared
 
 The model is rebuilt from model.safetensors and config.json; the split from split.json.
@@ -26,7 +27,7 @@ from breakhis.errors import UserError, guard
 from breakhis.metrics import check_threshold_rule
 
 BY = ("magnification", "subtype", "patient")
-MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam")  # options that need one run's model
+MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam", "calibrate")  # options that need one run's model
 
 
 def parse(argv):
@@ -50,6 +51,10 @@ def parse(argv):
                          "exported itself, by SHA-256, unless --trust-model)")
     ap.add_argument("--trust-model", action="store_true",
                     help="load --model even if this run did not export it: loading a .pt2 file can run code stored in it")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit temperature scaling on the run's validation predictions; show the test figures before and after")
+    ap.add_argument("--save-temperature", action="store_true",
+                    help="with --calibrate: save the temperature in RUN/calibration.json; later evaluations and --export use it")
     ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images")
     ap.add_argument("--sort", default="accuracy", help="compare: metric that ranks the runs")
     ap.add_argument("--csv", metavar="FILE", help="compare: write the table as CSV")
@@ -62,6 +67,13 @@ def parse(argv):
     if a.boot < 1:
         raise UserError(f"--n-boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
     check_threshold_rule(a.threshold)
+    if a.save_temperature and not a.calibrate:
+        raise UserError("--save-temperature saves the temperature --calibrate fits: add --calibrate")
+    if a.calibrate and a.data:
+        raise UserError(f"--calibrate with --data {a.data}: the temperature is fitted on the run's own validation "
+                        f"split, which another tree does not have; calibrate without --data")
+    if a.calibrate and a.part != "test":
+        raise UserError("--calibrate reports the test partition (the temperature is fitted on val): drop --part val")
     if a.cam < 0:
         raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
     return a
@@ -105,7 +117,8 @@ def main(argv=None) -> int:
                         f"{paths[0]} is one run: give more runs (e.g. results/), or use --json for this one")
     out = evaluate_run(paths[0], part=a.part, tta=a.tta, threshold=a.threshold, data=a.data, device=a.device,
                        by=a.by, n_boot=a.boot, boot_seed=a.boot_seed, model_file=a.model, trust_model=a.trust_model, export=a.export,
-                       cam=a.cam, include_seen=a.include_seen)
+                       cam=a.cam, include_seen=a.include_seen, calibrate=a.calibrate,
+                       save_temperature=a.save_temperature)
     if a.json:
         print(json.dumps(out))
         return 0
@@ -113,7 +126,14 @@ def main(argv=None) -> int:
         report.console.print(f"wrote {out['export']} (torch.export program; load with "
                              f"torch.export.load(path).module())")
     title = f"Model Evaluation: {Path(out['run']).name} ({out['split']}" + (", TTA" if out["tta"] else "") + ")"
-    report.console.print(report.evaluation_table(out, split=out["split"], title=title))
+    if out.get("calibration"):
+        report.console.print(report.calibration_table(out, title=title.replace("Model Evaluation", "Calibration")))
+        c = out["calibration"]
+        report.console.print(f"wrote {Path(out['run']) / 'calibration.json'} (T = {c['temperature']:.4g}); later evaluations "
+                             f"and --export use it" if c["saved"] else
+                             f"not saved: add --save-temperature to use T = {c['temperature']:.4g} from now on")
+    else:
+        report.console.print(report.evaluation_table(out, split=out["split"], title=title))
     if out.get("left_out"):
         lo = out["left_out"]
         report.console.print(f"left out: {lo['images']} images of {lo['patients']} patients ({lo['why']})")
