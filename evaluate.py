@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from breakhis.calibration import check_options
 from breakhis.errors import UserError, guard
 from breakhis.metrics import check_threshold_rule
 
@@ -67,13 +68,7 @@ def parse(argv):
     if a.boot < 1:
         raise UserError(f"--n-boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
     check_threshold_rule(a.threshold)
-    if a.save_temperature and not a.calibrate:
-        raise UserError("--save-temperature saves the temperature --calibrate fits: add --calibrate")
-    if a.calibrate and a.data:
-        raise UserError(f"--calibrate with --data {a.data}: the temperature is fitted on the run's own validation "
-                        f"split, which another tree does not have; calibrate without --data")
-    if a.calibrate and a.part != "test":
-        raise UserError("--calibrate reports the test partition (the temperature is fitted on val): drop --part val")
+    check_options(a.calibrate, a.save_temperature, a.data, a.part)
     if a.cam < 0:
         raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
     return a

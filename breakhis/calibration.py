@@ -34,12 +34,24 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from . import metrics as M
+from .errors import UserError
 
 N_BINS = 15
 T_RANGE = (0.01, 1000.0)  # the temperatures searched; a fitted T at either end is reported as such (at_limit)
 # float32 softmax (the engine's) underflows to 0 below ~1e-45: log p is floored there, the largest
 # log-probability gap a float32 model can show (~103), rather than -inf
 FLOOR = 1e-45
+
+
+def check_options(calibrate: bool, save_temperature: bool, data: str | None, part: str) -> None:
+    """evaluate.py's calibration flags, checked before any model is loaded: a UserError for a bad combination."""
+    if save_temperature and not calibrate:
+        raise UserError("--save-temperature saves the temperature --calibrate fits: add --calibrate")
+    if calibrate and data:
+        raise UserError(f"--calibrate with --data {data}: the temperature is fitted on the run's own validation "
+                        f"split, which another tree does not have; calibrate without --data")
+    if calibrate and part != "test":
+        raise UserError("--calibrate reports the test partition (the temperature is fitted on val): drop --part val")
 
 
 def _bins(y, p, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -238,13 +238,8 @@ def apply_temperature(ev: dict, temperature: float | None, cfg: TrainConfig) -> 
     return {**ev, "probs": probs, "loss": float(loss_fn(log_p, torch.from_numpy(np.asarray(ev["labels"])).long()))}
 
 
-def check_calibrate(task: str, data: str | None, part: str) -> None:
-    """--calibrate needs the run's own validation split and reports the test partition, binary task only."""
-    if data:
-        raise UserError(f"--calibrate with --data {data}: the temperature is fitted on the run's own validation "
-                        f"split, which another tree does not have; calibrate without --data")
-    if part != "test":
-        raise UserError("--calibrate reports the test partition (the temperature is fitted on val): drop --part val")
+def check_calibrate(task: str) -> None:
+    """--calibrate: the binary task only (evaluate.py's other rules: calibration.check_options)."""
     if task != "binary":
         raise UserError(f"--calibrate: the {task} task is not supported (calibration figures are those of the "
                         f"malignant probability); calibrate a binary run")
@@ -311,8 +306,9 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     """
     run_dir = runs.check_run(run_dir)
     cfg = runs.load_config(run_dir)
+    C.check_options(calibrate, save_temperature, data, part)
     if calibrate:
-        check_calibrate(cfg.task, data, part)
+        check_calibrate(cfg.task)
     if export:
         check_export_name(export)
     saved_t = run_temperature(run_dir)
