@@ -297,3 +297,12 @@ def test_subtype_run_and_damaged_calibration_file_are_refused(run, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "calibration.json: damaged" in err and len(err.splitlines()) == 1
     assert math.isfinite(read_json(run / "metrics.json")["test"]["ece"])
+
+
+def test_calibrate_applies_to_one_run_not_to_the_logbook(run, tmp_path, capsys):
+    shutil.copytree(run, tmp_path / "runs" / "a")
+    shutil.copytree(run, tmp_path / "runs" / "b")
+    assert guard(evaluate.main, [str(tmp_path / "runs"), "--calibrate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--calibrate" in err and "single run" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs" / "a" / "calibration.json").exists()
