@@ -8,6 +8,7 @@
     python evaluate.py results/<run> --model model.pt2      # evaluate with that exported program
     python evaluate.py results/<run> --cam 8                # Grad-CAM overlays of 8 test images
     python evaluate.py results/<run> --images new/ 'more/*.tif' --cam 4   # score new images: a CSV, no metrics
+    python evaluate.py results/<run> --calibrate --save-temperature   # temperature scaling fitted on val
     python evaluate.py results/ --sort auroc --markdown logbook.md   # the logbook: all runs compared
 
 The model is rebuilt from model.safetensors and config.json; the split from split.json.
@@ -25,14 +26,16 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from breakhis.calibration import check_options
 from breakhis.data.images import find_images
 from breakhis.errors import UserError, guard
 from breakhis.metrics import check_threshold_rule
 
 BY = ("magnification", "subtype", "patient")
-MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam", "images")  # options that need one run's model
+MODEL_FLAGS = ("tta", "data", "by", "export", "model", "cam", "images", "calibrate")  # options that need one run's model
 # options of a partition's evaluation or of the logbook, meaningless for unlabelled new images
-NOT_WITH_IMAGES = ("part", "data", "include_seen", "by", "export", "model", "trust_model", "csv", "markdown")
+NOT_WITH_IMAGES = ("part", "data", "include_seen", "by", "export", "model", "trust_model", "csv", "markdown", "calibrate",
+                   "save_temperature")
 
 
 def parse(argv):
@@ -62,6 +65,10 @@ def parse(argv):
                          "and write a CSV of probabilities and predictions; no metrics (they carry no labels)")
     ap.add_argument("--out", metavar="FILE.csv", help="with --images: the CSV to write (default RUN/scores/<time>.csv; "
                                                       "an existing file is never overwritten)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="fit temperature scaling on the run's validation predictions; show the test figures before and after")
+    ap.add_argument("--save-temperature", action="store_true",
+                    help="with --calibrate: save the temperature in RUN/calibration.json; later evaluations and --export use it")
     ap.add_argument("--sort", default="accuracy", help="compare: metric that ranks the runs")
     ap.add_argument("--csv", metavar="FILE", help="compare: write the table as CSV")
     ap.add_argument("--markdown", metavar="FILE", help="compare: write the table as Markdown")
@@ -73,6 +80,7 @@ def parse(argv):
     if a.boot < 1:
         raise UserError(f"--n-boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
     check_threshold_rule(a.threshold)
+    check_options(a.calibrate, a.save_temperature, a.data, a.part)
     if a.cam < 0:
         raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
     if a.out and not a.images:
@@ -151,7 +159,8 @@ def main(argv=None) -> int:
                         f"{paths[0]} is one run: give more runs (e.g. results/), or use --json for this one")
     out = evaluate_run(paths[0], part=a.part, tta=a.tta, threshold=a.threshold, data=a.data, device=a.device,
                        by=a.by, n_boot=a.boot, boot_seed=a.boot_seed, model_file=a.model, trust_model=a.trust_model, export=a.export,
-                       cam=a.cam, include_seen=a.include_seen)
+                       cam=a.cam, include_seen=a.include_seen, calibrate=a.calibrate,
+                       save_temperature=a.save_temperature)
     if a.json:
         print(json.dumps(out))
         return 0
@@ -159,7 +168,14 @@ def main(argv=None) -> int:
         report.console.print(f"wrote {out['export']} (torch.export program; load with "
                              f"torch.export.load(path).module())")
     title = f"Model Evaluation: {Path(out['run']).name} ({out['split']}" + (", TTA" if out["tta"] else "") + ")"
-    report.console.print(report.evaluation_table(out, split=out["split"], title=title))
+    if out.get("calibration"):
+        report.console.print(report.calibration_table(out, title=title.replace("Model Evaluation", "Calibration")))
+        c = out["calibration"]
+        report.console.print(f"wrote {Path(out['run']) / 'calibration.json'} (T = {c['temperature']:.4g}); later evaluations "
+                             f"and --export use it" if c["saved"] else
+                             f"not saved: add --save-temperature to use T = {c['temperature']:.4g} from now on")
+    else:
+        report.console.print(report.evaluation_table(out, split=out["split"], title=title))
     if out.get("left_out"):
         lo = out["left_out"]
         report.console.print(f"left out: {lo['images']} images of {lo['patients']} patients ({lo['why']})")

@@ -355,6 +355,30 @@ def _logit_t(estimate: float, boots: np.ndarray, units: int, n_pat: int, alpha: 
     return (1 / (1 + math.exp(-(centre - half))), 1 / (1 + math.exp(-(centre + half))))
 
 
+def smooth_interval(estimate: float, boots: np.ndarray, jack: np.ndarray, units: int, n_pat: int,
+                    alpha: float) -> tuple[float, float]:
+    """The interval of a figure in [0, 1] that is not a ratio of counts (balanced accuracy, F1, AUROC, ECE,
+    Brier...): logit-t with the bootstrap SE (_logit_t); at 0 or 1 (all resamples agree), or with too few
+    patients, BCa from the jackknife values jack (P,); an interval of zero width becomes the Wilson interval
+    of the estimate over `units` patients (the patients that carry the figure)."""
+    lo, hi = _logit_t(estimate, boots, units, n_pat, alpha)
+    if not math.isfinite(lo):
+        lo, hi = _bca(estimate, boots, jack, alpha)
+    if math.isfinite(lo) and hi - lo < 1e-12 and units:
+        lo, hi = wilson(estimate * units, units, alpha)
+    return (lo, hi)
+
+
+def patient_weights(patients, n: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a figure computed from per-patient sums: each image's patient index (N,), the bootstrap
+    multiplicities (B, P) (the very draws bootstrap_ci makes for this seed and these patients) and the
+    jackknife weights (P, P) (all ones, patient j left out in row j). A figure at weights w (P,) is the
+    figure of the images of patient j counted w[j] times."""
+    names, idx = _patient_index(patients, n)
+    n_pat = names.size
+    return idx, _multiplicity(_draws(n_pat, n_boot, seed)), np.ones((n_pat, n_pat)) - np.eye(n_pat)
+
+
 def class_patients(y, patients) -> dict[str, int]:
     """Patients per class (by the majority of their image labels)."""
     y = np.asarray(y)
@@ -365,7 +389,7 @@ def class_patients(y, patients) -> dict[str, int]:
 
 INTERVAL_METHOD = ("patient-cluster intervals: Wilson (cluster-adjusted, t quantile) for accuracy, precision, "
                    "recall, specificity; logit +- t * bootstrap SE for balanced accuracy, F1, AUROC, AUCPR, "
-                   "patient recognition rate; Wilson for patient accuracy")
+                   "patient recognition rate, ECE, Brier; Wilson for patient accuracy")
 FEW_PATIENTS = 10  # fewer patients than this in a class: the intervals are rough, and the output says so
 
 
@@ -410,11 +434,7 @@ def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | 
             elif k == "patient_accuracy":
                 lo, hi = wilson(point[k] * units, units, alpha)
             else:
-                lo, hi = _logit_t(point[k], dist[k], units, n_pat, alpha)
-                if not math.isfinite(lo):  # 0 or 1 (all resamples agree), or too few patients: BCa, else votes
-                    lo, hi = _bca(point[k], dist[k], jack[k], alpha)
-                if math.isfinite(lo) and hi - lo < 1e-12 and units:
-                    lo, hi = wilson(point[k] * units, units, alpha)
+                lo, hi = smooth_interval(point[k], dist[k], jack[k], units, n_pat, alpha)
             out[k] = (lo, hi)
         return out
     if fn is None:

@@ -8,7 +8,9 @@ RGB, resized to the run's cache size with the 700:460 field aspect, whatever the
 aspect; read that module's docstring for what happens to a square or a tiny image), then goes
 through the run's own evaluation loader (predict.predict_rows: Loader.for_run with the run's
 config, its evaluation view, normalisation and precision) and the run's best checkpoint, so
-what the run applies to its own test images applies here too. `tta`: the 8 dihedral views.
+what the run applies to its own test images applies here too. `tta`: the 8 dihedral views. A
+temperature the run saved (evaluate.py --calibrate --save-temperature: calibration.json) scales
+the probabilities, as it does every later evaluation of the run.
 
 The CSV (atomic; never overwriting a file) has, per file: path, width and height (px, as the
 file holds them), p_<class> for each class, prediction (a class name: for the binary task
@@ -43,7 +45,7 @@ from .device import resolve_device
 from .errors import UserError
 from .io import number, write_csv
 from .loader import DeviceImages
-from .predict import load_run_model, predict, predict_rows, threshold_for
+from .predict import apply_temperature, load_run_model, predict, predict_rows, run_temperature, threshold_for
 from .report import progress_bar
 
 CHUNK = 512  # files decoded and scored together: 150 MB of uint8 fields at the default 256x390
@@ -75,7 +77,7 @@ def cam_folder(csv: Path) -> Path:
 
 
 def run_threshold(rule: str, run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                  tta: bool) -> float:
+                  tta: bool, temperature: float | None = None) -> float:
     """The decision threshold as evaluate.py picks it: a number as given; youden / recall=R chosen on the
     run's validation images, predicted again here (with tta when asked) through the same path as the new
     images, which needs the run's own tree."""
@@ -85,7 +87,8 @@ def run_threshold(rule: str, run_dir: Path, cfg: TrainConfig, model: torch.nn.Mo
         raise UserError(f"--threshold {rule} is chosen on the run's validation images, and the run's tree {cfg.data} "
                         f"is not there: give a number (e.g. --threshold 0.5), or make the tree available")
     prep = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")), progress=False)
-    return threshold_for(rule, run_dir, predict(model, prep, "val", cfg, device, tta=tta), cfg.task)
+    val = apply_temperature(predict(model, prep, "val", cfg, device, tta=tta), temperature, cfg)
+    return threshold_for(rule, run_dir, val, cfg.task)
 
 
 def decide(probs: np.ndarray, task: str, threshold: float) -> np.ndarray:
@@ -136,7 +139,8 @@ def score_images(run_dir: str | Path, paths: Sequence[str], *, threshold: str = 
     model = load_run_model(run_dir, cfg, dev)
     if cam:  # a transformer has no map to explain: say so before scoring, not after
         check_spatial(model, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=dev), cfg.backbone)
-    t = run_threshold(threshold, run_dir, cfg, model, dev, tta)
+    temperature = run_temperature(run_dir)  # saved by evaluate.py --calibrate --save-temperature, or None
+    t = run_threshold(threshold, run_dir, cfg, model, dev, tta, temperature)
     size = field_size(cfg)
 
     probs = np.full((len(paths), len(names)), np.nan)
@@ -149,7 +153,8 @@ def score_images(run_dir: str | Path, paths: Sequence[str], *, threshold: str = 
             ok = np.array([i for i, g in enumerate(got) if g["ok"]], dtype=np.int64)
             if len(ok):
                 images = DeviceImages(pixels, dev, budget_gb=cfg.device_cache_gb)
-                ev = predict_rows(model, images, ok, np.zeros(len(ok), np.int64), cfg, dev, tta=tta)
+                ev = apply_temperature(predict_rows(model, images, ok, np.zeros(len(ok), np.int64), cfg, dev, tta=tta),
+                                       temperature, cfg)
                 probs[start + ev["idx"]] = ev["probs"]
             advance(len(chunk))
     good = np.array([i["ok"] for i in info])
@@ -174,7 +179,8 @@ def score_images(run_dir: str | Path, paths: Sequence[str], *, threshold: str = 
                      **{f"patient_p_{n}": float(v["mean"][c]) if v else "" for c, n in enumerate(names)},
                      "patient_vote": names[v["vote"]] if v else "", "error": inf["error"] or ""})
 
-    result = {"run": str(run_dir), "csv": str(csv), "threshold": t, "tta": tta, "images": len(paths),
+    result = {"run": str(run_dir), "csv": str(csv), "threshold": t, "temperature": temperature, "tta": tta,
+              "images": len(paths),
               "scored": int(good.sum()), "skipped": skipped,
               "counts": {n: int((pred[good] == c).sum()) for c, n in enumerate(names)},
               "patient_votes": {n: sum(v["vote"] == c for v in votes.values()) for c, n in enumerate(names)},

@@ -1,4 +1,4 @@
-"""PNG plots of a run: learning curves, ROC and precision-recall curves, confusion matrix.
+"""PNG plots of a run: learning curves, ROC and precision-recall curves, confusion matrix, reliability diagram.
 
 Figures are built with matplotlib's object API on the Agg canvas (no screen, no pyplot
 state, nothing left open) and saved atomically. A plot without data is skipped.
@@ -14,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from . import calibration
 from .io import atomic_path
 
 DPI = 120
@@ -135,13 +136,41 @@ def confusion_image(path: Path, confusion, class_names: Sequence[str]) -> Path |
     return _save(fig, path)
 
 
+def reliability_diagram(path: Path, y, p, n_bins: int = calibration.N_BINS, title: str = "Reliability diagram") -> Path | None:
+    """Accuracy against mean confidence of each confidence bin (the top-label bins of calibration.ece),
+    the diagonal of perfect calibration, and the images per bin below; None without images."""
+    if len(y) == 0:
+        return None
+    r = calibration.reliability(y, p, n_bins)
+    used = r["count"] > 0
+    width = 1.0 / n_bins
+    centres = r["edges"][:-1] + width / 2
+    fig = _figure(4.6, 5.2)
+    ax, bar = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    ax.bar(centres[used], r["accuracy"][used], width=width, edgecolor="black", linewidth=0.5, alpha=0.7,
+           label="accuracy of the bin")
+    ax.plot(r["confidence"][used], r["accuracy"][used], "o", color="C3", markersize=4, label="(mean confidence, accuracy)")
+    left = float(r["edges"][np.argmax(used)])  # confidences are >= 0.5: the empty left half is not drawn
+    ax.plot([left, 1], [left, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    ax.set(ylabel="accuracy", xlim=(left, 1), ylim=(0, 1.01),
+           title=f"{title}\nECE = {calibration.ece(y, p, n_bins):.3f} ({n_bins} bins), Brier = {calibration.brier(y, p):.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize="small")
+    bar.bar(centres[used], r["count"][used], width=width, edgecolor="black", linewidth=0.5, color="C7")
+    for c, k in zip(centres[used], r["count"][used]):
+        bar.text(c, k, str(k), ha="center", va="bottom", fontsize="x-small")
+    bar.set(xlabel="confidence (probability of the predicted class)", ylabel="images")
+    bar.set_ylim(0, max(r["count"].max() * 1.25, 1))
+    return _save(fig, path)
+
+
 def save_plots(folder, history: list[dict], y=None, p=None, class_names: Sequence[str] = ("benign", "malignant"),
                confusion=None, threshold: float = 0.5) -> list[Path]:
-    """Write learning_curves.png, roc.png, pr.png and confusion.png into folder; returns the paths written.
+    """Write learning_curves.png, roc.png, pr.png, confusion.png and reliability.png into folder; returns the paths written.
 
     history: one dict per epoch (epoch, lr, train_loss, train_acc, val_loss, val_acc, ...;
     numbers or CSV strings). y (N,) 0/1 and p (N,) malignant probabilities give the ROC and
-    PR curves. confusion: a square matrix (rows true, columns predicted); when absent it is
+    PR curves and the reliability diagram. confusion: a square matrix (rows true, columns predicted); when absent it is
     computed from y and p at threshold. Plots without data are skipped.
     """
     folder = Path(folder)
@@ -154,4 +183,6 @@ def save_plots(folder, history: list[dict], y=None, p=None, class_names: Sequenc
             confusion = skm.confusion_matrix(np.asarray(y).astype(int), pred, labels=[0, 1])
     if confusion is not None:
         written.append(confusion_image(folder / "confusion.png", confusion, class_names))
+    if have_scores:
+        written.append(reliability_diagram(folder / "reliability.png", y, p))
     return [w for w in written if w is not None]

@@ -3,6 +3,7 @@
     finalize(run_dir)                          best checkpoint -> metrics.json, predictions.csv, plots/
     evaluate_run(run_dir, part="test", ...)    evaluate.py's figures of one run, from its folder alone
     export_program(model, image_size, device, path)   a torch.export program (.pt2)
+    apply_temperature(ev, T, cfg)              temperature scaling of a prediction set (calibration.json)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import calibration as C
 from . import metrics as M
 from . import plots, runs
 from .cam import save_cams
@@ -45,9 +47,10 @@ class Exported(torch.nn.Module):
     the module tree so that eval() does not reach it.
     """
 
-    def __init__(self, module):
+    def __init__(self, module, temperature: float = 1.0):
         super().__init__()
         object.__setattr__(self, "program", module)
+        self.temperature = temperature  # the T the program already divides its logits by (exports.json)
 
     def train(self, mode: bool = True):
         return self
@@ -56,7 +59,22 @@ class Exported(torch.nn.Module):
         return self.program(x)
 
 
+class Tempered(torch.nn.Module):
+    """model(x) / T: two logits whose softmax is the temperature-scaled probabilities (what --export writes
+    for a calibrated run)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = float(temperature) * getattr(model, "temperature", 1.0)  # in all, from the raw logits
+        self.factor = float(temperature)
+
+    def forward(self, x):
+        return self.model(x) / self.factor
+
+
 EXPORTS = "exports.json"  # in a run folder: SHA-256 -> what evaluate.py --export wrote from this run
+CALIBRATION = "calibration.json"  # in a run folder: the temperature evaluate.py --calibrate --save-temperature fitted
 
 
 def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch.nn.Module:
@@ -69,7 +87,8 @@ def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch
     if not p.is_file():
         raise UserError(f"--model {p}: file not found (write one with evaluate.py RUN --export {p.name})")
     known = read_json(run_dir / EXPORTS) or {}
-    if not trust and sha256_of(p) not in known:
+    digest = sha256_of(p)
+    if not trust and digest not in known:
         raise UserError(f"--model {p}: not an export recorded by {run_dir} ({run_dir / EXPORTS} lacks its SHA-256). "
                         f"Loading a torch.export file can run code stored in it: export it again with "
                         f"evaluate.py {run_dir} --export {p.name}, or pass --trust-model for a file you trust")
@@ -77,7 +96,8 @@ def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch
         program = torch.export.load(str(p))
     except Exception as e:  # a damaged or foreign file: say so in the user's words
         raise UserError(f"--model {p}: not a torch.export program ({type(e).__name__}: {e})") from None
-    return Exported(program.module())
+    # a program this run exported with a temperature divides its logits by it already; any other: 1 (raw logits)
+    return Exported(program.module(), float((known.get(digest) or {}).get("temperature") or 1.0))
 
 
 def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
@@ -131,6 +151,10 @@ def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: in
     else:
         out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot, seed=seed,
                           groups={"magnification": [r.magnification for r in records]})
+        cal = C.summary(y, probs[:, 1], patients, n_boot=n_boot, seed=seed)  # ECE and Brier, intervals alike
+        out.update({k: v for k, v in cal.items() if k != "ci"})
+        if "ci" in cal:
+            out["ci"].update(M.jsonable(cal["ci"]))
     out["loss"] = ev["loss"]
     return out
 
@@ -186,11 +210,20 @@ def _cell(v):
     return v if f is None and v not in ("nan", "inf", "-inf") else float(v)
 
 
-def export_program(model: torch.nn.Module, image_size: int, device: torch.device, path: str | Path,
-                   run_dir: Path | None = None) -> None:
-    """Save the model as a torch.export program taking (B, 3, S, S) float32 normalised images."""
+def check_export_name(path: str | Path) -> None:
     if not str(path).endswith(".pt2"):
         raise UserError(f"--export {path}: the file name must end in .pt2")
+
+
+def export_program(model: torch.nn.Module, image_size: int, device: torch.device, path: str | Path,
+                   run_dir: Path | None = None, temperature: float = 1.0) -> None:
+    """Save the model as a torch.export program taking (B, 3, S, S) float32 normalised images, giving
+    (B, C) logits divided by `temperature` (1: the model's own logits). The run records the file's
+    SHA-256 and the temperature its logits carry in all (an exported program's own included)."""
+    check_export_name(path)
+    if temperature != 1.0:
+        model = Tempered(model, temperature)
+    carried = float(getattr(model, "temperature", 1.0))
     model = model.float().eval()
     x = torch.randn(2, 3, image_size, image_size, device=device)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -200,8 +233,38 @@ def export_program(model: torch.nn.Module, image_size: int, device: torch.device
         digest = sha256_of(tmp)
     if run_dir is not None:  # the run vouches for what it wrote: evaluate.py RUN --model loads it without --trust-model
         known = read_json(run_dir / EXPORTS) or {}
-        write_json(run_dir / EXPORTS, {**known, digest: {"file": str(Path(path).resolve()),
+        write_json(run_dir / EXPORTS, {**known, digest: {"file": str(Path(path).resolve()), "temperature": carried,
                                                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+
+
+def run_temperature(run_dir: Path) -> float | None:
+    """The temperature saved in the run (calibration.json), None when it has none."""
+    saved = read_json(run_dir / CALIBRATION)
+    if saved is None:
+        return None
+    t = saved.get("temperature") if isinstance(saved, dict) else None
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not np.isfinite(t) or t <= 0:
+        raise UserError(f"{run_dir / CALIBRATION}: damaged (temperature {t!r}, need a number > 0); delete it, or "
+                        f"fit it again with evaluate.py {run_dir} --calibrate --save-temperature")
+    return float(t)
+
+
+def apply_temperature(ev: dict, temperature: float | None, cfg: TrainConfig) -> dict:
+    """engine.evaluate's dict with probs softmax(log probs / T) (calibration.scale: the same as dividing the
+    logits by T) and the run's loss recomputed on them; unchanged for None or 1."""
+    if temperature is None or temperature == 1.0 or not len(ev["probs"]):
+        return ev
+    probs = C.scale(ev["probs"], temperature)  # (N, C) float64
+    loss_fn = make_loss(cfg.class_weights, cfg.label_smoothing, torch.device("cpu"))
+    log_p = torch.log(torch.from_numpy(probs).clamp_min(C.FLOOR)).float()  # CE of log p = CE of the logits
+    return {**ev, "probs": probs, "loss": float(loss_fn(log_p, torch.from_numpy(np.asarray(ev["labels"])).long()))}
+
+
+def check_calibrate(task: str) -> None:
+    """--calibrate: the binary task only (evaluate.py's other rules: calibration.check_options)."""
+    if task != "binary":
+        raise UserError(f"--calibrate: the {task} task is not supported (calibration figures are those of the "
+                        f"malignant probability); calibrate a binary run")
 
 
 def threshold_for(rule: str, run_dir: Path, val_ev: dict | None, task: str) -> float:
@@ -249,7 +312,8 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
                  data: str | None = None, device: str | None = None, by: str | None = None, n_boot: int = 1000,
                  boot_seed: int = 0,
                  model_file: str | None = None, trust_model: bool = False, export: str | None = None,
-                 cam: int = 0, include_seen: bool = False) -> dict:
+                 cam: int = 0, include_seen: bool = False, calibrate: bool = False,
+                 save_temperature: bool = False) -> dict:
     """The figures of one run on a partition (or on every image of another tree, `data`), JSON-able.
 
     threshold: a number, youden or recall=R (chosen on the run's validation predictions).
@@ -258,9 +322,18 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     cam: Grad-CAM overlays of that many images into the run's plots/.
     data: images of the run's train/val patients (or pixel copies of theirs) are left out and counted
     (out["left_out"]); include_seen keeps them, and out["not_a_test_figure"] says so.
+    calibrate: fit a temperature on the validation predictions and report the test figures before and
+    after (out["calibration"]); save_temperature writes it to calibration.json. The run's saved
+    temperature (out["temperature"]) applies to every figure and to export.
     """
     run_dir = runs.check_run(run_dir)
     cfg = runs.load_config(run_dir)
+    C.check_options(calibrate, save_temperature, data, part)
+    if calibrate:
+        check_calibrate(cfg.task)
+    if export:
+        check_export_name(export)
+    saved_t = run_temperature(run_dir)
     dev = resolve_device(device or cfg.device)
     cfg = dataclasses.replace(cfg, device=str(dev))
     fixed = number(threshold) is not None
@@ -280,15 +353,25 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     else:
         prep = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")))
     model = load_exported(model_file, run_dir, trust_model) if model_file else load_run_model(run_dir, cfg, dev)
-    if export:
-        export_program(model, cfg.image_size, dev, export, run_dir=run_dir)
-        out["export"] = str(export)
+    if calibrate and not prep.parts["val"]:
+        raise UserError(f"--calibrate: {run_dir} has no validation images to fit the temperature on")
     images = DeviceImages(prep.cache.images, dev, budget_gb=cfg.device_cache_gb)
     part = "test" if data else part
-    val_ev = predict(model, prep, "val", cfg, dev, tta=tta, images=images) if not fixed else None
-    t = threshold_for(threshold, run_dir, val_ev, cfg.task)
-    ev = val_ev if part == "val" and val_ev is not None else predict(model, prep, part, cfg, dev, tta=tta,
-                                                                     images=images)
+    in_model = getattr(model, "temperature", 1.0)  # an exported program's own; undone so that evs hold raw-logit probs
+
+    def run_part(name: str) -> dict:
+        return apply_temperature(predict(model, prep, name, cfg, dev, tta=tta, images=images), 1 / in_model, cfg)
+
+    val_raw = run_part("val") if not fixed or calibrate else None
+    ev_raw = val_raw if part == "val" and val_raw is not None else run_part(part)
+
+    def at(temperature: float | None) -> tuple[dict, float]:  # predictions and threshold at a temperature
+        val = None if val_raw is None else apply_temperature(val_raw, temperature, cfg)
+        return apply_temperature(ev_raw, temperature, cfg), threshold_for(threshold, run_dir, val, cfg.task)
+
+    fitted = C.fit_temperature(val_raw["probs"], val_raw["labels"]) if calibrate else None
+    use = fitted if save_temperature else saved_t
+    ev, t = at(use)
     result = score(ev, prep.parts[part], cfg.task, threshold=t, n_boot=n_boot, seed=boot_seed)
     saved = read_json(run_dir / "metrics.json") or {}
     out.update({"run": str(run_dir), "split": part, "tta": tta, "threshold": t,
@@ -302,4 +385,25 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     if cam:
         written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam)
         out["cam"] = [str(p) for p in written]
+    out["temperature"] = use
+    if calibrate:
+        out["calibration"] = {"temperature": fitted, "at_limit": C.at_limit(fitted), "saved": save_temperature,
+                              "previous": saved_t,
+                              "val_images": len(val_raw["labels"]),
+                              "val_nll": [C.nll(val_raw["labels"], val_raw["probs"]),
+                                          C.nll(val_raw["labels"], C.scale(val_raw["probs"], fitted))]}
+        for name, temperature in (("before", None), ("after", fitted)):
+            e, th = (ev, t) if temperature == use else at(temperature)
+            figures = result if temperature == use else score(e, prep.parts[part], cfg.task, threshold=th,
+                                                              n_boot=n_boot, seed=boot_seed)
+            out["calibration"][name] = {**figures, "nll": C.nll(e["labels"], e["probs"])}
+        if save_temperature:
+            write_json(run_dir / CALIBRATION, jsonable({
+                "temperature": fitted, "fitted_on": "val", "images": len(val_raw["labels"]), "tta": tta,
+                "model": str(model_file) if model_file else "model.safetensors",
+                "val_nll_before": out["calibration"]["val_nll"][0], "val_nll_after": out["calibration"]["val_nll"][1],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    if export:  # after calibration, so that a temperature saved in this same call goes into the program
+        export_program(model, cfg.image_size, dev, export, run_dir=run_dir, temperature=(use or 1.0) / in_model)
+        out["export"] = str(export)
     return jsonable(out)

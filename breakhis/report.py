@@ -121,7 +121,7 @@ class TrainProgress:
 ROWS = [("accuracy", "Test accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("precision", "Precision"),
         ("recall", "Recall (sensitivity)"), ("specificity", "Specificity"), ("f1", "F1"), ("auroc", "AUROC"),
         ("aucpr", "AUCPR"), ("patient_recognition_rate", "Patient recognition rate"),
-        ("patient_accuracy", "Patient accuracy")]
+        ("patient_accuracy", "Patient accuracy"), ("ece", "ECE (15 bins, top-label)"), ("brier", "Brier score")]
 
 
 def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Evaluation") -> Table:
@@ -143,6 +143,8 @@ def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Eva
         t.add_row("Macro F1", fmt_ci(m["macro_f1"], ci.get("macro_f1")))
     if "threshold" in m:
         t.add_row("Threshold", fmt(m["threshold"]))
+    if metrics.get("temperature"):
+        t.add_row("Temperature (calibration.json)", fmt(metrics["temperature"]))
     if "n" in m:
         t.add_row("Images / patients", f"{m['n']} / {m.get('n_patients', '–')}")
     settings = m.get("ci_settings")
@@ -151,6 +153,32 @@ def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Eva
                      f"{settings['method']}")
     for w in m.get("warnings") or ():
         t.add_row("[yellow]warning[/]", f"[yellow]{w}[/]")
+    return t
+
+
+def calibration_table(metrics: dict, split: str = "test", title: str = "Calibration") -> Table:
+    """evaluate.py --calibrate: the figures before and after temperature scaling, side by side."""
+    c = metrics["calibration"]
+    t = Table(title=title, title_style="bold")
+    t.add_column("metric")
+    t.add_column(f"{split}, before (T = 1)", justify="right")
+    t.add_column(f"{split}, after (T = {fmt(c['temperature'])})", justify="right")
+    before, after = c["before"], c["after"]
+    for key, label in [*ROWS, ("nll", "NLL (nats)"), ("loss", "Loss (the run's criterion)")]:
+        if key in before:
+            name = label.replace("Test", split.capitalize()) if key == "accuracy" else label
+            t.add_row(name, fmt_ci(before[key], (before.get("ci") or {}).get(key)),
+                      fmt_ci(after[key], (after.get("ci") or {}).get(key)))
+    t.add_row("Threshold", fmt(before.get("threshold")), fmt(after.get("threshold")))
+    t.add_row("Images / patients", f"{before['n']} / {before.get('n_patients', '–')}", "")
+    settings = before.get("ci_settings")
+    t.caption = (f"T fitted on {c['val_images']} validation images (val NLL {fmt(c['val_nll'][0])} -> "
+                 f"{fmt(c['val_nll'][1])}). Temperature changes no decision at threshold 0.5, and no ranking (AUROC) "
+                 f"except among probabilities that float32 rounded to one value."
+                 + ("\n[yellow]T is at the end of the range searched: the validation probabilities are saturated "
+                    "(0 or 1), and the fit is rough.[/]" if c.get("at_limit") else "")
+                 + (f"\n95% intervals over patients ({settings['resamples']} resamples, seed {settings['seed']})."
+                    if settings else ""))
     return t
 
 

@@ -280,3 +280,22 @@ def test_patient_votes_binary_at_the_threshold_and_subtype_by_mean_argmax():
     q = np.array([[0.3, 0.2, 0.5], [0.3, 0.2, 0.5], [0.95, 0.03, 0.02]])
     w = patient_votes(["c", "c", "c"], q, "subtype", 0.5)
     assert np.allclose(w["c"]["mean"], q.mean(0)) and w["c"]["vote"] == int(np.argmax(q.mean(0))) == 0
+
+
+def test_a_saved_temperature_scales_new_images_as_every_later_evaluation(trained, new_folder, tmp_path, capsys):
+    """calibration.json (evaluate.py --calibrate --save-temperature) applies to new images too:
+    p = softmax(log p_raw / T), computed here with numpy from the run's own predictions.csv."""
+    d, made = new_folder
+    run = tmp_path / "calibrated"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("scores"))
+    (run / "calibration.json").write_text(json.dumps({"temperature": 1.5, "fitted_on": "val"}))
+    out = tmp_path / "t.csv"
+    names = [f"field {k}.png" for k in range(4)]
+    assert guard(evaluate.main, [str(run), "--images", *[str(d / n) for n in names], "--out", str(out)]) == 0
+    rows = scored(out)
+    raw = np.array([[float(made[n]["p_benign"]), float(made[n]["p_malignant"])] for n in names])
+    scaled = raw ** (1 / 1.5)
+    want = scaled / scaled.sum(1, keepdims=True)
+    assert np.abs(want - raw).max() > 1e-3  # the temperature changes these probabilities
+    got = np.array([[float(rows[n]["p_benign"]), float(rows[n]["p_malignant"])] for n in names])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -29,7 +29,7 @@ def test_all_plots_written_as_png(tmp_path):
     y = rng.integers(0, 2, 100)
     p = np.clip(0.4 * y + 0.6 * rng.random(100), 0, 1)
     out = plots.save_plots(tmp_path / "plots", history(), y=y, p=p)
-    assert sorted(f.name for f in out) == ["confusion.png", "learning_curves.png", "pr.png", "roc.png"]
+    assert sorted(f.name for f in out) == ["confusion.png", "learning_curves.png", "pr.png", "reliability.png", "roc.png"]
     for f in out:
         assert f.parent == tmp_path / "plots"
         assert_png(f)
@@ -48,10 +48,11 @@ def test_nothing_written_without_data(tmp_path):
     assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
 
 
-def test_one_class_gives_no_curves_but_a_confusion_matrix(tmp_path):
+def test_one_class_gives_no_curves_but_a_confusion_matrix_and_a_reliability_diagram(tmp_path):
     out = plots.save_plots(tmp_path, [], y=[1, 1, 1], p=[0.2, 0.7, 0.9])
-    assert [f.name for f in out] == ["confusion.png"]
-    assert_png(out[0])
+    assert [f.name for f in out] == ["confusion.png", "reliability.png"]
+    for f in out:
+        assert_png(f)
 
 
 def test_given_multiclass_confusion_is_drawn_and_names_must_match(tmp_path):

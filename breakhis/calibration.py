@@ -1,0 +1,166 @@
+"""Calibration of the binary task: expected calibration error, Brier score, NLL, temperature scaling.
+
+ECE here is the top-label ECE of Guo et al. 2017 ("On calibration of modern neural networks"),
+15 equal-width bins: each image's confidence is the probability of the class it is called
+(max(p, 1 - p) for a malignant probability p; called malignant when p >= 0.5, the house rule),
+its outcome is 1 when that call is right; the confidences are cut at 0, 1/15, ..., 1 into bins
+(lo, hi] (the first [0, 1/15]: scikit-learn's calibration_curve binning), and
+
+    ECE = sum over bins b of (n_b / N) * |accuracy_b - mean confidence_b|.
+
+In terms of the malignant probability, a confidence bin (lo, hi] above 0.5 holds the images with
+p in (lo, hi] and those with p in [1 - hi, 1 - lo): the two mirror bins of p. Confidences lie in
+[0.5, 1], so at most 8 of the 15 bins are used. The Brier score is mean (p - y)^2 of the malignant
+probability (scikit-learn's brier_score_loss); the NLL is mean -log p(true class), natural log.
+
+Intervals: the patient bootstrap of metrics.bootstrap_ci (the same draws for the same seed).
+Both figures are sums over patients, so a resample weights each patient's per-bin sums by how
+often it was drawn; the default interval is logit-t with the bootstrap SE (metrics.smooth_interval),
+method "percentile" the plain percentile interval. Logit-t centres on the estimate, which matters
+for ECE: a resample's ECE is biased upward (noise adds to |acc - conf|), so percentile intervals
+sit too high.
+
+Temperature scaling divides the logits by one scalar T > 0 fitted on validation predictions by
+minimising their NLL. The engine returns probabilities, not logits; log p = logits - logsumexp(logits)
+differs from the logits by a constant per image, which softmax ignores, so softmax(log p / T) is
+exactly softmax(logits / T) and no model needs to run again.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from . import metrics as M
+from .errors import UserError
+
+N_BINS = 15
+T_RANGE = (0.01, 1000.0)  # the temperatures searched; a fitted T at either end is reported as such (at_limit)
+# float32 softmax (the engine's) underflows to 0 below ~1e-45: log p is floored there, the largest
+# log-probability gap a float32 model can show (~103), rather than -inf
+FLOOR = 1e-45
+
+
+def check_options(calibrate: bool, save_temperature: bool, data: str | None, part: str) -> None:
+    """evaluate.py's calibration flags, checked before any model is loaded: a UserError for a bad combination."""
+    if save_temperature and not calibrate:
+        raise UserError("--save-temperature saves the temperature --calibrate fits: add --calibrate")
+    if calibrate and data:
+        raise UserError(f"--calibrate with --data {data}: the temperature is fitted on the run's own validation "
+                        f"split, which another tree does not have; calibrate without --data")
+    if calibrate and part != "test":
+        raise UserError("--calibrate reports the test partition (the temperature is fitted on val): drop --part val")
+
+
+def _bins(y, p, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's bin (N,) in 0..n_bins-1, confidence (N,) and correctness (N,) 0/1 (see the module docstring)."""
+    y, p = M._binary(y, p)
+    conf = np.maximum(p, 1 - p)
+    correct = ((p >= 0.5).astype(np.int64) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], conf), conf, correct  # searchsorted left: bins (lo, hi], as sklearn
+
+
+def reliability(y, p, n_bins: int = N_BINS) -> dict:
+    """The reliability diagram's data: per bin (n_bins,) count, mean confidence and accuracy (nan where
+    empty), and the bin edges (n_bins + 1,). Malignant probabilities p (N,), labels y (N,)."""
+    b, conf, correct = _bins(y, p, n_bins)
+    count = np.bincount(b, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(b, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(b, weights=correct, minlength=n_bins) / count
+    return {"count": count.astype(np.int64), "confidence": mean_conf, "accuracy": accuracy,
+            "edges": np.linspace(0.0, 1.0, n_bins + 1)}
+
+
+def ece(y, p, n_bins: int = N_BINS) -> float:
+    """Top-label expected calibration error (Guo et al. 2017) of malignant probabilities p (N,), in [0, 1]."""
+    b, conf, correct = _bins(y, p, n_bins)
+    return float(np.abs(np.bincount(b, weights=correct - conf, minlength=n_bins)).sum() / b.size)
+
+
+def brier(y, p) -> float:
+    """Brier score: mean (p - y)^2 of the malignant probability, in [0, 1] (lower is better)."""
+    y, p = M._binary(y, p)
+    return float(np.mean((p - y) ** 2))
+
+
+def nll(y, probs) -> float:
+    """Mean negative log-likelihood (nats) of labels y (N,) under class probabilities probs (N, C)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y).astype(np.int64)
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(y.size), y], FLOOR))))
+
+
+def calibration_ci(y, p, patients, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                   method: str = "bca", n_bins: int = N_BINS) -> dict[str, tuple[float, float]]:
+    """Intervals (1 - alpha) of "ece" and "brier" over patients: bootstrap_ci's draws and interval rules.
+
+    method "bca" (bootstrap_ci's default): logit-t with the bootstrap SE, BCa at 0 (metrics.smooth_interval);
+    "percentile": the percentile interval of the resampled figures.
+    """
+    if method not in ("bca", "percentile"):
+        raise ValueError(f"method must be bca or percentile, not {method!r}")
+    b, conf, correct = _bins(y, p, n_bins)
+    y, p = M._binary(y, p)
+    idx, boot_w, jack_w = M.patient_weights(patients, y.size, n_boot, seed)
+    n_pat = boot_w.shape[1]
+    size = np.bincount(idx, minlength=n_pat).astype(np.float64)  # (P,) images per patient
+    sq = np.bincount(idx, weights=(p - y) ** 2, minlength=n_pat)  # (P,) summed squared error
+    gap = np.zeros((n_pat, n_bins))  # (P, K) summed (correct - confidence) per patient and bin
+    np.add.at(gap, (idx, b), correct - conf)
+
+    def figures(w: np.ndarray) -> dict[str, np.ndarray]:  # w (R, P) patient weights -> (R,) each
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n = w @ size
+            return {"ece": np.abs(w @ gap).sum(axis=1) / n, "brier": (w @ sq) / n}
+
+    dist, point = figures(boot_w), figures(np.ones((1, n_pat)))
+    jack = figures(jack_w) if n_pat > 1 else {k: np.zeros(0) for k in dist}
+    if method == "percentile":
+        return {k: M._interval(dist[k][np.isfinite(dist[k])], alpha) for k in dist}
+    return {k: M.smooth_interval(float(point[k][0]), dist[k], jack[k], n_pat, n_pat, alpha) for k in dist}
+
+
+def summary(y, p, patients, n_boot: int = 1000, seed: int = 0) -> dict:
+    """ECE and Brier of one prediction set, with "ci" {ece, brier: (lo, hi)} when n_boot > 0."""
+    out: dict = {"ece": ece(y, p), "brier": brier(y, p), "ece_bins": N_BINS}
+    if n_boot:
+        out["ci"] = calibration_ci(y, p, patients, n_boot=n_boot, seed=seed)
+    return out
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def scale(probs, temperature: float) -> np.ndarray:
+    """softmax(log probs / T) (N, C): the probabilities of logits divided by T (see the module docstring)."""
+    return softmax(np.log(np.maximum(np.asarray(probs, dtype=np.float64), FLOOR)) / temperature, axis=1)
+
+
+def fit_temperature(probs, y) -> float:
+    """The temperature T > 0 minimising the mean NLL of labels y (N,) under softmax(log probs / T), probs (N, C).
+
+    The NLL is convex in 1/T (a log-sum-exp of functions linear in 1/T, minus one of them), so it has
+    one minimum along log T, found by a bounded Brent search over T in T_RANGE (to 1e-6 in log T).
+    """
+    logp = np.log(np.maximum(np.asarray(probs, dtype=np.float64), FLOOR))  # logits up to a per-image constant
+    y = np.asarray(y).astype(np.int64)
+    rows = np.arange(y.size)
+    if y.size == 0:
+        raise ValueError("no predictions to fit a temperature on")
+
+    def loss(log_t: float) -> float:
+        return float(-log_softmax(logp / math.exp(log_t), axis=1)[rows, y].mean())
+
+    res = minimize_scalar(loss, bounds=tuple(math.log(t) for t in T_RANGE), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(math.exp(res.x))
+
+
+def at_limit(temperature: float) -> bool:
+    """True when a fitted temperature sits at an end of T_RANGE: the NLL still fell there (e.g. validation
+    probabilities saturated at 0 and 1 in float32, so log p no longer carries the logits)."""
+    return not T_RANGE[0] * 1.001 < temperature < T_RANGE[1] / 1.001
