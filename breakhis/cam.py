@@ -113,12 +113,13 @@ def _view(x: torch.Tensor, mean_rgb=MEAN, std_rgb=STD) -> np.ndarray:
 
 
 def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_folder: str | Path,
-              n: int) -> list[Path]:
+              n: int, images: DeviceImages | None = None) -> list[Path]:
     """Grad-CAM overlays of n images of one evaluated partition, written as PNG into out_folder.
 
     ev: evaluate() output ("probs" (N, C), "labels" (N,), "idx" (N,) cache positions), its images
     the records of prep.parts in the same order. The class explained is the predicted one.
     Files: cam-01-error-<image name>.png, ... in the order chosen (errors first).
+    images: the run's images (predict.run_images: stain-normalised as in training); default: the raw cache.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -131,7 +132,7 @@ def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_f
     by_position = {int(i): r for part, recs in prep.parts.items() for i, r in zip(prep.positions[part], recs)}
     names = class_names(cfg.task)
     picked = choose(probs, labels, n)
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
     mean, std = cfg.mean or MEAN, cfg.std or STD
     loader = Loader(images, idx[picked], labels[picked], batch_size=16, image_size=cfg.image_size, train=False,
                     channels_last=False, mean=mean, std=std)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from . import plots, runs
+from . import plots, runs, stain
 from .cam import save_cams
 from .config import TrainConfig
 from .data.dataset import class_names
@@ -79,10 +79,20 @@ def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch
     return Exported(program.module())
 
 
+def run_images(run_dir: Path, prep: Prepared, cfg: TrainConfig, device: torch.device) -> DeviceImages:
+    """The decoded fields of prep as the run's model sees them: with the run's own stain
+    normalisation (stain.json) when it was trained with one."""
+    return DeviceImages.for_run(prep.cache.images, cfg, device, stain.load(run_dir, cfg))
+
+
 def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
             *, tta: bool = False, images: DeviceImages | None = None) -> dict:
-    """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict)."""
-    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict).
+
+    images: run_images(...) (needed when the run has a stain normalisation); default: the raw cache."""
+    if images is None and cfg.stain_norm != "none":
+        raise ValueError("a run with --stain-norm needs its normalised images: pass images=run_images(...)")
+    images = images or DeviceImages.for_run(prep.cache.images, cfg, device)
     amp = amp_dtype(cfg.amp, device)
     loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=False,
                             dtype=amp or torch.float32)
@@ -124,14 +134,16 @@ def prediction_rows(ev: dict, records: list, part: str, task: str, threshold: fl
     return rows
 
 
-def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
-    """Score the best checkpoint on val and test; write metrics.json, predictions.csv and plots/."""
+def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True,
+             images: DeviceImages | None = None) -> dict:
+    """Score the best checkpoint on val and test; write metrics.json, predictions.csv and plots/.
+    images: those training used (run_images of the same data), to save normalising them again."""
     run_dir = runs.check_run(run_dir)
     cfg = runs.load_config(run_dir)
     device = resolve_device(cfg.device)
     prep = data or prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")), progress=progress)
     model = load_run_model(run_dir, cfg, device)
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    images = images or run_images(run_dir, prep, cfg, device)
     history = read_csv(run_dir / "history.csv")
     best_rows = [h for h in history if h.get("is_best") == "True"]
     best_epoch = int(best_rows[-1]["epoch"]) if best_rows else None
@@ -261,7 +273,7 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     if export:
         export_program(model, cfg.image_size, dev, export, run_dir=run_dir)
         out["export"] = str(export)
-    images = DeviceImages(prep.cache.images, dev, budget_gb=cfg.device_cache_gb)
+    images = run_images(run_dir, prep, cfg, dev)
     part = "test" if data else part
     val_ev = predict(model, prep, "val", cfg, dev, tta=tta, images=images) if not fixed else None
     t = threshold_for(threshold, run_dir, val_ev, cfg.task)
@@ -278,6 +290,7 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
                                 patients=[r.patient for r in prep.parts[part]], n_boot=n_boot,
                                 seed=boot_seed) if cfg.task == "binary" else None
     if cam:
-        written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam)
+        written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam,
+                            images=images)
         out["cam"] = [str(p) for p in written]
     return jsonable(out)
