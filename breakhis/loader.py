@@ -108,7 +108,7 @@ class DeviceImages:
                     self.images = view
                 else:  # upload (or normalise) in chunks so the host never holds a second full copy
                     self.images = torch.empty(self.shape, dtype=torch.uint8, device=self.device)
-                    parts = chunks(self.shape[0], self.shape[1] * self.shape[2]) if self.stain else \
+                    parts = chunks(self.shape[0], self.shape[1] * self.shape[2], self.device) if self.stain else \
                         [(i, min(i + 256, self.shape[0])) for i in range(0, self.shape[0], 256)]
                     for i, j in parts:
                         part = view[i:j].to(self.device)
@@ -116,7 +116,7 @@ class DeviceImages:
                 self.host = None
         if self.host is not None and self.stain is not None:  # streamed: each image's maps, once
             maps = [self.stain.stats(torch.from_numpy(np.ascontiguousarray(self.host[i:j])).to(self.device))
-                    for i, j in chunks(self.shape[0], self.shape[1] * self.shape[2])]
+                    for i, j in chunks(self.shape[0], self.shape[1] * self.shape[2], self.device)]
             self._maps = {k: torch.cat([m[k] for m in maps]) for k in maps[0]}
 
     @classmethod
