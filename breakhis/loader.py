@@ -77,7 +77,9 @@ class DeviceImages:
     stain: a fitted stain normalisation (breakhis/stain.py). Every field is normalised on the
     device before any crop or augmentation: a resident array once, here, in batches of fields (on
     the CPU into a copy, the memmap being read-only); a streamed one per batch as it arrives
-    (`fetched`), with each image's maps computed here in one pass.
+    (`fetched`), with each image's maps computed here in one pass. That per-batch pass over whole
+    fields is cheap on a GPU but costs a CPU about 10x the loader's own work: there, keep the cache
+    resident (--device-cache-gb).
     """
 
     def __init__(self, images, device, budget_gb: float = 8.0, pin: bool | None = None,
@@ -115,7 +117,7 @@ class DeviceImages:
                         self.images[i:j].copy_(self.stain(part) if self.stain else part)
                 self.host = None
         if self.host is not None and self.stain is not None:  # streamed: each image's maps, once
-            maps = [self.stain.stats(torch.from_numpy(np.ascontiguousarray(self.host[i:j])).to(self.device))
+            maps = [self.stain.stats(torch.from_numpy(np.array(self.host[i:j])).to(self.device))
                     for i, j in chunks(self.shape[0], self.shape[1] * self.shape[2], self.device)]
             self._maps = {k: torch.cat([m[k] for m in maps]) for k in maps[0]}
 

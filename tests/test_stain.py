@@ -203,6 +203,25 @@ def test_evaluation_applies_the_saved_normalisation(stained_run, capsys, tmp_pat
     assert "no stain.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_a_stain_shifted_copy_of_the_tree_comes_closer(stained_run, tmp_path, method):
+    """The run's tree and a copy with the same tissue stained otherwise (stain vectors and amounts): fitted on
+    the tree's training sample (fit_run) and applied by DeviceImages as runs do, the normalised fields of the
+    two trees are much closer to each other than the raw ones (mean absolute RGB difference per field)."""
+    run, root, cache = stained_run
+    shifted = he_tree(tmp_path / "shifted", SHIFTED, (1.3, 0.7))
+    cfg = make_config({"data": str(root), "cache_dir": str(cache), "image_size": 32, "stain_norm": method,
+                       "split_file": str(run / "split.json")})
+    prep = prepare(cfg, progress=False)
+    other = prepare(make_config({**cfg.to_dict(), "data": str(shifted)}), progress=False)
+    assert [r.path for r in other.parts["train"]] == [r.path for r in prep.parts["train"]]
+    params = stain.fit_run(cfg, prep)
+    raw = [torch.from_numpy(np.array(p.cache.images)).float() for p in (prep, other)]
+    norm = [DeviceImages.for_run(p.cache.images, cfg, "cpu", params).images.float() for p in (prep, other)]
+    before, after = ((a - b).abs().mean() for a, b in (raw, norm))
+    assert before > 15 and after < 0.5 * before, (before, after)
+
+
 def test_the_feature_cache_key_holds_the_stain_parameters(stained_run):
     run, root, cache = stained_run
     cfg = make_config({"data": str(root), "cache_dir": str(cache), "image_size": 32, "freeze": True,
