@@ -11,8 +11,8 @@ few small matrix products through the head. The features are kept beside the dec
 rounding, 2^-11, is far below what separates the classes), read memory-mapped. The key hashes
 the decode cache key, the backbone name, its weights (file SHA-256, pretrained, or the seed of a
 random initialisation), the input size and normalisation, the fitted stain normalisation, the
-precision, the partition's cache positions, and the view: evaluation, or the training views with their augmentation settings and
-seed. A changed setting is a new file; the old one stays (delete the folder to reclaim space).
+precision, the partition's cache positions, and the view: evaluation, or the training views with
+their augmentation settings and seed. A changed setting is a new file; the old one stays (delete the folder to reclaim space).
 
 Views. Evaluation features are the evaluation view (the central square), in partition order.
 Training features: without augmentation, the evaluation view of each training image (one view).

@@ -19,8 +19,8 @@ Stain normalisation (--stain-norm): our loader over the same cache with a Macenk
 normalisation fitted on a seeded sample of the images. Each field is normalised once when the
 images are put on the device (timed: "normalise once"), then the loader runs as before; the
 three loaders are timed in turn, twice, best of two each, and the ratio to the plain loader is
-printed (goal: at least 0.85). A tree whose fields are too pale for a method (the demo tree for
-Macenko) gets a note instead of a figure.
+printed (goal: at least 0.85). A tree whose fields are too pale for a method (too few stained
+pixels to fit on) gets a note instead of a figure.
 """
 from __future__ import annotations
 
