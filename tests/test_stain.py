@@ -203,6 +203,34 @@ def test_evaluation_applies_the_saved_normalisation(stained_run, capsys, tmp_pat
     assert "no stain.json" in capsys.readouterr().err
 
 
+def test_resume_uses_the_runs_own_stain_json(stained_run, tmp_path, monkeypatch):
+    """An interrupted run resumes with the stain.json it wrote (no new fit: fitting is refused here), and
+    continues as an uninterrupted run with the same settings would (same losses)."""
+    from breakhis.fit import fit
+    from breakhis.io import read_csv
+
+    run, root, cache = stained_run
+    cfg = make_config({"data": str(root), "cache_dir": str(cache), "backbone": "resnet18", "pretrained": False,
+                       "image_size": 32, "batch_size": 8, "epochs": 2, "head": (16,), "dropout": (0.2,),
+                       "milestones": (1,), "device": "cpu", "stain_norm": "reinhard"})
+    prep = prepare(cfg, progress=False)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    fit(cfg, full, data=prep, progress=False)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, cut, data=prep, progress=False, on_epoch=stop)
+    saved = (cut / "stain.json").read_text()
+    monkeypatch.setattr(stain, "fit_run", lambda *a, **k: pytest.fail("a resumed run must not fit again"))
+    fit(cfg, cut, data=prep, progress=False, resume=True)
+    assert (cut / "stain.json").read_text() == saved == (full / "stain.json").read_text()
+    for a, b in zip(read_csv(full / "history.csv"), read_csv(cut / "history.csv"), strict=True):
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_a_stain_shifted_copy_of_the_tree_comes_closer(stained_run, tmp_path, method):
     """The run's tree and a copy with the same tissue stained otherwise (stain vectors and amounts): fitted on
