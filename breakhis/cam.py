@@ -121,12 +121,13 @@ def _view(x: torch.Tensor, mean_rgb=MEAN, std_rgb=STD) -> np.ndarray:
 
 
 def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_folder: str | Path,
-              n: int) -> list[Path]:
+              n: int, images: DeviceImages | None = None) -> list[Path]:
     """Grad-CAM overlays of n images of one evaluated partition, written as PNG into out_folder.
 
     ev: evaluate() output ("probs" (N, C), "labels" (N,), "idx" (N,) cache positions), its images
     the records of prep.parts in the same order. The class explained is the predicted one.
     Files: cam-01-error-<image name>.png, ... in the order chosen (errors first).
+    images: the run's images (predict.run_images: stain-normalised as in training); default: the raw cache.
     """
     if n < 1:
         raise UserError(f"--cam {n}: give the number of images to explain, e.g. --cam 8")
@@ -135,7 +136,7 @@ def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_f
         raise UserError("--cam: the evaluated partition has no images")
     by_position = {int(i): r for part, recs in prep.parts.items() for i, r in zip(prep.positions[part], recs)}
     picked = choose(probs, labels, n)
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
     return draw_cams(model, images, idx[picked], probs[picked], labels[picked],
                      [by_position[int(i)].path for i in idx[picked]], cfg, out_folder)
 

@@ -60,6 +60,10 @@ class TrainConfig:
     dihedral: bool = _f(True, "random flips and 90-degree rotations (8 dihedral views)")
     color_jitter: float = _f(0.2, "brightness/contrast/saturation jitter strength (hue: a quarter of it); 0 off")
     stain_jitter: float = _f(0.05, "H&E stain jitter strength in HED space; 0 off")
+    stain_norm: str = _f("none", "stain normalisation of every decoded field, before augmentation, training and evaluation: "
+                         "none, macenko or reinhard (fitted on --stain-ref, else on a seeded sample of training images; "
+                         "saved as stain.json in the run)", choices=("none", "macenko", "reinhard"))
+    stain_ref: str = _f("", "reference field (PNG, JPEG, TIFF) --stain-norm is fitted on (empty: a sample of the training images)")
     # --- model ---
     backbone: str = _f("resnet152", "torchvision name (registry.BACKBONES) or timm:NAME (a timm model, or timm:hf-hub:ORG/REPO); see --list-backbones")
     pretrained: bool = _f(True, "start from the backbone's pretrained weights (torchvision: TORCH_HOME; timm: the Hugging Face cache)")
@@ -197,6 +201,9 @@ class TrainConfig:
             raise UserError(f"--color-jitter {self.color_jitter}: must lie in [0, 1) (0: off)")
         if not 0 <= self.stain_jitter < 1:
             raise UserError(f"--stain-jitter {self.stain_jitter}: must lie in [0, 1) (0: off)")
+        if self.stain_ref and self.stain_norm == "none":
+            raise UserError(f"--stain-ref {self.stain_ref}: a reference is for stain normalisation; add --stain-norm "
+                            f"macenko or reinhard, or drop --stain-ref")
         # split
         if not 0 <= self.fold <= 5:
             raise UserError(f"--fold {self.fold}: official folds are 1..5 (0: use --split-ratio)")

@@ -10,9 +10,9 @@ few small matrix products through the head. The features are kept beside the dec
 `<cache dir>/features/<decode cache folder>-<key>.npy`, float16 (half the bytes; the relative
 rounding, 2^-11, is far below what separates the classes), read memory-mapped. The key hashes
 the decode cache key, the backbone name, its weights (file SHA-256, pretrained, or the seed of a
-random initialisation), the input size and normalisation, the precision, the partition's cache
-positions, and the view: evaluation, or the training views with their augmentation settings and
-seed. A changed setting is a new file; the old one stays (delete the folder to reclaim space).
+random initialisation), the input size and normalisation, the fitted stain normalisation, the
+precision, the partition's cache positions, and the view: evaluation, or the training views with
+their augmentation settings and seed. A changed setting is a new file; the old one stays (delete the folder to reclaim space).
 
 Views. Evaluation features are the evaluation view (the central square), in partition order.
 Training features: without augmentation, the evaluation view of each training image (one view).
@@ -42,13 +42,17 @@ from .data.prepare import Prepared
 from .device import autocast
 from .io import atomic_path, sha256_of
 from .loader import DeviceImages, Loader, epoch_generator, epoch_order
+from .stain import StainParams
 
 FORMAT_VERSION = 1
 PASS_BATCH = 64  # images per forward pass of the one-time feature computation
 
 
-def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False) -> str:
-    """sha256 of everything the features of one partition and view depend on (see the module docstring)."""
+def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False,
+                stain: StainParams | None = None) -> str:
+    """sha256 of everything the features of one partition and view depend on (see the module docstring);
+    tta: the 8 dihedral evaluation views; stain: the fitted stain normalisation of the images (it
+    changes the backbone's input)."""
     train = part == "train" and cfg.augment
     weights = sha256_of(Path(cfg.weights).expanduser()) if cfg.weights else None
     blob = {
@@ -56,7 +60,7 @@ def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | 
         "pretrained": cfg.pretrained and not weights,
         "init_seed": cfg.seed if not (cfg.pretrained or weights) else None,  # a random init depends on it
         "image_size": cfg.image_size, "mean": list(cfg.mean), "std": list(cfg.std), "amp": str(amp),
-        "channels_last": cfg.channels_last,
+        "channels_last": cfg.channels_last, "stain": stain.key() if stain is not None else None,
         "positions": hashlib.sha256(np.ascontiguousarray(prep.positions[part], dtype=np.int64).tobytes()).hexdigest(),
         "view": {"augment": Augment.from_config(cfg).__dict__, "seed": cfg.seed, "views": cfg.views} if train
         else "evaluation-tta8" if tta and part != "train" else "evaluation",
@@ -97,10 +101,11 @@ def _stored(path: Path, make) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False) -> Path:
+def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False,
+                 stain: StainParams | None = None) -> Path:
     """Where the features of one partition (and view) of a run are kept."""
-    key = feature_key(prep, cfg, part, amp, tta)[:20]
-    return prep.cache.folder.parent / "features" / f"{prep.cache.folder.name}-{part}-{key}.npy"
+    key = feature_key(prep, cfg, part, amp, tta, stain)
+    return prep.cache.folder.parent / "features" / f"{prep.cache.folder.name}-{part}-{key[:20]}.npy"
 
 
 def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, device: torch.device,
@@ -108,8 +113,12 @@ def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, de
                  parts: tuple[str, ...] = ("train", "val", "test"), tta: bool = False) -> dict[str, torch.Tensor]:
     """The cached features of a run's partitions, computed once: "train" (K, n, F), others (n, F),
     or with tta (8, n, F): the 8 dihedral views of the evaluation view. float16 tensors on the
-    device, rows in partition order (prep.positions[part])."""
-    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    device, rows in partition order (prep.positions[part]).
+    images: DeviceImages.for_run with the run's stain normalisation (needed when it has one)."""
+    if images is None and cfg.stain_norm != "none":
+        raise ValueError("a run with --stain-norm needs its normalised images: pass DeviceImages.for_run(...)")
+    images = images or DeviceImages.for_run(prep.cache.images, cfg, device)
+    stain = images.stain.params if images.stain is not None else None
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=fmt)
     out = {}
@@ -133,7 +142,7 @@ def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, de
                 arrays.append(compute(backbone, loader, rows, len(pos), amp, tta=dihedral))
             return np.concatenate(arrays)  # (K, n, F), or (8, n, F) with tta
 
-        arr = _stored(feature_path(prep, cfg, part, amp, dihedral), make)
+        arr = _stored(feature_path(prep, cfg, part, amp, dihedral, stain), make)
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
         out[part] = t if part == "train" or dihedral else t[0]
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import metrics as M
-from . import runs
+from . import runs, stain
 from .config import TrainConfig
 from .data.dataset import class_names
 from .data.prepare import Prepared, prepare
@@ -57,8 +57,11 @@ def improved(value: float, best: float | None, select: str) -> bool:
 
 def preflight(cfg: TrainConfig) -> torch.device:
     """What a run needs of this machine, checked before any work: the device, the AMP dtype on it, the
-    --weights file, and a timm backbone's name (or its hub). Returns the device.
-    (TrainConfig.validate() checks the settings themselves, without torch.)"""
+    --weights file, a timm backbone's name (or its hub), and the --stain-ref image (readable, with
+    tissue: it is fitted here, a fraction of a second). Returns the device.
+    (TrainConfig.validate() checks the settings themselves, without torch. The files are checked
+    here, not there: a finished run is evaluated from its own folder, stain.json included, even
+    after the reference image has gone.)"""
     device = resolve_device(cfg.device)
     amp_dtype(cfg.amp, device)
     if cfg.weights and not Path(cfg.weights).expanduser().is_file():
@@ -68,6 +71,8 @@ def preflight(cfg: TrainConfig) -> torch.device:
         check_timm(cfg.backbone, cfg.pretrained, cfg.weights)
     if cfg.weights:  # the file fits the architecture (missing and unexpected keys named), before any data work
         check_weights(cfg.backbone, cfg.weights, cfg.num_classes, cfg.head, cfg.dropout, cfg.image_size)
+    if cfg.stain_norm != "none" and cfg.stain_ref:
+        stain.fit_reference(cfg)
     return device
 
 
@@ -86,7 +91,7 @@ def build_features(cfg: TrainConfig, prep: Prepared, device: torch.device) -> No
     seed_everything(cfg.seed)
     model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
                         image_size=cfg.image_size)
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    images = DeviceImages.for_run(prep.cache.images, cfg, device, stain.fit_run(cfg, prep))
     run_features(model.backbone, prep, cfg, device, amp_dtype(cfg.amp, device), images)
 
 
@@ -132,7 +137,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     # --- data ---
     prep = data or prepare(cfg, progress=progress)
     check_data(prep, cfg)
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    # the stain reference: the run's own on resume, else fitted now (training images only), before the folder is written
+    stain_params = stain.load(run_dir, cfg) if resume else stain.fit_run(cfg, prep)
+    images = DeviceImages.for_run(prep.cache.images, cfg, device, stain_params)
     amp = amp_dtype(cfg.amp, device)
     train_loader = Loader.for_run(images, prep.positions["train"], prep.labels("train"), cfg, train=True,
                                   dtype=amp or torch.float32)
@@ -159,7 +166,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     history: list[dict] = []
     best, best_epoch, start, stale = None, 0, 1, 0
     if not resume:
-        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats, cv=cv)
+        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats, cv=cv, stain_params=stain_params)
     else:
         runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
         st = runs.load_state(run_dir / "last.pt")
@@ -219,7 +226,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
         done = history[-1]["epoch"] if history else 0
         runs.set_status(run_dir, runs.RUNNING, epoch=done, message="scoring the best checkpoint")
         scoring = True
-        metrics = finalize(run_dir, prep, progress=progress)
+        metrics = finalize(run_dir, prep, progress=progress, images=images)
     except KeyboardInterrupt:
         done = history[-1]["epoch"] if history else 0
         if not done and not resume:

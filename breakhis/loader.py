@@ -15,6 +15,10 @@ spread over threads; elsewhere one F.affine_grid + F.grid_sample per batch whose
 theta composes crop and dihedral. Colour and stain jitter are per-sample 3x3 maps applied
 with one bmm per batch. Random draws come from a CPU generator seeded by (seed, epoch), so
 CPU and GPU runs draw the same crops and factors.
+
+Stain normalisation (--stain-norm, breakhis/stain.py) belongs to DeviceImages: each decoded
+field is normalised to the run's reference before the loader crops or augments it, the same
+for training and evaluation views (`DeviceImages.for_run(cache.images, cfg, device, stain)`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 from .augment import GREY, MEAN, NRAND, STD, Augment, crop_thetas, dihedral, draw
 from .config import TrainConfig
+from .stain import Normaliser, StainParams, chunks
 
 CHUNK = 8  # samples rendered together on the CPU: their float planes (5 MB) stay in the cache
 
@@ -68,9 +73,17 @@ class DeviceImages:
     budget_gb GiB it is kept whole on the device (`resident`); on the CPU a zero-copy view
     counts as resident. Otherwise batches are gathered on the host, into pinned memory when
     `pin` (default: on CUDA), and copied to the device one batch ahead on a side stream.
+
+    stain: a fitted stain normalisation (breakhis/stain.py). Every field is normalised on the
+    device before any crop or augmentation: a resident array once, here, in batches of fields (on
+    the CPU into a copy, the memmap being read-only); a streamed one per batch as it arrives
+    (`fetched`), with each image's maps computed here in one pass. That per-batch pass over whole
+    fields is cheap on a GPU but costs a CPU about 10x the loader's own work: there, keep the cache
+    resident (--device-cache-gb).
     """
 
-    def __init__(self, images, device, budget_gb: float = 8.0, pin: bool | None = None):
+    def __init__(self, images, device, budget_gb: float = 8.0, pin: bool | None = None,
+                 stain: StainParams | None = None):
         if tuple(images.shape[1:]) != tuple(images.shape[1:3]) + (3,) or len(images.shape) != 4 \
                 or str(images.dtype).split(".")[-1] != "uint8":
             raise ValueError(f"images must be (N, H, W, 3) uint8, got {tuple(images.shape)} {images.dtype}")
@@ -80,22 +93,47 @@ class DeviceImages:
         self.shape = tuple(int(s) for s in images.shape)
         self.pin = self.device.type == "cuda" and (pin is None or bool(pin))  # pinning serves CUDA copies only
         self.resident = int(np.prod(self.shape)) <= budget_gb * 2**30
+        self.stain = Normaliser(stain, self.device) if stain is not None else None
+        self._maps: dict[str, torch.Tensor] | None = None  # per-image stain maps of a streamed array
         if isinstance(images, torch.Tensor):
             self.host = images.cpu().numpy() if not self.resident else None
             self.images = images.to(self.device) if self.resident else None
-            return
-        self.host, self.images = images, None
-        if self.resident:
-            with warnings.catch_warnings():  # a read-only memmap: we never write to it
-                warnings.simplefilter("ignore", UserWarning)
-                view = torch.from_numpy(images)
-            if self.device.type == "cpu":
-                self.images = view
-            else:  # upload in chunks so the host never holds a second full copy
-                self.images = torch.empty(self.shape, dtype=torch.uint8, device=self.device)
-                for i in range(0, self.shape[0], 256):
-                    self.images[i:i + 256].copy_(view[i:i + 256])
-            self.host = None
+            if self.images is not None and self.stain is not None:
+                self.images = self.stain(self.images)
+        else:
+            self.host, self.images = images, None
+            if self.resident:
+                with warnings.catch_warnings():  # a read-only memmap: we never write to it
+                    warnings.simplefilter("ignore", UserWarning)
+                    view = torch.from_numpy(images)
+                if self.device.type == "cpu" and self.stain is None:
+                    self.images = view
+                else:  # upload (or normalise) in chunks so the host never holds a second full copy
+                    self.images = torch.empty(self.shape, dtype=torch.uint8, device=self.device)
+                    parts = chunks(self.shape[0], self.shape[1] * self.shape[2], self.device) if self.stain else \
+                        [(i, min(i + 256, self.shape[0])) for i in range(0, self.shape[0], 256)]
+                    for i, j in parts:
+                        part = view[i:j].to(self.device)
+                        self.images[i:j].copy_(self.stain(part) if self.stain else part)
+                self.host = None
+        if self.host is not None and self.stain is not None:  # streamed: each image's maps, once
+            maps = [self.stain.stats(torch.from_numpy(np.array(self.host[i:j])).to(self.device))
+                    for i, j in chunks(self.shape[0], self.shape[1] * self.shape[2], self.device)]
+            self._maps = {k: torch.cat([m[k] for m in maps]) for k in maps[0]}
+
+    @classmethod
+    def for_run(cls, images, cfg: TrainConfig, device, stain: StainParams | None = None) -> DeviceImages:
+        """The images of a run: its device budget and its fitted stain normalisation (stain.fit_run
+        when training, stain.load(run_dir) after), the one place runs build them."""
+        return cls(images, device, budget_gb=cfg.device_cache_gb, stain=stain)
+
+    def fetched(self, fields: torch.Tensor, ids) -> torch.Tensor:
+        """A streamed batch of fields (B, H, W, 3) uint8 on the device, rows `ids` of the array:
+        stain-normalised with their maps when the array has a stain normalisation."""
+        if self.stain is None:
+            return fields
+        ids = torch.as_tensor(ids, device=self.device)
+        return self.stain.apply(fields, {k: v[ids] for k, v in self._maps.items()})
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -171,7 +209,8 @@ class Loader:
 
     @classmethod
     def for_run(cls, data: DeviceImages, indices, labels, cfg: TrainConfig, *, train: bool, dtype) -> Loader:
-        """The training (train=True) or evaluation loader of a run's config."""
+        """The training (train=True) or evaluation loader of a run's config; data: DeviceImages.for_run
+        (which holds the run's stain normalisation)."""
         return cls(data, indices, labels, batch_size=cfg.batch_size, image_size=cfg.image_size, train=train,
                    augment=Augment.from_config(cfg) if train else None, balanced=cfg.balanced_sampling and train,
                    drop_last=cfg.drop_last and train, seed=cfg.seed, dtype=dtype, channels_last=cfg.channels_last,
@@ -223,7 +262,8 @@ class Loader:
             return
         if not d.pin:  # synchronous host gather (CPU, or pinning switched off)
             for c in parts:
-                yield torch.from_numpy(np.take(d.host, self.indices[order[c].numpy()], axis=0)).to(d.device), None
+                ids = self.indices[order[c].numpy()]
+                yield d.fetched(torch.from_numpy(np.take(d.host, ids, axis=0)).to(d.device), ids), None
             return
         # pinned host buffers, two in turn, copied on a side stream one batch ahead
         stream = torch.cuda.Stream(d.device)
@@ -252,7 +292,7 @@ class Loader:
             main = torch.cuda.current_stream(d.device)
             main.wait_event(ev)
             dev.record_stream(main)  # allocated on the side stream, used on the main one
-            yield dev, None
+            yield d.fetched(dev, self.indices[order[parts[j]].numpy()]), None
 
     def _buf(self, name: str, shape) -> torch.Tensor:
         """A float32 scratch tensor kept between batches (CPU: fresh pages cost more than the work)."""

@@ -340,6 +340,11 @@ def _cluster_wilson(num: np.ndarray, den: np.ndarray, alpha: float) -> tuple[flo
     return wilson(est * n_eff, n_eff, alpha, z=float(student_t.ppf(1 - alpha / 2, n_clusters - 1)))
 
 
+# half-widths beyond this on the logit scale (odds spanning e^40) mean the estimate sits within rounding of
+# 0 or 1 while resamples do not: the delta method has broken down (and exp() would overflow past 709)
+MAX_LOGIT_HALF = 20.0
+
+
 def _logit_t(estimate: float, boots: np.ndarray, units: int, n_pat: int, alpha: float) -> tuple[float, float]:
     """estimate +- t * se on the logit scale: se is the bootstrap standard deviation over patients, times
     sqrt(P/(P-1)) (the bootstrap's small-sample bias); t's degrees of freedom lie halfway between the
@@ -351,6 +356,8 @@ def _logit_t(estimate: float, boots: np.ndarray, units: int, n_pat: int, alpha: 
         return (math.nan, math.nan)
     se = float(boots.std(ddof=1)) * math.sqrt(n_pat / max(n_pat - 1, 1)) / (estimate * (1 - estimate))
     half = float(student_t.ppf(1 - alpha / 2, max(units - 1, (units + n_pat) // 2 - 1))) * se
+    if not half <= MAX_LOGIT_HALF:  # an estimate within rounding of 0 or 1 (a Brier score of 1e-9): BCa instead
+        return (math.nan, math.nan)
     centre = math.log(estimate / (1 - estimate))
     return (1 / (1 + math.exp(-(centre - half))), 1 / (1 + math.exp(-(centre + half))))
 

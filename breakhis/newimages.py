@@ -10,7 +10,8 @@ through the run's own evaluation loader (predict.predict_rows: Loader.for_run wi
 config, its evaluation view, normalisation and precision) and the run's best checkpoint, so
 what the run applies to its own test images applies here too. `tta`: the 8 dihedral views. A
 temperature the run saved (evaluate.py --calibrate --save-temperature: calibration.json) scales
-the probabilities, as it does every later evaluation of the run.
+the probabilities, as it does every later evaluation of the run; a run trained with --stain-norm
+normalises each new field with its own stain.json, as its training and test fields were.
 
 The CSV (atomic; never overwriting a file) has, per file: path, width and height (px, as the
 file holds them), p_<class> for each class, prediction (a class name: for the binary task
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runs
+from . import runs, stain
 from .cam import check_spatial, choose, draw_cams
 from .config import TrainConfig
 from .data.dataset import class_names
@@ -45,7 +46,7 @@ from .device import resolve_device
 from .errors import UserError
 from .io import number, write_csv
 from .loader import DeviceImages
-from .predict import apply_temperature, load_run_model, predict, predict_rows, run_temperature, threshold_for
+from .predict import apply_temperature, load_run_model, predict, predict_rows, run_images, run_temperature, threshold_for
 from .report import progress_bar
 
 CHUNK = 512  # files decoded and scored together: 150 MB of uint8 fields at the default 256x390
@@ -87,7 +88,8 @@ def run_threshold(rule: str, run_dir: Path, cfg: TrainConfig, model: torch.nn.Mo
         raise UserError(f"--threshold {rule} is chosen on the run's validation images, and the run's tree {cfg.data} "
                         f"is not there: give a number (e.g. --threshold 0.5), or make the tree available")
     prep = prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")), progress=False)
-    val = apply_temperature(predict(model, prep, "val", cfg, device, tta=tta), temperature, cfg)
+    val = apply_temperature(predict(model, prep, "val", cfg, device, tta=tta,
+                                    images=run_images(run_dir, prep, cfg, device)), temperature, cfg)
     return threshold_for(rule, run_dir, val, cfg.task)
 
 
@@ -140,6 +142,7 @@ def score_images(run_dir: str | Path, paths: Sequence[str], *, threshold: str = 
     if cam:  # a transformer has no map to explain: say so before scoring, not after
         check_spatial(model, torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=dev), cfg.backbone)
     temperature = run_temperature(run_dir)  # saved by evaluate.py --calibrate --save-temperature, or None
+    stain_params = stain.load(run_dir, cfg)  # the run's fitted stain normalisation (stain.json), or None
     t = run_threshold(threshold, run_dir, cfg, model, dev, tta, temperature)
     size = field_size(cfg)
 
@@ -152,7 +155,7 @@ def score_images(run_dir: str | Path, paths: Sequence[str], *, threshold: str = 
             info += got
             ok = np.array([i for i, g in enumerate(got) if g["ok"]], dtype=np.int64)
             if len(ok):
-                images = DeviceImages(pixels, dev, budget_gb=cfg.device_cache_gb)
+                images = DeviceImages.for_run(pixels, cfg, dev, stain_params)
                 ev = apply_temperature(predict_rows(model, images, ok, np.zeros(len(ok), np.int64), cfg, dev, tta=tta),
                                        temperature, cfg)
                 probs[start + ev["idx"]] = ev["probs"]
@@ -190,7 +193,7 @@ def score_images(run_dir: str | Path, paths: Sequence[str], *, threshold: str = 
         # no labels: the most confident first (choose() with each image's own argmax as its label)
         pick = np.flatnonzero(good)[choose(probs[good], probs[good].argmax(1), cam)]
         pixels, _ = decode_images([paths[i] for i in pick], size, workers=cfg.workers)
-        images = DeviceImages(pixels, dev, budget_gb=cfg.device_cache_gb)
+        images = DeviceImages.for_run(pixels, cfg, dev, stain_params)
         result["cam"] = [str(f) for f in draw_cams(model, images, np.arange(len(pick)), probs[pick], None,
                                                      [paths[i] for i in pick], cfg, cam_folder(csv))]
     write_csv(csv, rows)  # last: a failure before it leaves no CSV

@@ -16,7 +16,7 @@ import torch
 
 from . import calibration as C
 from . import metrics as M
-from . import plots, runs
+from . import plots, runs, stain
 from .cam import save_cams
 from .config import TrainConfig
 from .data.dataset import class_names
@@ -100,6 +100,12 @@ def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> torch
     return Exported(program.module(), float((known.get(digest) or {}).get("temperature") or 1.0))
 
 
+def run_images(run_dir: Path, prep: Prepared, cfg: TrainConfig, device: torch.device) -> DeviceImages:
+    """The decoded fields of prep as the run's model sees them: with the run's own stain
+    normalisation (stain.json) when it was trained with one."""
+    return DeviceImages.for_run(prep.cache.images, cfg, device, stain.load(run_dir, cfg))
+
+
 def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
             *, tta: bool = False, images: DeviceImages | None = None) -> dict:
     """Probabilities for one partition, aligned with prep.parts[part] (engine.evaluate's dict).
@@ -109,8 +115,11 @@ def predict(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig,
     evaluation view (or the 8 cached dihedral views, with tta) gives the whole model's
     probabilities up to float16 rounding, and a partition's backbone pass happens once, not at
     every evaluation. An exported program (not a Classifier) always runs whole.
+    images: run_images(...) (needed when the run has a stain normalisation); default: the raw cache.
     """
-    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    if images is None and cfg.stain_norm != "none":
+        raise ValueError("a run with --stain-norm needs its normalised images: pass images=run_images(...)")
+    images = images or DeviceImages.for_run(prep.cache.images, cfg, device)
     if features_usable(cfg) and isinstance(model, Classifier):
         amp = amp_dtype(cfg.amp, device)
         feats = run_features(model.backbone, prep, cfg, device, amp, images, parts=(part,), tta=tta)[part]
@@ -170,14 +179,16 @@ def prediction_rows(ev: dict, records: list, part: str, task: str, threshold: fl
     return rows
 
 
-def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True) -> dict:
-    """Score the best checkpoint on val and test; write metrics.json, predictions.csv and plots/."""
+def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True,
+             images: DeviceImages | None = None) -> dict:
+    """Score the best checkpoint on val and test; write metrics.json, predictions.csv and plots/.
+    images: those training used (run_images of the same data), to save normalising them again."""
     run_dir = runs.check_run(run_dir)
     cfg = runs.load_config(run_dir)
     device = resolve_device(cfg.device)
     prep = data or prepare(dataclasses.replace(cfg, split_file=str(run_dir / "split.json")), progress=progress)
     model = load_run_model(run_dir, cfg, device)
-    images = DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
+    images = images or run_images(run_dir, prep, cfg, device)
     history = read_csv(run_dir / "history.csv")
     best_rows = [h for h in history if h.get("is_best") == "True"]
     best_epoch = int(best_rows[-1]["epoch"]) if best_rows else None
@@ -355,7 +366,7 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
     model = load_exported(model_file, run_dir, trust_model) if model_file else load_run_model(run_dir, cfg, dev)
     if calibrate and not prep.parts["val"]:
         raise UserError(f"--calibrate: {run_dir} has no validation images to fit the temperature on")
-    images = DeviceImages(prep.cache.images, dev, budget_gb=cfg.device_cache_gb)
+    images = run_images(run_dir, prep, cfg, dev)
     part = "test" if data else part
     in_model = getattr(model, "temperature", 1.0)  # an exported program's own; undone so that evs hold raw-logit probs
 
@@ -383,7 +394,8 @@ def evaluate_run(run_dir: str | Path, *, part: str = "test", tta: bool = False, 
                                 patients=[r.patient for r in prep.parts[part]], n_boot=n_boot,
                                 seed=boot_seed) if cfg.task == "binary" else None
     if cam:
-        written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam)
+        written = save_cams(load_run_model(run_dir, cfg, dev), prep, ev, cfg, dev, run_dir / "plots", cam,
+                            images=images)
         out["cam"] = [str(p) for p in written]
     out["temperature"] = use
     if calibrate:

@@ -9,6 +9,7 @@ A run folder is self-describing (results/<name>/):
   model.safetensors the best checkpoint by --select
   last.pt           the full training state of the last epoch (resume); removed when finished
   metrics.json      {"val": {...}, "test": {...}, "best_epoch": N}
+  stain.json        with --stain-norm: the fitted reference (breakhis/stain.py), applied again by evaluation
   predictions.csv   one row per val and test image
   plots/            PNG figures
 """
@@ -30,6 +31,8 @@ from .config import FIELDS, TrainConfig, make_config, renamed
 from .errors import UserError
 from .io import atomic_path, read_json, write_bytes, write_json
 from .models import Classifier, backbone_of, mismatch, portable_state_dict
+from .stain import StainParams
+from .stain import save as save_stain
 
 RUN_MARKER = "config.json"
 # what status.json (and a tune trial's row in trials.csv) says of a run; one vocabulary everywhere
@@ -111,13 +114,16 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def start_run(run_dir: Path, cfg: TrainConfig, manifest: dict, device: torch.device,
-              repeats: dict | None = None, cv: dict | None = None) -> None:
+              repeats: dict | None = None, cv: dict | None = None, stain_params: StainParams | None = None) -> None:
     """Write config.json and split.json: from here on the folder is a (not yet finished) run.
 
     repeats: for one of the runs of `train.py --seeds`, {"id", "seeds", "resplit"}: the logbook pools
     runs on different test splits only when they share this record with resplit true.
     cv: for one of the runs of `train.py --folds` (or a tune trial with --folds), {"id", "folds", "name"}:
-    the logbook shows the runs that share this record as one cross-validation row."""
+    the logbook shows the runs that share this record as one cross-validation row.
+    stain_params: the fitted stain normalisation, written as stain.json before config.json, so that
+    every run folder with --stain-norm holds it."""
+    save_stain(stain_params, run_dir)
     write_json(run_dir / "split.json", manifest)
     write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device),
                                          **({"_repeats": repeats} if repeats else {}), **({"_cv": cv} if cv else {})})

@@ -20,9 +20,14 @@ def test_bench_loader_json_last_line(demo_root, cache_dir, capsys):
                  "--image-size", "32", "--workers", "1", "--cache-dir", str(cache_dir)]) == 0
     out = capsys.readouterr()
     last = json.loads(out.out.strip().splitlines()[-1])
-    assert list(last) == ["ours_img_s", "baseline_img_s", "ratio", "cache_build_s"]
+    assert list(last) == ["ours_img_s", "baseline_img_s", "ratio", "cache_build_s", "stain"]
     assert last["ours_img_s"] > 0 and last["baseline_img_s"] > 0 and last["cache_build_s"] > 0
     assert last["ratio"] == pytest.approx(last["ours_img_s"] / last["baseline_img_s"], rel=0.02)
+    stained = last["stain"]  # ours with each stain normalisation, side by side with ours without
+    assert set(stained) == {"macenko", "reinhard"} and "img_s" in stained["reinhard"]
+    for s in stained.values():
+        assert "error" in s or (s["img_s"] > 0 and s["normalise_s"] > 0
+                                and s["ratio"] == pytest.approx(s["img_s"] / last["ours_img_s"], rel=0.02))
     assert "needs a GPU" in out.err  # the table goes to stderr with --json
     assert list(cache_dir.iterdir())  # --cache-dir kept the cache
 

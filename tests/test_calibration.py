@@ -306,3 +306,27 @@ def test_calibrate_applies_to_one_run_not_to_the_logbook(run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--calibrate" in err and "single run" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs" / "a" / "calibration.json").exists()
+
+
+def test_an_ece_near_zero_gets_an_interval_not_an_overflow():
+    """Every image at p = 0.7501 and 60 of 80 images malignant: the ECE is 1e-4 while patient resamples,
+    whose malignant share varies, give ECEs near 0.05. The logit interval's half-width (the bootstrap SE
+    over 1e-4) overflowed math.exp in a tune trial; the interval must be finite, in [0, 1], hold the
+    estimate, and stay near the resamples' range (the numpy patient bootstrap of this test)."""
+    from breakhis import calibration as C
+
+    counts = [4, 4, 4, 4, 4, 3, 3, 3, 3, 3, 4, 4, 4, 4, 2, 2, 3, 1, 1, 0]  # malignant images of 20 patients (sum 60)
+    y = np.concatenate([[1] * c + [0] * (4 - c) for c in counts])
+    patients = np.repeat(np.arange(20), 4)
+    p = np.full(80, 0.7501)
+    est = C.ece(y, p)
+    assert est == pytest.approx(1e-4, abs=1e-9)
+    lo, hi = C.summary(y, p, patients, n_boot=400, seed=0)["ci"]["ece"]
+    assert np.isfinite(lo) and np.isfinite(hi) and 0 <= lo <= est <= hi <= 1
+    rng = np.random.default_rng(0)
+    boots = []
+    for _ in range(400):
+        pick = rng.integers(0, 20, 20)
+        yy = np.concatenate([y[patients == k] for k in pick])
+        boots.append(abs(yy.mean() - 0.7501))  # one bin: ECE = |accuracy - confidence| of the malignant calls
+    assert hi <= 2 * np.quantile(boots, 0.995)
