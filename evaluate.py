@@ -80,7 +80,7 @@ def parse(argv):
     if a.boot < 1:
         raise UserError(f"--n-boot {a.boot}: give at least 1 resample (1000 or more for a paper)")
     check_threshold_rule(a.threshold)
-    check_options(a.calibrate, a.save_temperature, a.data, a.part)
+    check_options(a.calibrate, a.save_temperature, a.data, a.part or "test")
     if a.cam < 0:
         raise UserError(f"--cam {a.cam}: give the number of images to explain, e.g. --cam 8")
     if a.out and not a.images:

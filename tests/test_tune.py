@@ -422,7 +422,8 @@ SPACE = {"preset": ["ok", "broken"]}
 
 def test_frozen_sweep_reads_features_the_driver_computed_once(ray_cluster, tree, tmp_path):
     """tune.py --freeze: the driver computes the backbone's features once; the trials (class weights
-    here) share them, so the feature folder holds one file per partition, not one per trial."""
+    here) share them, so the feature folder holds one file per partition (test too: the trials score on
+    them), not one per trial."""
     space = write(tmp_path / "space.py", '"""Two class weights on a frozen backbone."""\n'
                                          'SPACE = {"class_weights": [(0.5, 0.5), (0.5, 0.8)]}\n')
     cache = tmp_path / "cache"
@@ -432,4 +433,4 @@ def test_frozen_sweep_reads_features_the_driver_computed_once(ray_cluster, tree,
     with open(tmp_path / "res" / "tune" / "frozen" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(r["status"] in ("finished", "stopped") for r in rows)
-    assert sorted(p.name.split("-")[-2] for p in (cache / "features").glob("*.npy")) == ["train", "val"]
+    assert sorted(p.name.split("-")[-2] for p in (cache / "features").glob("*.npy")) == ["test", "train", "val"]
