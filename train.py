@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                         f"(one run per fold); for seed repeats on one fold use --fold N --seeds {a.seeds or '0,1,2'}")
 
     from breakhis import report, runs
-    from breakhis.data.demo import make_demo
+    from breakhis.data.demo import make_demo, write_folds
     from breakhis.data.prepare import prepare
     from breakhis.fit import check_data, fit, preflight, with_inputs
 
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     if a.demo and not Path(cfg.data).exists():
         make_demo(DEMO_DIR, patients=16, images_per_patient=16, size=(350, 230))
         report.console.print(f"made the SYNTHETIC demo tree {DEMO_DIR / 'BreaKHis_v1'}")
+    if a.demo and Path(cfg.data) == Path(DEMO["data"]) and not (DEMO_DIR / "Folds.csv").exists():
+        write_folds(DEMO_DIR / "BreaKHis_v1")  # synthetic official-style folds, so that --fold and --folds can be tried
 
     # --- one run per official fold: every fold's data and folder name checked before the first one trains ---
     if cfg.folds:

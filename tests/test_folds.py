@@ -315,3 +315,32 @@ def test_a_fold_trial_keeps_its_finished_folds(cv_runs, tmp_path, monkeypatch):
     assert len(reported) == 1 and reported[0]["folds"] == 2 and reported[0]["val_loss"] == pytest.approx(np.mean(best))
     tests = [read_json(res / f"cv-fold{f}" / "metrics.json")["test"]["accuracy"] for f in (1, 2)]
     assert reported[0]["test_accuracy"] == pytest.approx(np.mean(tests))
+
+
+def test_the_demo_writes_official_style_folds_that_train_reads(tmp_path):
+    """python -m breakhis.data.demo OUT --folds: OUT/Folds.csv lists every image in each of 5 folds, with
+    round(30%) of each class's patients (at least one) on the test side, a patient never on both sides;
+    --fold N reads it (the counts are taken from the CSV with the csv module)."""
+    import csv
+
+    from breakhis.data import demo
+    from breakhis.data.splits import fold_split
+
+    assert demo.main([str(tmp_path), "--patients", "10", "--images-per-patient", "4", "--size", "96x64", "--folds"]) == 0
+    root = tmp_path / "BreaKHis_v1"
+    rows = list(csv.DictReader(open(tmp_path / "Folds.csv")))
+    images = sorted(str(p.relative_to(tmp_path)) for p in root.rglob("*.png"))
+    records = D.index_tree(root).records
+    patient_of = {r.path: r.patient for r in records}
+    for f in range(1, 6):
+        fold = [r for r in rows if r["fold"] == str(f)]
+        assert sorted(r["filename"] for r in fold) == images
+        sides = {}
+        for r in fold:
+            sides.setdefault(patient_of[r["filename"].split("/", 1)[1]], set()).add(r["grp"])
+        assert all(len(s) == 1 for s in sides.values())
+        test = {p for p, s in sides.items() if s == {"test"}}
+        for cls in ("_B_", "_M_"):
+            assert len([p for p in test if cls in p]) == round(0.3 * 5)  # 5 patients per class
+        manifest = fold_split(root, records, f)
+        assert set(manifest["patients"]["test"]) == test

@@ -1,6 +1,7 @@
 """Synthetic BreakHis-shaped tree, so every command can be tried without the 4 GB archive.
 
     python -m breakhis.data.demo data/demo --patients 16 --images-per-patient 12 --size 350x230
+    python -m breakhis.data.demo data/demo --folds                 # also a Folds.csv: train.py --folds 1-5 on it
     python -m breakhis.data.demo /tmp/full --full                  # the archive's layout: 82 patients, 7,909 x 700x460
     python -m breakhis.data.demo /tmp/half --full --fraction 0.5   # every patient, half of each one's images
 
@@ -14,6 +15,11 @@ As in the archive, SOB_M_LC-14-13412 holds pixel-identical copies of images of S
 The pictures are SYNTHETIC: pink stroma with purple nuclei; malignant fields have denser,
 larger, less regular nuclei. Folder and file naming are exactly the real ones:
 BreaKHis_v1/histology_slides/breast/<class>/SOB/<subtype>/<patient folder>/<mag>X/<file>.png
+
+--folds (and train.py --demo) also writes OUT/Folds.csv in the official layout (fold,mag,filename,grp,
+every fold listing every image): five independent, seeded patient splits with 30% of each class's
+patients on the test side, as the official folds are five random 70/30 patient splits. They are
+SYNTHETIC folds of a synthetic tree, there so that --fold and --folds can be tried.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import UserError, guard
-from .dataset import MAGNIFICATIONS, SUBTYPE_CODES
+from ..io import write_text
+from .dataset import MAGNIFICATIONS, SUBTYPE_CODES, index_tree
 
 
 def patient_names(code: str, slide: str, year: int = 14) -> tuple[str, str]:
@@ -89,6 +96,29 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
             path.parent.mkdir(parents=True, exist_ok=True)
             synth_field(rng, malignant, size, mag).save(path, compress_level=1)
     return root
+
+
+def write_folds(root: str | Path, seed: int = 0, folds: int = 5, test_share: float = 0.3) -> Path:
+    """Write ROOT/../Folds.csv: `folds` seeded patient splits, round(test_share x patients) of each class
+    (at least one, never all) on each fold's test side; returns its path (see the module docstring)."""
+    records = index_tree(root).records
+    by_class: dict[str, list[str]] = {}
+    for r in records:
+        by_class.setdefault(r.cls, [])
+        if r.patient not in by_class[r.cls]:
+            by_class[r.cls].append(r.patient)
+    rows = ["fold,mag,filename,grp"]
+    for f in range(1, folds + 1):
+        rng = np.random.default_rng([seed, f])
+        test = set()
+        for patients in by_class.values():
+            k = min(max(1, round(test_share * len(patients))), len(patients) - 1)
+            test |= {patients[i] for i in rng.choice(len(patients), k, replace=False)}
+        rows += [f"{f},{r.magnification},BreaKHis_v1/{r.path},{'test' if r.patient in test else 'train'}"
+                 for r in records]
+    path = Path(root).parent / "Folds.csv"
+    write_text(path, "\n".join(rows) + "\n")
+    return path
 
 
 # --- the full archive's layout ------------------------------------------------------------------
@@ -183,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the archive's layout: 82 patients, 7,909 images at 700x460")
     ap.add_argument("--fraction", type=float, help="with --full: this share of each patient's images (default 1)")
     ap.add_argument("--workers", type=int, default=0, help="with --full: writer processes (0: one per core)")
+    ap.add_argument("--folds", action="store_true", help="also write OUT/Folds.csv: 5 seeded 70/30 patient splits")
     a = ap.parse_args(argv)
     if a.fraction is not None and not a.full:
         raise UserError("--fraction applies to --full trees only; for a small tree give --patients and --images-per-patient")
@@ -195,9 +226,11 @@ def main(argv=None) -> int:
         root = make_full(a.out, (w, h), a.seed, 1.0 if a.fraction is None else a.fraction, a.workers)
         n = sum(1 for _ in root.rglob("*.png"))
         print(f"wrote a SYNTHETIC tree in the archive's layout: {root} (82 patients, {n} images)")
-        return 0
-    root = make_demo(a.out, a.patients, a.images_per_patient, (w, h), a.seed)
-    print(f"wrote a SYNTHETIC BreakHis-shaped tree: {root} ({a.patients} patients x {a.images_per_patient} images)")
+    else:
+        root = make_demo(a.out, a.patients, a.images_per_patient, (w, h), a.seed)
+        print(f"wrote a SYNTHETIC BreakHis-shaped tree: {root} ({a.patients} patients x {a.images_per_patient} images)")
+    if a.folds:
+        print(f"wrote {write_folds(root, a.seed)} (5 SYNTHETIC 70/30 patient splits, in the official layout)")
     return 0
 
 
