@@ -97,7 +97,7 @@ def parse(argv):
 
 def compare(a, paths: list[Path]) -> int:
     """The logbook: many runs from their predictions.csv, side by side."""
-    from breakhis import compare, io, report
+    from breakhis import compare, io, logbook_table, report
 
     used = [f"--{k}" for k in MODEL_FLAGS if getattr(a, k, None)]
     if used:
@@ -105,15 +105,15 @@ def compare(a, paths: list[Path]) -> int:
                         f"{len(paths)} runs reads their predictions.csv: give a single run folder")
     book = compare.logbook(paths, part=a.part, threshold=a.threshold, sort=a.sort, n_boot=a.boot, seed=a.boot_seed)
     if a.csv:
-        io.write_csv(a.csv, compare.records(book.rows, book.keys))
+        io.write_csv(a.csv, logbook_table.records(book))
     if a.markdown:
-        io.write_text(a.markdown, compare.markdown(book))
+        io.write_text(a.markdown, logbook_table.markdown(book))
     if a.json:
         print(json.dumps({"sort": a.sort, "split": a.part, "threshold": a.threshold, "boot": a.boot,
                           "ci_settings": book.ci_settings,
-                          "rows": compare.records(book.rows, book.keys)}))
+                          "rows": logbook_table.records(book)}))
         return 0
-    report.console.print(compare.render(book))
+    report.console.print(logbook_table.render(book))
     for f in (a.csv, a.markdown):
         if f:
             report.console.print(f"wrote {f}")

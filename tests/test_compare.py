@@ -10,6 +10,7 @@ from sklearn.metrics import accuracy_score
 
 import evaluate
 from breakhis import compare as C
+from breakhis import logbook_table as T
 from breakhis import metrics as M
 from breakhis.config import TrainConfig
 from breakhis.errors import guard
@@ -313,7 +314,7 @@ def test_run_names_never_wrap_and_columns_give_way(tmp_path):
     book = C.logbook(folders, n_boot=50)
     for width in (120, 80):
         out = io.StringIO()
-        Console(file=out, width=width, record=True).print(C.render(book, width=width))
+        Console(file=out, width=width, record=True).print(T.render(book, width=width))
         text = out.getvalue()
         for f in folders:
             assert f.name in text  # whole, on one line
@@ -394,6 +395,6 @@ def test_the_verdict_label_survives_rich_markup(tmp_path):
 
     perfect, coin = perfect_and_coin(tmp_path)
     out = io.StringIO()
-    Console(file=out, width=400).print(C.render(C.logbook([perfect, coin], n_boot=50), width=400))
+    Console(file=out, width=400).print(T.render(C.logbook([perfect, coin], n_boot=50), width=400))
     text = out.getvalue()
     assert "(these checkpoints only)" in text and "(recipes)" in text

@@ -51,7 +51,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .. import compare
+from .. import compare, logbook_table
 from ..config import make_config
 from ..data.cache import CHUNK_MAX, RESAMPLE, build_cache, default_cache_size
 from ..data.dataset import index_tree
@@ -195,7 +195,7 @@ def stage(name: str, a: argparse.Namespace) -> dict:
             paths.append(dst)
         t0 = time.perf_counter()
         book = compare.logbook(paths)
-        Console(file=StringIO(), width=200).print(compare.render(book))
+        Console(file=StringIO(), width=200).print(logbook_table.render(book))
         figures.update(runs=book.runs)
     elif name == "tune":
         # what tune.py does, without its printing: setup, cache (warm), Ray, trials, trials.csv
