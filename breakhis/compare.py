@@ -313,16 +313,21 @@ def recipes(a: Row, b: Row, metric: str) -> dict:
     xb = np.array([r[metric] for r in b.per_run if r.get(metric) is not None and math.isfinite(r[metric])])
     diff = float(xa.mean() - xb.mean())
     va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
-    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1)) if va + vb > 0 else math.nan
+    return t_verdict(metric, diff, math.sqrt(va + vb), df, f"recipes: Welch t over runs ({xa.size} vs {xb.size})")
+
+
+def t_verdict(metric: str, diff: float, se: float, df: float, test: str) -> dict:
+    """A difference with its standard error and t degrees of freedom -> the two-sided p, the 95% interval
+    and the verdict (p <= 0.05); a zero se gives p 1 for no difference, else 0, and a zero-width interval."""
     if se == 0:
         p_value, ci = (1.0 if diff == 0 else 0.0), (diff, diff)
     else:
-        df = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1))
         p_value = float(2 * student_t.sf(abs(diff) / se, df))
         half = float(student_t.ppf(0.975, df)) * se
         ci = (diff - half, diff + half)
     return {"metric": metric, "diff": diff, "ci": ci, "p_value": p_value, "significant": bool(p_value <= 0.05),
-            "test": f"recipes: Welch t over runs ({xa.size} vs {xb.size})"}
+            "test": test}
 
 
 def folds_test(a: Row, b: Row, metric: str) -> dict:
@@ -342,18 +347,12 @@ def folds_test(a: Row, b: Row, metric: str) -> dict:
     k = d.size
     ratio = float(np.nanmean([v for _, *vs in pairs for v in vs])) if k else math.nan
     diff = float(d.mean()) if k else math.nan
-    var = d.var(ddof=1) * (1 / k + (ratio if math.isfinite(ratio) else 0.0)) if k > 1 else math.nan
+    test = f"recipes: paired t over {k} folds, Nadeau-Bengio corrected (test/train {ratio:.2f})"
     if not k > 1:
-        p_value, ci = math.nan, (math.nan, math.nan)
-    elif var == 0:
-        p_value, ci = (1.0 if diff == 0 else 0.0), (diff, diff)
-    else:
-        se = math.sqrt(var)
-        p_value = float(2 * student_t.sf(abs(diff) / se, k - 1))
-        half = float(student_t.ppf(0.975, k - 1)) * se
-        ci = (diff - half, diff + half)
-    return {"metric": metric, "diff": diff, "ci": ci, "p_value": p_value, "significant": bool(p_value <= 0.05),
-            "test": f"recipes: paired t over {k} folds, Nadeau-Bengio corrected (test/train {ratio:.2f})"}
+        return {"metric": metric, "diff": diff, "ci": (math.nan, math.nan), "p_value": math.nan, "significant": False,
+                "test": test}
+    var = d.var(ddof=1) * (1 / k + (ratio if math.isfinite(ratio) else 0.0))
+    return t_verdict(metric, diff, math.sqrt(var), k - 1, test)
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -53,7 +53,7 @@ from rich.table import Table
 
 from .. import compare, logbook_table
 from ..config import make_config
-from ..data.cache import CHUNK_MAX, RESAMPLE, build_cache, default_cache_size
+from ..data.cache import CHUNK_MAX, RESAMPLE, build_cache, default_cache_size, default_workers
 from ..data.dataset import index_tree
 from ..data.integrity import integrity_report
 from ..data.prepare import prepare
@@ -264,7 +264,7 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--work", default="", help="keep the cache, runs and experiment here (default: a temporary folder)")
     ap.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     a = ap.parse_args(argv)
-    a.workers = a.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    a.workers = a.workers or default_workers()
     chosen = [s.strip() for s in a.stages.split(",") if s.strip()]
     if bad := [s for s in chosen if s not in STAGES]:
         raise UserError(f"--stages: unknown stage(s) {', '.join(bad)}; choose from {', '.join(STAGES)}")

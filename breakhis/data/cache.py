@@ -259,13 +259,18 @@ def _fsync_files(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def default_workers() -> int:
+    """Decode workers when --workers is 0: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _decode_all(root: Path, paths: list[str], size: tuple[int, int], npy: Path, workers: int,
                 progress: bool) -> list[dict]:
     """Decode every path into rows of a new .npy at `npy`; returns the info dicts in order."""
     n = len(paths)
     out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, *size, 3))
     if workers <= 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = default_workers()
     info: list[dict | None] = [None] * n
     if n < INPROCESS_BELOW or workers == 1:
         with progress_bar(progress, "decoding into cache", n) as advance:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .cache import decode_resize
+from .cache import decode_resize, default_workers
 from .dataset import Record, parse_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -107,7 +107,7 @@ def decode_images(paths: Sequence[str], size: tuple[int, int], workers: int = 0)
     out = np.zeros((len(paths), h, w, 3), np.uint8)
     info: list[dict] = [{}] * len(paths)
     if workers <= 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = default_workers()
 
     def one(i: int) -> None:
         out[i], info[i] = decode_resize(paths[i], (h, w))
