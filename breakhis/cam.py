@@ -120,25 +120,23 @@ def _view(x: torch.Tensor, mean_rgb=MEAN, std_rgb=STD) -> np.ndarray:
     return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def save_cams(model: nn.Module, prep, ev: dict, cfg, device: torch.device, out_folder: str | Path,
-              n: int, images: DeviceImages | None = None) -> list[Path]:
-    """Grad-CAM overlays of n images of one evaluated partition, written as PNG into out_folder.
+def save_cams(run, ev: dict, part: str, out_folder: str | Path, n: int) -> list[Path]:
+    """Grad-CAM overlays of n images of one evaluated partition of a run (predict.TrainedRun), as PNG
+    files in out_folder, drawn with a fresh copy of its checkpoint (an exported program has no gradients).
 
-    ev: evaluate() output ("probs" (N, C), "labels" (N,), "idx" (N,) cache positions), its images
-    the records of prep.parts in the same order. The class explained is the predicted one.
+    ev: run.predict(part) ("probs" (N, C), "labels" (N,), "idx" (N,) cache positions), in the order
+    of run.data.parts[part]. The class explained is the predicted one.
     Files: cam-01-error-<image name>.png, ... in the order chosen (errors first).
-    images: the run's images (predict.run_images: stain-normalised as in training); default: the raw cache.
     """
-    if n < 1:
-        raise UserError(f"--cam {n}: give the number of images to explain, e.g. --cam 8")
     probs, labels, idx = np.asarray(ev["probs"]), np.asarray(ev["labels"]), np.asarray(ev["idx"])
     if len(idx) == 0:
         raise UserError("--cam: the evaluated partition has no images")
-    by_position = {int(i): r for part, recs in prep.parts.items() for i, r in zip(prep.positions[part], recs)}
     picked = choose(probs, labels, n)
-    images = images or DeviceImages(prep.cache.images, device, budget_gb=cfg.device_cache_gb)
-    return draw_cams(model, images, idx[picked], probs[picked], labels[picked],
-                     [by_position[int(i)].path for i in idx[picked]], cfg, out_folder)
+    if not len(picked):  # --cam 0: nothing asked for
+        return []
+    names = [run.data.parts[part][int(i)].path for i in picked]
+    return draw_cams(run.checkpoint(), run.images, idx[picked], probs[picked], labels[picked], names, run.cfg,
+                     out_folder)
 
 
 def draw_cams(model: nn.Module, images: DeviceImages, rows, probs: np.ndarray, labels: np.ndarray | None,

@@ -1,8 +1,8 @@
 """Frozen backbone features computed once; the head trains on them.
 
+    head, train = part_batches(model, prep, "train", cfg, device, images)   # the head, a FeatureLoader
+    for epoch in ...: train.set_epoch(epoch); train_one_epoch(head, train, ...)
     feats = run_features(model.backbone, prep, cfg, device, amp, images)   # {"train": (K, n, F), "val": (n, F)}
-    train = FeatureLoader(feats["train"], prep.labels("train"), cfg, train=True)
-    for epoch in ...: train.set_epoch(epoch); train_one_epoch(head_only, train, ...)
 
 With --freeze (and no --unfreeze-at), the backbone is a fixed function of the image (eval mode,
 no gradients), so its pooled features (B, F) can be computed once and a training epoch becomes a
@@ -39,9 +39,10 @@ import torch
 from .augment import Augment, tta_views
 from .config import TrainConfig
 from .data.prepare import Prepared
-from .device import autocast
+from .device import amp_dtype, autocast
 from .io import atomic_path, sha256_of
 from .loader import DeviceImages, Loader, epoch_generator, epoch_order
+from .models import Classifier
 from .stain import StainParams
 
 FORMAT_VERSION = 1
@@ -72,6 +73,25 @@ def features_usable(cfg: TrainConfig) -> bool:
     """Whether a run of cfg is scored on cached features: it trained on them, and the weights file
     its features are keyed by is still there (a run whose --weights file moved runs whole)."""
     return cfg.cached_features and (not cfg.weights or Path(cfg.weights).expanduser().is_file())
+
+
+def part_batches(model: torch.nn.Module, prep: Prepared, part: str, cfg: TrainConfig, device: torch.device,
+                 images: DeviceImages, *, tta: bool = False, net: torch.nn.Module | None = None):
+    """(network, batches) that train on or score one partition: the one choice between cached features
+    and images, for training (fit) and scoring (predict) alike.
+
+    A Classifier of a run that trains on cached features (features_usable) runs its head over them
+    (FeatureLoader; the feature pass happens here once per partition and view); anything else (a
+    backbone that trains, an exported program) runs whole over the images (Loader.for_run). "train"
+    gives the training loader, other partitions the evaluation one; tta: the 8 dihedral views.
+    net: the module that runs on images in model's place (fit's channels-last or compiled copy)."""
+    amp = amp_dtype(cfg.amp, device)
+    if features_usable(cfg) and isinstance(model, Classifier):
+        feats = run_features(model.backbone, prep, cfg, device, amp, images, parts=(part,), tta=tta)[part]
+        return Classifier(torch.nn.Identity(), model.head), FeatureLoader.for_run(feats, prep, part, cfg, tta=tta)
+    loader = Loader.for_run(images, prep.positions[part], prep.labels(part), cfg, train=part == "train",
+                            dtype=amp or torch.float32)
+    return net or model, loader
 
 
 @torch.no_grad()  # not inference_mode: the loader's scratch buffers outlive this call
@@ -109,15 +129,12 @@ def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype |
 
 
 def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, device: torch.device,
-                 amp: torch.dtype | None, images: DeviceImages | None = None,
+                 amp: torch.dtype | None, images: DeviceImages,
                  parts: tuple[str, ...] = ("train", "val", "test"), tta: bool = False) -> dict[str, torch.Tensor]:
     """The cached features of a run's partitions, computed once: "train" (K, n, F), others (n, F),
     or with tta (8, n, F): the 8 dihedral views of the evaluation view. float16 tensors on the
     device, rows in partition order (prep.positions[part]).
-    images: DeviceImages.for_run with the run's stain normalisation (needed when it has one)."""
-    if images is None and cfg.stain_norm != "none":
-        raise ValueError("a run with --stain-norm needs its normalised images: pass DeviceImages.for_run(...)")
-    images = images or DeviceImages.for_run(prep.cache.images, cfg, device)
+    images: prep's fields as the run sees them (DeviceImages.for_run, with its stain normalisation)."""
     stain = images.stain.params if images.stain is not None else None
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     backbone.to(device, memory_format=fmt)

@@ -12,6 +12,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +25,10 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, needs_grad_scaler, prepare_model, resolve_device, seed_everything
 from .engine import NonFiniteLoss, evaluate, make_loss, train_one_epoch
 from .errors import UserError
-from .features import FeatureLoader, run_features
+from .features import part_batches, run_features
 from .io import write_csv
-from .loader import DeviceImages, Loader
-from .models import Classifier, build_model, check_timm, check_weights, input_spec, is_timm, set_frozen
+from .loader import DeviceImages
+from .models import check_timm, check_weights, input_spec, is_timm, model_for, set_frozen
 from .optim import build_optimizer, build_schedule, current_lr
 from .predict import finalize
 from .registry import EPOCH_METRICS
@@ -86,11 +87,9 @@ def with_inputs(cfg: TrainConfig, keep_size: bool = True) -> TrainConfig:
 
 def build_features(cfg: TrainConfig, prep: Prepared, device: torch.device) -> None:
     """Compute the feature cache a frozen run of cfg reads (tune.py: once in the driver, before the
-    trials). The backbone is built as fit() builds it: same seed, same weights, so the key matches."""
+    trials): the model fit() starts from (models.model_for), over the images it trains on."""
     cfg = with_inputs(cfg)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
-                        image_size=cfg.image_size)
+    model = model_for(cfg)
     images = DeviceImages.for_run(prep.cache.images, cfg, device, stain.fit_run(cfg, prep))
     run_features(model.backbone, prep, cfg, device, amp_dtype(cfg.amp, device), images)
 
@@ -126,6 +125,49 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
         raise
 
 
+@dataclass
+class Progress:
+    """Where the epoch loop stands: what last.pt keeps beside the weights, optimiser and schedule."""
+    history: list[dict] = field(default_factory=list)  # history.csv rows, one per finished epoch
+    best: float | None = None  # the best value of --select so far
+    best_epoch: int = 0
+    stale: int = 0             # epochs since it improved (--patience)
+    epoch: int = 0             # the last finished epoch
+
+
+def restore(run_dir: Path, model, optimizer, schedule, scaler) -> Progress:
+    """Continue an interrupted run: everything back as last.pt saved it after its last finished epoch."""
+    runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
+    st = runs.load_state(run_dir / "last.pt")
+    model.load_state_dict(st["model"])
+    optimizer.load_state_dict(st["optimizer"])
+    schedule.load_state_dict(st["schedule"])
+    scaler.load_state_dict(st["scaler"])
+    torch.set_rng_state(st["rng"])
+    runs.set_status(run_dir, runs.RUNNING, epoch=st["epoch"], message="resumed")
+    return Progress(st["history"], st["best"], st["best_epoch"], st["stale"], st["epoch"])
+
+
+def checkpoint(run_dir: Path, row: dict, select: str, state: Progress, model, optimizer, schedule, scaler) -> None:
+    """After an epoch: the best weights when --select improved, history.csv, last.pt, status.json."""
+    if improved(row[select], state.best, select):
+        state.best, state.best_epoch, state.stale = row[select], row["epoch"], 0
+        runs.save_weights(model, run_dir / "model.safetensors")
+        row["is_best"] = True
+    else:
+        state.stale += 1
+        row["is_best"] = False
+    row["best_value"] = state.best
+    state.history.append(row)
+    state.epoch = row["epoch"]
+    write_csv(run_dir / "history.csv", state.history)
+    runs.save_state(run_dir / "last.pt", {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": state.history, "best": state.best,
+        "best_epoch": state.best_epoch, "stale": state.stale, "epoch": state.epoch})
+    runs.set_status(run_dir, runs.RUNNING, epoch=state.epoch)
+
+
 def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
          progress: bool, resume: bool, repeats: dict | None, cv: dict | None) -> dict:
     device = preflight(cfg)
@@ -134,59 +176,42 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # --- data ---
-    prep = data or prepare(cfg, progress=progress)
+    # --- data: the run's own split.json when it continues ---
+    prep = data or prepare(runs.own_split(cfg, run_dir) if resume else cfg, progress=progress)
     check_data(prep, cfg)
     # the stain reference: the run's own on resume, else fitted now (training images only), before the folder is written
     stain_params = stain.load(run_dir, cfg) if resume else stain.fit_run(cfg, prep)
     images = DeviceImages.for_run(prep.cache.images, cfg, device, stain_params)
-    amp = amp_dtype(cfg.amp, device)
-    train_loader = Loader.for_run(images, prep.positions["train"], prep.labels("train"), cfg, train=True,
-                                  dtype=amp or torch.float32)
-    val_loader = Loader.for_run(images, prep.positions["val"], prep.labels("val"), cfg, train=False,
-                                dtype=amp or torch.float32)
 
-    # --- model, optimiser, loss ---
-    model = build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, cfg.pretrained, cfg.weights,
-                        image_size=cfg.image_size)
+    # --- model, batches (cached features or images: features.part_batches decides), optimiser, loss ---
+    model = model_for(cfg)
     set_frozen(model, cfg.freeze)
     model.to(device)
     fast = prepare_model(model, device, cfg.channels_last, cfg.compile, cfg.compile_mode)
-    if cfg.cached_features:  # the frozen backbone runs once per image (and view); the head trains on its features
-        feats = run_features(model.backbone, prep, cfg, device, amp, images)
-        train_loader = FeatureLoader.for_run(feats["train"], prep, "train", cfg)
-        val_loader = FeatureLoader.for_run(feats["val"], prep, "val", cfg)
-        fast = Classifier(torch.nn.Identity(), model.head)  # shares the head's parameters with model
+    net, train_loader = part_batches(model, prep, "train", cfg, device, images, net=fast)
+    _, val_loader = part_batches(model, prep, "val", cfg, device, images, net=fast)
+    amp = amp_dtype(cfg.amp, device)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch=len(train_loader))
     scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp))
     loss_fn = make_loss(cfg.class_weights, cfg.label_smoothing, device)
+    state = [model, optimizer, schedule, scaler]
 
     # --- the run folder: from here on it describes the run ---
-    history: list[dict] = []
-    best, best_epoch, start, stale = None, 0, 1, 0
-    if not resume:
-        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats, cv=cv, stain_params=stain_params)
+    if resume:
+        done = restore(run_dir, *state)
     else:
-        runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
-        st = runs.load_state(run_dir / "last.pt")
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        schedule.load_state_dict(st["schedule"])
-        scaler.load_state_dict(st["scaler"])
-        torch.set_rng_state(st["rng"])
-        history, best, best_epoch, stale = st["history"], st["best"], st["best_epoch"], st["stale"]
-        start = st["epoch"] + 1
-        runs.set_status(run_dir, runs.RUNNING, epoch=st["epoch"], message="resumed")
+        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats, cv=cv, stain_params=stain_params)
+        done = Progress()
 
     # --- loop ---
-    epoch, scoring = start - 1, False
+    epoch, scoring = done.epoch, False
     bar = TrainProgress(cfg.epochs, len(train_loader), enabled=progress)
     try:
         with bar:
             bar.skip_to(epoch)
-            for epoch in range(start, cfg.epochs + 1):
-                if cfg.patience and stale >= cfg.patience:  # checked first: a resumed early stop stays stopped
+            for epoch in range(done.epoch + 1, cfg.epochs + 1):
+                if cfg.patience and done.stale >= cfg.patience:  # checked first: a resumed early stop stays stopped
                     bar.note(f"early stop: no {cfg.select} improvement for {cfg.patience} epochs")
                     break
                 if cfg.freeze and cfg.unfreeze_at and epoch >= cfg.unfreeze_at:
@@ -195,48 +220,33 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                 lr = current_lr(optimizer)
                 train_loader.set_epoch(epoch)
                 try:
-                    tr = train_one_epoch(fast, bar.batches(train_loader), optimizer, schedule, loss_fn,
-                                         amp=amp, scaler=scaler)
+                    tr = train_one_epoch(net, bar.batches(train_loader), optimizer, schedule, loss_fn, amp=amp,
+                                         scaler=scaler)
                 except NonFiniteLoss as e:
                     runs.set_status(run_dir, runs.FAILED, epoch=epoch - 1, message=str(e))
                     raise UserError(f"{e} at epoch {epoch} of run {run_dir}: training stopped. Lower --lr, "
                                     f"or use --amp off / bf16; the best checkpoint so far is kept") from None
-                ev = evaluate(fast, val_loader, loss_fn, amp=amp)
+                ev = evaluate(net, val_loader, loss_fn, amp=amp)
                 row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                        **val_metrics(ev, cfg.task), "img_s": tr["img_s"], "seconds": time.perf_counter() - t0}
                 schedule.step_epoch(ev["loss"])
-                is_best = improved(row[cfg.select], best, cfg.select)
-                if is_best:
-                    best, best_epoch, stale = row[cfg.select], epoch, 0
-                    runs.save_weights(model, run_dir / "model.safetensors")
-                else:
-                    stale += 1
-                row.update(is_best=is_best, best_value=best)
-                history.append(row)
-                write_csv(run_dir / "history.csv", history)
-                runs.save_state(run_dir / "last.pt", {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                    "history": history, "best": best, "best_epoch": best_epoch, "stale": stale, "epoch": epoch})
-                runs.set_status(run_dir, runs.RUNNING, epoch=epoch)
+                checkpoint(run_dir, row, cfg.select, done, *state)
                 bar.epoch_done(row, cfg.select)
                 if on_epoch:
                     on_epoch(row)
         # --- score the best checkpoint; the run is finished only once its figures exist ---
-        done = history[-1]["epoch"] if history else 0
-        runs.set_status(run_dir, runs.RUNNING, epoch=done, message="scoring the best checkpoint")
+        runs.set_status(run_dir, runs.RUNNING, epoch=done.epoch, message="scoring the best checkpoint")
         scoring = True
         metrics = finalize(run_dir, prep, progress=progress, images=images)
     except KeyboardInterrupt:
-        done = history[-1]["epoch"] if history else 0
-        if not done and not resume:
+        if not done.epoch and not resume:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was saved: no folder that promises a resume
             raise
-        runs.set_status(run_dir, runs.INTERRUPTED, epoch=done,
+        runs.set_status(run_dir, runs.INTERRUPTED, epoch=done.epoch,
                         message=f"Ctrl-C during {'the scoring' if scoring else f'epoch {epoch}'}; "
                                 f"continue with: python train.py --resume {run_dir}")
         raise
-    runs.set_status(run_dir, runs.FINISHED, epoch=done)
+    runs.set_status(run_dir, runs.FINISHED, epoch=done.epoch)
     (run_dir / "last.pt").unlink(missing_ok=True)
     runs.remove_temps(run_dir)
     return metrics

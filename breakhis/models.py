@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
+from .config import TrainConfig
+from .device import seed_everything
 from .errors import UserError
 from .registry import BACKBONES, IMAGENET, PATHOLOGY, TIMM, unknown
 
@@ -290,6 +292,19 @@ def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (10
     model.set_submodule(classifier, nn.Identity())
     net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
     return _load_whole(net, state, weights, backbone, head, num_classes) if whole else net
+
+
+def model_for(cfg: TrainConfig, *, initial: bool = True) -> Classifier:
+    """The model a run's config describes, the one place its settings become a model.
+
+    initial: the model training starts from, seeded with cfg.seed (a random initialisation depends
+    on it, and so does the feature cache's key), with cfg's pretrained weights or --weights file;
+    otherwise the architecture alone (no download, no file read), for a run's checkpoint to be
+    loaded into."""
+    if initial:
+        seed_everything(cfg.seed)
+    return build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, pretrained=cfg.pretrained and initial,
+                       weights=cfg.weights if initial else "", image_size=cfg.image_size)
 
 
 def _load_whole(net: Classifier, state: dict, weights: str, backbone: str, head, num_classes: int) -> Classifier:

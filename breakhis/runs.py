@@ -12,9 +12,13 @@ A run folder is self-describing (results/<name>/):
   stain.json        with --stain-norm: the fitted reference (breakhis/stain.py), applied again by evaluation
   predictions.csv   one row per val and test image
   plots/            PNG figures
+  calibration.json  later, evaluate.py --calibrate --save-temperature: the temperature every later evaluation applies
+  exports.json      later, evaluate.py --export: the programs this run wrote (export.py)
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import platform
 import re
@@ -35,6 +39,8 @@ from .stain import StainParams
 from .stain import save as save_stain
 
 RUN_MARKER = "config.json"
+SPLIT = "split.json"  # the patient split manifest a run trained on: every later step reads its partitions from it
+CALIBRATION = "calibration.json"
 # what status.json (and a tune trial's row in trials.csv) says of a run; one vocabulary everywhere
 RUNNING, INTERRUPTED, FAILED, STOPPED, FINISHED = "running", "interrupted", "failed", "stopped", "finished"
 STATUSES = (RUNNING, INTERRUPTED, FAILED, STOPPED, FINISHED)  # stopped: cut early by ASHA, then scored
@@ -124,7 +130,7 @@ def start_run(run_dir: Path, cfg: TrainConfig, manifest: dict, device: torch.dev
     stain_params: the fitted stain normalisation, written as stain.json before config.json, so that
     every run folder with --stain-norm holds it."""
     save_stain(stain_params, run_dir)
-    write_json(run_dir / "split.json", manifest)
+    write_json(run_dir / SPLIT, manifest)
     write_json(run_dir / "config.json", {**cfg.to_dict(), "_env": environment(device),
                                          **({"_repeats": repeats} if repeats else {}), **({"_cv": cv} if cv else {})})
     set_status(run_dir, RUNNING, epoch=0)
@@ -165,7 +171,7 @@ def abandon(run_dir: Path, error: BaseException) -> None:
 
 def is_run(path: str | Path) -> bool:
     p = Path(path)
-    return (p / RUN_MARKER).is_file() and (p / "split.json").is_file()
+    return (p / RUN_MARKER).is_file() and (p / SPLIT).is_file()
 
 
 def check_run(path: str | Path) -> Path:
@@ -188,6 +194,29 @@ def load_config(run_dir: Path) -> TrainConfig:
         raise UserError(f"{run_dir / RUN_MARKER} is not a JSON object of settings; the run folder is damaged")
     d = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(run_dir / RUN_MARKER))
     return make_config({k: v for k, v in d.items() if k in FIELDS})
+
+
+def own_split(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """cfg reading the run's own partitions (its split.json), the images it trained, selected and was
+    tested on: what resuming, scoring and evaluating a run prepare."""
+    return dataclasses.replace(cfg, split_file=str(Path(run_dir) / SPLIT))
+
+
+def saved_temperature(run_dir: Path) -> float | None:
+    """The temperature saved in the run (calibration.json), None when it has none; a damaged file is a UserError."""
+    saved = read_json(run_dir / CALIBRATION)
+    if saved is None:
+        return None
+    t = saved.get("temperature") if isinstance(saved, dict) else None
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise UserError(f"{run_dir / CALIBRATION}: damaged (temperature {t!r}, need a number > 0); delete it, or "
+                        f"fit it again with evaluate.py {run_dir} --calibrate --save-temperature")
+    return float(t)
+
+
+def save_temperature(run_dir: Path, record: dict) -> None:
+    """calibration.json: {"temperature": T, ...how it was fitted}; the run's other files stay as they are."""
+    write_json(run_dir / CALIBRATION, record)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:

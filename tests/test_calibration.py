@@ -261,9 +261,9 @@ def test_saved_temperature_is_used_by_evaluation_and_by_the_export(run, tmp_path
 
 
 def runs_model(run_dir, cfg):
-    from breakhis.predict import load_run_model
+    from breakhis.predict import open_run
 
-    return load_run_model(run_dir, cfg, torch.device("cpu"))
+    return open_run(run_dir, device="cpu").checkpoint()
 
 
 @pytest.mark.parametrize("extra, words", [

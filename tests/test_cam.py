@@ -8,6 +8,7 @@ from PIL import Image
 from breakhis.cam import choose, grad_cam, save_cams, target_layer
 from breakhis.errors import UserError
 from breakhis.models import build_model, set_frozen
+from breakhis.options import EvalOptions
 
 
 def tiny(name="resnet18"):
@@ -86,21 +87,20 @@ def test_choose_puts_confident_errors_first():
 def evaluated(demo_root, cache_dir):
     from breakhis.config import make_config
     from breakhis.data.prepare import prepare
-    from breakhis.predict import predict
+    from breakhis.predict import TrainedRun
 
     cfg = make_config({"data": str(demo_root), "image_size": 48, "cache_dir": str(cache_dir), "backbone": "resnet18",
                        "pretrained": False, "head": "none", "dropout": "none", "device": "cpu", "workers": 1,
                        "class_weights": "none"})
     prep = prepare(cfg, progress=False)
-    model = tiny()
-    ev = predict(model, prep, "test", cfg, torch.device("cpu"))
-    return model, prep, ev, cfg
+    run = TrainedRun(cfg, torch.device("cpu"), model=tiny(), data=prep)
+    return run, prep, run.predict("test"), cfg
 
 
-def test_save_cams_writes_n_overlays_errors_first_and_refuses_zero(evaluated, tmp_path):
-    model, prep, ev, cfg = evaluated
+def test_save_cams_writes_n_overlays_errors_first_and_none_for_zero(evaluated, tmp_path):
+    run, prep, ev, cfg = evaluated
     order = choose(ev["probs"], ev["labels"], 5)
-    files = save_cams(model, prep, ev, cfg, torch.device("cpu"), tmp_path / "plots", 5)
+    files = save_cams(run, ev, "test", tmp_path / "plots", 5)
     assert len(files) == 5 and all(f.is_file() and f.parent == tmp_path / "plots" for f in files)
     for k, (f, j) in enumerate(zip(files, order)):
         wrong = ev["probs"][j].argmax() != ev["labels"][j]
@@ -110,9 +110,10 @@ def test_save_cams_writes_n_overlays_errors_first_and_refuses_zero(evaluated, tm
             assert im.format == "PNG" and im.size[0] > 300
     assert not list((tmp_path / "plots").glob(".tmp-*"))
     few = {k: ev[k][:3] for k in ("probs", "labels", "idx")}  # more asked for than there are: all of them
-    assert len(save_cams(model, prep, few, cfg, torch.device("cpu"), tmp_path / "few", 8)) == 3
-    with pytest.raises(UserError, match="--cam 0"):
-        save_cams(model, prep, ev, cfg, torch.device("cpu"), tmp_path, 0)
+    assert len(save_cams(run, few, "test", tmp_path / "few", 8)) == 3
+    assert save_cams(run, ev, "test", tmp_path / "none", 0) == [] and not (tmp_path / "none").exists()
+    with pytest.raises(UserError, match="--cam -1"):  # a negative count is refused with the options, before any work
+        EvalOptions(runs=["r"], cam=-1).validate()
 
 
 def test_evaluate_cli_writes_cams_into_the_run_plots(demo_root, cache_dir, tmp_path, capsys):

@@ -1,5 +1,4 @@
 """The logbook (breakhis.compare): fake run folders with controlled predictions, end to end through evaluate.py."""
-import argparse
 import csv
 import json
 import math
@@ -14,6 +13,7 @@ from breakhis import logbook_table as T
 from breakhis import metrics as M
 from breakhis.config import TrainConfig
 from breakhis.errors import guard
+from breakhis.options import EvalOptions
 
 
 def cases(n_patients=40, per_patient=6, start=0):
@@ -53,13 +53,11 @@ def write_run(folder, p, paths=None, patients=None, labels=None, val="same", bes
 
 
 def args(**kw):
-    base = dict(sort="accuracy", csv=None, markdown=None, boot=300, boot_seed=0, json=True, part="test", threshold="0.5",
-                tta=False, data=None, by=None, export=None, model=None, cam=0)
-    return argparse.Namespace(**{**base, **kw})
+    return EvalOptions(**{"n_boot": 300, "json": True, **kw})
 
 
 def run_json(paths, capsys, **kw):
-    assert evaluate.compare(args(**kw), paths) == 0
+    assert evaluate.logbook(args(**kw), paths) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -104,7 +102,7 @@ def test_single_run_interval_equals_metrics_bootstrap(tmp_path, capsys):
     paths, patients, y = cases()
     p = np.clip(y * 0.6 + np.random.default_rng(2).uniform(0, 0.5, y.size), 0, 1)
     a, b = write_run(tmp_path / "a", p, lr=1e-3), write_run(tmp_path / "b", 1 - p, lr=1e-4)
-    row = next(r for r in run_json([a, b], capsys, boot=200)["rows"] if r["run"] == "a")
+    row = next(r for r in run_json([a, b], capsys, n_boot=200)["rows"] if r["run"] == "a")
     ref = M.bootstrap_ci(y, p, patients, n_boot=200, seed=0)
     for k in ("accuracy", "f1", "auroc", "patient_recognition_rate"):
         assert (row[f"{k}_lo"], row[f"{k}_hi"]) == pytest.approx(ref[k])
@@ -176,7 +174,7 @@ def test_only_differing_settings_become_columns(tmp_path, capsys):
     b = write_run(tmp_path / "b", np.full(y.size, 0.6), lr=1e-4, device="cuda", workers=4, cache_dir="/y",
                   data="data/./BreaKHis_v1")
     md = tmp_path / "log.md"
-    assert evaluate.compare(args(json=False, markdown=str(md)), [a, b]) == 0
+    assert evaluate.logbook(args(json=False, markdown=str(md)), [a, b]) == 0
     header = md.read_text().splitlines()[0]
     cols = [c.strip() for c in header.strip("|").split("|")]
     assert cols[:2] == ["run", "lr"] and "accuracy" in cols
@@ -191,7 +189,7 @@ def test_csv_and_markdown_exports_hold_the_rows(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(report.console, "width", 250)
     perfect, coin = perfect_and_coin(tmp_path)
     out_csv, out_md = tmp_path / "t" / "log.csv", tmp_path / "log.md"
-    assert evaluate.compare(args(json=False, csv=str(out_csv), markdown=str(out_md)), [perfect, coin]) == 0
+    assert evaluate.logbook(args(json=False, csv=str(out_csv), markdown=str(out_md)), [perfect, coin]) == 0
     printed = capsys.readouterr().out
     assert "Logbook" in printed and "perfect" in printed
     with open(out_csv, newline="") as f:
@@ -248,7 +246,7 @@ def test_subtype_and_unfinished_runs_are_listed_not_ranked(tmp_path, capsys):
     assert "unfinished" in rows["unf"]["note"] and rows["unf"]["accuracy"] is None
     assert rows["perfect"]["best"] and not rows["sub"]["best"]
     md = tmp_path / "log.md"
-    assert evaluate.compare(args(json=False, markdown=str(md)), [perfect, coin, sub, unfinished]) == 0
+    assert evaluate.logbook(args(json=False, markdown=str(md)), [perfect, coin, sub, unfinished]) == 0
     lines = md.read_text().splitlines()
     assert "task" in lines[0] and lines[4].startswith("| sub | subtype |") and "macro F1 0.420" in lines[4]
     assert lines[5].startswith("| unf |") and "unfinished" in lines[5]

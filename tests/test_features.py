@@ -115,8 +115,9 @@ def test_scoring_and_tta_read_cached_evaluation_views(demo_root, cache_dir, tmp_
     give the probabilities of the whole model, backbone and head, up to float16 rounding."""
     import breakhis.features
     from breakhis.augment import tta_views
-    from breakhis.predict import evaluate_run, load_run_model, predict
-    from breakhis.runs import load_config
+    from breakhis.evaluation import evaluate_run
+    from breakhis.options import EvalOptions
+    from breakhis.predict import open_run
 
     cfg = frozen_cfg(demo_root, cache_dir, epochs=1)
     prep = prepare(cfg, progress=False)
@@ -125,18 +126,19 @@ def test_scoring_and_tta_read_cached_evaluation_views(demo_root, cache_dir, tmp_
     fit(cfg, run, data=prep, progress=False)
     parts = {p.name.split("-")[-2] for p in (cache_dir / "features").glob("*.npy")}
     assert parts == {"train", "val", "test"}
-    first = evaluate_run(run, tta=True, device="cpu", n_boot=0)
+    opts = EvalOptions(runs=[str(run)], tta=True, device="cpu", n_boot=0)
+    first = evaluate_run(open_run(run, device="cpu"), opts)
     monkeypatch.setattr(breakhis.features, "compute", lambda *a, **k: pytest.fail("features computed again"))
-    again = evaluate_run(run, tta=True, device="cpu", n_boot=0)
+    again = evaluate_run(open_run(run, device="cpu"), opts)
     assert again["test"] == first["test"]
     # reference: the whole loaded model over the 8 dihedral views of each test image, softmax averaged
-    rcfg = load_config(run)
-    model = load_run_model(run, rcfg, torch.device("cpu"))
+    opened = open_run(run, device="cpu")
+    model, rcfg = opened.model, opened.cfg
     loader = Loader.for_run(DeviceImages(prep.cache.images, "cpu"), prep.positions["test"], prep.labels("test"), rcfg,
                             train=False, dtype=torch.float32)
     with torch.no_grad():
         want = torch.cat([torch.stack([torch.softmax(model(v), -1) for v in tta_views(x)]).mean(0) for x, _, _ in loader])
-    got = predict(model, prep, "test", rcfg, torch.device("cpu"), tta=True)["probs"]
+    got = opened.predict("test", tta=True)["probs"]
     np.testing.assert_allclose(got, want.double().numpy(), atol=2e-3)
-    plain = predict(model, prep, "test", rcfg, torch.device("cpu"))["probs"]
+    plain = opened.predict("test")["probs"]
     assert np.abs(plain - got).max() > 1e-6  # the views differ from the plain evaluation view

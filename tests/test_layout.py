@@ -1,6 +1,7 @@
 """The shape of the package: no import cycles, imports at the top, ruff clean, every module in the README,
 and the scripts check every setting before the heavy imports."""
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,20 @@ def test_every_module_has_one_line_in_the_readme_layout():
                if p.name != "__init__.py" and f"`{p.relative_to(PACKAGE).as_posix()}`" not in layout]
     assert missing == []
     assert "DESIGN.md" not in readme  # a user of the repository does not have the team's notes
+
+
+def test_the_readme_is_a_door_and_every_docs_page_it_links_exists():
+    """README.md: at most 200 lines; the reference lives in docs/, and every page it links is there, and
+    every page there is linked (a page nobody can find is as good as missing)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    linked = set(re.findall(r"\]\((docs/[^)#]+)", readme))
+    assert linked, "the README links its reference pages in docs/"
+    assert sorted(p for p in linked if not (ROOT / p).is_file()) == []
+    assert sorted(linked) == sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))
+    for page in (ROOT / "docs").glob("*.md"):  # links between pages resolve too
+        for target in re.findall(r"\]\(([^)#:]+\.md)", page.read_text()):
+            assert (page.parent / target).is_file(), f"{page.name} links {target}"
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),

@@ -1,4 +1,4 @@
-"""evaluate.py RUN --images: new image files scored with a run (breakhis/newimages.py, breakhis/data/images.py).
+"""score.py RUN PATH...: new image files scored with a run (breakhis/newimages.py, breakhis/data/images.py).
 
 References: the run's own predictions.csv (written by the normal evaluation at the end of training)
 for exact copies of its test images; Pillow by hand for the decoding; numpy for the per-patient
@@ -17,7 +17,7 @@ from PIL import Image
 from test_train import tiny
 
 import breakhis.newimages
-import evaluate
+import score
 import train
 from breakhis.data.images import decode_images, find_images
 from breakhis.errors import UserError, guard
@@ -80,7 +80,7 @@ def test_scores_match_the_runs_predictions_and_every_file_is_accounted_for(train
     d, made = new_folder
     monkeypatch.setattr(breakhis.newimages, "CHUNK", 4)  # 15 files in 4 chunks, unreadable ones among them
     out = tmp_path / "scores.csv"
-    assert guard(evaluate.main, [str(trained), "--images", str(d), "--out", str(out)]) == 0
+    assert guard(score.main, [str(trained), str(d), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     rows = scored(out)
     assert set(rows) == set(made) | {"big.png", "square.jpeg", "tiny.PNG", "truncated.png", "text.png"}
@@ -107,7 +107,7 @@ def test_scores_match_the_runs_predictions_and_every_file_is_accounted_for(train
 def test_breakhis_names_get_per_patient_votes(trained, new_folder, tmp_path, capsys):
     d, made = new_folder
     out = tmp_path / "votes.csv"
-    assert guard(evaluate.main, [str(trained), "--images", str(d / "sub"), "--out", str(out), "--threshold", "0.52"]) == 0
+    assert guard(score.main, [str(trained), str(d / "sub"), "--out", str(out), "--threshold", "0.52"]) == 0
     rows = scored(out)
     named = {n: made[n] for n in made if n.startswith("SOB_")}
     assert len(named) == 5
@@ -129,7 +129,7 @@ def test_breakhis_names_get_per_patient_votes(trained, new_folder, tmp_path, cap
 def test_youden_threshold_is_chosen_on_the_runs_validation_images(trained, new_folder, tmp_path, capsys):
     d, _ = new_folder
     out = tmp_path / "y.csv"
-    assert guard(evaluate.main, [str(trained), "--images", str(d / "sub"), "--out", str(out), "--threshold",
+    assert guard(score.main, [str(trained), str(d / "sub"), "--out", str(out), "--threshold",
                                  "youden", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     val = [r for r in read_csv(trained / "predictions.csv") if r["split"] == "val"]
@@ -147,7 +147,7 @@ def test_youden_threshold_is_chosen_on_the_runs_validation_images(trained, new_f
 def test_tta_and_cam_overlays_beside_the_default_csv(trained, new_folder, capsys):
     d, made = new_folder
     exact = [str(d / n) for n in made if n.startswith("field ")]
-    assert guard(evaluate.main, [str(trained), "--images", *exact, str(d / "text.png"), "--tta", "--cam", "2",
+    assert guard(score.main, [str(trained), *exact, str(d / "text.png"), "--tta", "--cam", "2",
                                  "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     csv_path = Path(summary["csv"])
@@ -165,7 +165,7 @@ def test_tta_and_cam_overlays_beside_the_default_csv(trained, new_folder, capsys
     with Image.open(cams[0]) as im:
         assert im.format == "PNG"
     # a second scoring never overwrites the first (within the same second: a -2 suffix)
-    assert guard(evaluate.main, [str(trained), "--images", exact[0], "--json"]) == 0
+    assert guard(score.main, [str(trained), exact[0], "--json"]) == 0
     again = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["csv"])
     assert again != csv_path and csv_path.is_file() and len(read_csv(csv_path)) == 5
 
@@ -178,23 +178,22 @@ def test_a_run_whose_tree_is_gone_still_scores_at_a_fixed_threshold(trained, new
     cfg["data"] = str(tmp_path / "gone")
     (run / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "s.csv"
-    assert guard(evaluate.main, [str(run), "--images", str(d / "field 0.png"), "--out", str(out)]) == 0
+    assert guard(score.main, [str(run), str(d / "field 0.png"), "--out", str(out)]) == 0
     assert float(read_csv(out)[0]["p_malignant"]) == pytest.approx(float(made["field 0.png"]["p_malignant"]), abs=1e-6)
     capsys.readouterr()
-    assert guard(evaluate.main, [str(run), "--images", str(d / "field 0.png"), "--threshold", "youden"]) == 2
+    assert guard(score.main, [str(run), str(d / "field 0.png"), "--threshold", "youden"]) == 2
     err = capsys.readouterr().err
     assert "give a number" in err and err.count("\n") == 1 and not (run / "scores").exists()
 
 
 BAD = [
-    (["--images", "NOWHERE/none.png"], "no image file found"),
-    (["--images", "EMPTY/*.png"], "no image file found"),
-    (["--images", "EMPTY"], "no image file found"),  # a folder holding only non-image files
-    (["--images", "NEW", "--by", "patient"], "--by cannot go with --images"),
-    (["--images", "NEW", "--part", "val"], "--part cannot go with --images"),
-    (["--images", "NEW", "--data", "NEW"], "--data cannot go with --images"),
-    (["--images", "NEW", "--export", "m.pt2"], "--export cannot go with --images"),
-    (["--out", "x.csv"], "add --images"),
+    ("score", ["NOWHERE/none.png"], "no image file found"),
+    ("score", ["EMPTY/*.png"], "no image file found"),
+    ("score", ["EMPTY"], "no image file found"),  # a folder holding only non-image files
+    ("score", ["NEW", "--out", "x.txt"], "--out x.txt: give a file name ending in .csv"),
+    ("score", ["NEW", "--cam", "-1"], "--cam -1"),
+    ("score", ["NEW", "--threshold", "bogus"], "bad threshold rule 'bogus'"),
+    ("evaluate", ["--images", "NEW"], "python score.py RUN PATH"),  # the old command line: where it went
 ]
 
 
@@ -204,22 +203,22 @@ def test_bad_input_is_one_line_exit_2_before_torch_and_writes_nothing(trained, n
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here\n")
-    cases = [[str(trained)] + [f.replace("NOWHERE", str(tmp_path / "nowhere")).replace("EMPTY", str(empty))
-                               .replace("NEW", str(d)) for f in flags] for flags, _ in BAD]
+    cases = [[script, [str(trained)] + [f.replace("NOWHERE", str(tmp_path / "nowhere")).replace("EMPTY", str(empty))
+                                        .replace("NEW", str(d)) for f in flags]] for script, flags, _ in BAD]
     before = sorted(p.name for p in trained.iterdir())
-    code = ("import contextlib, io, json, sys, evaluate; from breakhis.errors import guard\n"
+    code = ("import contextlib, io, json, sys, evaluate, score; from breakhis.errors import guard\n"
             "out = []\n"
-            f"for argv in {cases!r}:\n"
+            f"for script, argv in {cases!r}:\n"
             "    err = io.StringIO()\n"
             "    with contextlib.redirect_stderr(err):\n"
-            "        out.append([guard(evaluate.main, argv), err.getvalue()])\n"
+            "        out.append([guard({'score': score, 'evaluate': evaluate}[script].main, argv), err.getvalue()])\n"
             "print(json.dumps({'torch': 'torch' in sys.modules, 'results': out}))")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
     assert got["torch"] is False  # every check ran before the heavy imports
-    for (flags, words), (rc, err) in zip(BAD, got["results"]):
+    for (_, flags, words), (rc, err) in zip(BAD, got["results"]):
         assert rc == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, (flags, err)
     assert sorted(p.name for p in trained.iterdir()) == before and sorted(os.listdir(tmp_path)) == ["empty"]
 
@@ -228,10 +227,10 @@ def test_existing_out_and_only_unreadable_files_are_refused(trained, new_folder,
     d, _ = new_folder
     out = tmp_path / "taken.csv"
     out.write_text("mine\n")
-    assert guard(evaluate.main, [str(trained), "--images", str(d / "field 0.png"), "--out", str(out)]) == 2
+    assert guard(score.main, [str(trained), str(d / "field 0.png"), "--out", str(out)]) == 2
     assert out.read_text() == "mine\n" and "never overwritten" in capsys.readouterr().err
     fresh = tmp_path / "fresh.csv"
-    assert guard(evaluate.main, [str(trained), "--images", str(d / "text.png"), str(d / "truncated.png"),
+    assert guard(score.main, [str(trained), str(d / "text.png"), str(d / "truncated.png"),
                                  "--out", str(fresh)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "text.png" in err and "truncated.png" in err and not fresh.exists()
@@ -249,7 +248,7 @@ def test_find_images_expands_folders_and_globs_sorted_and_once(tmp_path, monkeyp
     assert find_images(["c/*.tif", "a/**/*.png", "a", "link.png", "a/n.txt"]) == \
         ["a/b/y.JPG", "a/b/z.tiff", "a/n.txt", "a/x.png", "c/v.tif"]
     assert find_images([str(tmp_path / "c")]) == [str(tmp_path / "c" / "v.tif")]
-    with pytest.raises(UserError, match="--images nope, a/\\*.gif: no image file found"):
+    with pytest.raises(UserError, match="nope, a/\\*.gif: no image file found"):
         find_images(["a", "nope", "a/*.gif"])
 
 
@@ -291,7 +290,7 @@ def test_a_saved_temperature_scales_new_images_as_every_later_evaluation(trained
     (run / "calibration.json").write_text(json.dumps({"temperature": 1.5, "fitted_on": "val"}))
     out = tmp_path / "t.csv"
     names = [f"field {k}.png" for k in range(4)]
-    assert guard(evaluate.main, [str(run), "--images", *[str(d / n) for n in names], "--out", str(out)]) == 0
+    assert guard(score.main, [str(run), *[str(d / n) for n in names], "--out", str(out)]) == 0
     rows = scored(out)
     raw = np.array([[float(made[n]["p_benign"]), float(made[n]["p_malignant"])] for n in names])
     scaled = raw ** (1 / 1.5)

@@ -13,6 +13,7 @@ from PIL import Image
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
 import evaluate
+import score
 import train
 from breakhis import stain
 from breakhis.config import make_config
@@ -292,7 +293,7 @@ def test_setting_errors_come_before_torch_is_imported(tmp_path):
 
 
 def test_new_images_are_normalised_with_the_runs_stain_json(stained_run, tmp_path, capsys):
-    """evaluate.py RUN --images: renamed copies of the run's test images get the run's own saved
+    """score.py RUN PATH: renamed copies of the run's test images get the run's own saved
     probabilities (predictions.csv), so their fields were normalised as the test fields were."""
     import csv
 
@@ -303,7 +304,7 @@ def test_new_images_are_normalised_with_the_runs_stain_json(stained_run, tmp_pat
     for k, r in enumerate(test):
         shutil.copy(next(root.rglob(Path(r["path"]).name)), folder / f"field {k}.png")
     out = tmp_path / "scores.csv"
-    assert guard(evaluate.main, [str(run), "--images", str(folder), "--out", str(out), "--device", "cpu"]) == 0
+    assert guard(score.main, [str(run), str(folder), "--out", str(out), "--device", "cpu"]) == 0
     got = {Path(r["path"]).name: float(r["p_malignant"]) for r in csv.DictReader(open(out))}
     want = {f"field {k}.png": float(r["p_malignant"]) for k, r in enumerate(test)}
     assert got == pytest.approx(want, abs=1e-5)
@@ -314,6 +315,6 @@ def test_new_images_are_normalised_with_the_runs_stain_json(stained_run, tmp_pat
     cfg["stain_norm"] = "none"
     (raw / "config.json").write_text(json.dumps(cfg))
     out2 = tmp_path / "raw.csv"
-    assert guard(evaluate.main, [str(raw), "--images", str(folder), "--out", str(out2), "--device", "cpu"]) == 0
+    assert guard(score.main, [str(raw), str(folder), "--out", str(out2), "--device", "cpu"]) == 0
     plain = {Path(r["path"]).name: float(r["p_malignant"]) for r in csv.DictReader(open(out2))}
     assert max(abs(plain[k] - want[k]) for k in want) > 1e-4

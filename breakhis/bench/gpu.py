@@ -39,11 +39,13 @@ from ..data.demo import make_demo
 from ..data.prepare import prepare
 from ..device import needs_grad_scaler
 from ..errors import UserError
+from ..evaluation import evaluate_run
 from ..fit import fit
 from ..io import read_csv, read_json, write_json
 from ..loader import DeviceImages, Loader
 from ..models import build_model
-from ..predict import evaluate_run
+from ..options import EvalOptions
+from ..predict import open_run
 from ..tuning import experiment as tuning
 from ..tuning.results import collect, write_results
 from ..tuning.space import load_space
@@ -170,7 +172,7 @@ def end_to_end_check(device: torch.device, work: Path, *, patients: int = 12, im
     t0 = time.perf_counter()
     metrics = fit(cfg, run_dir, progress=False)
     train_s = time.perf_counter() - t0
-    ev = evaluate_run(run_dir, n_boot=200)
+    ev = evaluate_run(open_run(run_dir), EvalOptions(runs=[str(run_dir)], n_boot=200).validate())
     history = read_csv(run_dir / "history.csv")
     problems = [f"missing {f}" for f in RUN_FILES if not (run_dir / f).is_file()]
     if [int(h["epoch"]) for h in history] != [1, 2]:

@@ -88,7 +88,7 @@ def find_images(args: Sequence[str]) -> list[str]:
         found += files
     if empty:
         what = ", ".join(empty)
-        raise UserError(f"--images {what}: no image file found (give PNG, JPEG or TIFF files, folders holding "
+        raise UserError(f"{what}: no image file found (give PNG, JPEG or TIFF files, folders holding "
                         f"them, or glob patterns such as 'new/*.png')")
     unique: dict[str, str] = {}
     for f in sorted(os.path.normpath(f) for f in found):

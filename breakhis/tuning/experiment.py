@@ -32,18 +32,17 @@ from ray.tune.schedulers import ASHAScheduler
 
 from .. import runs
 from ..config import TrainConfig, make_config
-from ..data.prepare import prepare
 from ..errors import UserError
 from ..fit import fit
 from ..io import number, read_csv, read_json, sha256_of, write_json
+from ..metrics import CI_KEYS
 from ..registry import EPOCH_METRICS, SELECT_METRICS
 from ..report import console, fmt, show
 from .space import Space, check_grid, load_space, param_space, sample_overrides
 
 PATH_FIELDS = ("data", "cache_dir", "split_file", "weights")  # made absolute: trials run in Ray's trial folders
 GRACE_PERIOD = 5  # default epochs before ASHA may stop a trial
-TEST_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr",
-             "patient_recognition_rate", "patient_accuracy", "loss")
+TEST_KEYS = CI_KEYS + ("loss",)  # the test figures a trial reports (trials.csv's test_* columns)
 
 
 def absolute_paths(cfg: TrainConfig, cwd: str) -> TrainConfig:
@@ -141,7 +140,7 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
         tune.report({**last, "run": str(run_dir), "node": node,
                      **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
         return
-    resume, data = start_trial_run(cfg, run_dir)
+    resume = start_trial_run(run_dir)
     last: dict = {}
 
     def on_epoch(row: dict) -> None:
@@ -151,7 +150,7 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
         else:
             tune.report(row)
 
-    metrics = fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=False, resume=resume)
+    metrics = fit(cfg, run_dir, on_epoch=on_epoch, progress=False, resume=resume)  # warm: the driver built the cache
     if last:
         tune.report({**last, **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
 
@@ -160,15 +159,14 @@ def finished(run_dir: Path) -> bool:
     return runs.status_of(run_dir) == runs.FINISHED and (run_dir / "metrics.json").is_file()
 
 
-def start_trial_run(cfg: TrainConfig, run_dir: Path):
-    """(resume, data) for a trial's run folder: an interrupted one continues from its last.pt on its own
-    split.json; one that never finished an epoch is removed and starts again."""
+def start_trial_run(run_dir: Path) -> bool:
+    """Whether a trial's run folder continues (an interrupted one, from its last.pt and its own split.json,
+    as fit(resume=True) reads them); one that never finished an epoch is removed and starts again."""
     resume = (run_dir / "last.pt").is_file() and runs.status_of(run_dir) != runs.FINISHED  # an interrupted experiment
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # this trial's own folder from a start that never finished an epoch
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_cfg = dataclasses.replace(cfg, split_file=str(run_dir / "split.json")) if resume else cfg
-    return resume, prepare(data_cfg, progress=False)  # warm: the driver built the cache
+    return resume
 
 
 def fold_mean(values: list[list], mode: str) -> float | None:
@@ -193,8 +191,7 @@ def fold_trial(cfg: TrainConfig, trial_dir: Path, node: str, metric: str, mode: 
         if finished(run_dir):
             metrics = read_json(run_dir / "metrics.json") or {}
         else:
-            resume, data = start_trial_run(fold_cfg, run_dir)
-            metrics = fit(fold_cfg, run_dir, data=data, progress=False, resume=resume, cv=cv)
+            metrics = fit(fold_cfg, run_dir, progress=False, resume=start_trial_run(run_dir), cv=cv)
         values.append([number(h.get(metric)) for h in read_csv(run_dir / "history.csv")])
         tests.append(test_scalars(metrics))
     keys = [k for k in TEST_KEYS if all(k in t for t in tests)]

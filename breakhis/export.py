@@ -1,0 +1,107 @@
+"""Exported programs: write one from a run, load one back, and the rule for which files are trusted.
+
+    export_program(run, "model.pt2")              # torch.export program; RUN/exports.json records it
+    program = load_exported("model.pt2", run_dir)  # only a file this run recorded, unless trust=True
+
+A program takes (B, 3, S, S) float32 normalised evaluation views (already stain-normalised when
+the run has a stain normalisation) and gives (B, C) logits divided by the temperature it carries:
+the run's saved temperature when it had one at export time, else 1 (raw logits). exports.json
+records each file's SHA-256 and that temperature, so that a program's probabilities can be
+brought back to the raw logits' (TrainedRun.predict undoes it) and scaled once, never twice.
+
+torch.export.load unpickles, so a crafted .pt2 can run code: only files whose SHA-256 the run
+recorded when it exported them are loaded, unless the user vouches for the file (--trust-model).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .io import atomic_path, read_json, sha256_of, write_json
+
+EXPORTS = "exports.json"  # in a run folder: SHA-256 -> what evaluate.py --export wrote from this run
+
+
+class Exported(torch.nn.Module):
+    """A torch.export program behind the nn.Module calls the engine makes.
+
+    It was exported in eval mode, and exported modules refuse train()/eval(): keep it out of
+    the module tree so that eval() does not reach it.
+    """
+
+    def __init__(self, module, temperature: float = 1.0):
+        super().__init__()
+        object.__setattr__(self, "program", module)
+        self.temperature = temperature  # the T the program already divides its logits by (exports.json)
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, x):
+        return self.program(x)
+
+
+class Tempered(torch.nn.Module):
+    """model(x) / factor: logits whose softmax is the temperature-scaled probabilities. temperature:
+    what the result carries in all, from the raw logits (an exported program's own included)."""
+
+    def __init__(self, model: torch.nn.Module, factor: float):
+        super().__init__()
+        self.model = model
+        self.factor = float(factor)
+        self.temperature = self.factor * getattr(model, "temperature", 1.0)
+
+    def forward(self, x):
+        return self.model(x) / self.factor
+
+
+def trusted_temperature(path: str | Path, run_dir: Path, trust: bool = False) -> float:
+    """The temperature the program at path carries, when run_dir recorded its SHA-256 (1 for a file
+    trusted by the user); a UserError for a missing file or one the run did not write (unless trust).
+    Checked when the run is opened, and again when the file is loaded."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--model {p}: file not found (write one with evaluate.py RUN --export {p.name})")
+    known = read_json(run_dir / EXPORTS) or {}
+    digest = sha256_of(p)
+    if not trust and digest not in known:
+        raise UserError(f"--model {p}: not an export recorded by {run_dir} ({run_dir / EXPORTS} lacks its SHA-256). "
+                        f"Loading a torch.export file can run code stored in it: export it again with "
+                        f"evaluate.py {run_dir} --export {p.name}, or pass --trust-model for a file you trust")
+    # a program this run exported with a temperature divides its logits by it already; any other: 1 (raw logits)
+    return float((known.get(digest) or {}).get("temperature") or 1.0)
+
+
+def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> Exported:
+    """The program at path, loaded only when run_dir recorded its SHA-256 (or trust: --trust-model)."""
+    temperature = trusted_temperature(path, run_dir, trust)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # a damaged or foreign file: say so in the user's words
+        raise UserError(f"--model {path}: not a torch.export program ({type(e).__name__}: {e})") from None
+    return Exported(program.module(), temperature)
+
+
+def export_program(model: torch.nn.Module, image_size: int, device: torch.device, path: str | Path,
+                   run_dir: Path | None = None, temperature: float = 1.0) -> None:
+    """Save model as a torch.export program whose logits carry `temperature` in all, from the raw
+    logits (1: the raw logits); a model that divides by a temperature already (an Exported program)
+    is divided by what remains. run_dir: the run records the file's SHA-256 and that temperature."""
+    factor = temperature / getattr(model, "temperature", 1.0)
+    if factor != 1.0:
+        model = Tempered(model, factor)
+    carried = float(getattr(model, "temperature", 1.0))
+    model = model.float().eval()
+    x = torch.randn(2, 3, image_size, image_size, device=device)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    prog = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    with atomic_path(path) as tmp:
+        torch.export.save(prog, str(tmp))
+        digest = sha256_of(tmp)
+    if run_dir is not None:  # the run vouches for what it wrote: evaluate.py RUN --model loads it without --trust-model
+        known = read_json(run_dir / EXPORTS) or {}
+        write_json(run_dir / EXPORTS, {**known, digest: {"file": str(Path(path).resolve()), "temperature": carried,
+                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}})
