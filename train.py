@@ -113,8 +113,7 @@ def main(argv=None) -> int:
 
     from breakhis import report, runs
     from breakhis.data.demo import make_demo, write_folds
-    from breakhis.data.prepare import prepare
-    from breakhis.fit import check_data, fit, preflight, with_inputs
+    from breakhis.fit import fit, preflight, with_inputs
 
     # --- resume: the run's own config, nothing else ---
     if a.resume:
@@ -143,38 +142,53 @@ def main(argv=None) -> int:
     if a.demo and Path(cfg.data) == Path(DEMO["data"]) and not (DEMO_DIR / "Folds.csv").exists():
         write_folds(DEMO_DIR / "BreaKHis_v1")  # synthetic official-style folds, so that --fold and --folds can be tried
 
-    # --- one run per official fold: every fold's data and folder name checked before the first one trains ---
     if cfg.folds:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = a.name or f"{stamp}-{runs.label_of(cfg.backbone)}"
-        folds = [(fold_cfg, f"{base}-fold{fold_cfg.fold}") for fold_cfg in cfg.per_fold()]
-        for _, name in folds:
-            runs.check_new(a.results, name)
-        preps = []
-        for fold_cfg, _ in folds:  # the fold file lists the fold, no patient on both sides, partitions fit a batch
-            preps.append(prepare(fold_cfg, progress=not a.quiet))
-            check_data(preps[-1], fold_cfg)
-        cv = {"id": stamp, "folds": list(cfg.fold_list()), "name": base}
-        for i, ((fold_cfg, name), prep) in enumerate(zip(folds, preps)):
-            code = train_one(fold_cfg, runs.new_run_dir(a.results, name, fold_cfg.backbone), prep, a.quiet, cv=cv)
-            if code:
-                rest = [c.fold for c, _ in folds[i + 1:]]
-                if rest:
-                    print(f"folds {','.join(map(str, rest))} were not started", file=sys.stderr)
-                return code
-        return 0
+        return train_folds(cfg, a.name, a.results, a.quiet)
+    return train_seeds(cfg, seeds, a.name, a.results, a.resplit, a.quiet)
 
-    # --- one run per seed ---
+
+def train_folds(cfg, name: str | None, results: str, quiet: bool) -> int:
+    """One run per official fold: every fold's data and folder name checked before the first one trains."""
+    from breakhis import runs
+    from breakhis.data.prepare import prepare
+    from breakhis.fit import check_data
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = name or f"{stamp}-{runs.label_of(cfg.backbone)}"
+    folds = [(fold_cfg, f"{base}-fold{fold_cfg.fold}") for fold_cfg in cfg.per_fold()]
+    for _, fold_name in folds:
+        runs.check_new(results, fold_name)
+    preps = []
+    for fold_cfg, _ in folds:  # the fold file lists the fold, no patient on both sides, partitions fit a batch
+        preps.append(prepare(fold_cfg, progress=not quiet))
+        check_data(preps[-1], fold_cfg)
+    cv = {"id": stamp, "folds": list(cfg.fold_list()), "name": base}
+    for i, ((fold_cfg, fold_name), prep) in enumerate(zip(folds, preps)):
+        code = train_one(fold_cfg, runs.new_run_dir(results, fold_name, fold_cfg.backbone), prep, quiet, cv=cv)
+        if code:
+            rest = [c.fold for c, _ in folds[i + 1:]]
+            if rest:
+                print(f"folds {','.join(map(str, rest))} were not started", file=sys.stderr)
+            return code
+    return 0
+
+
+def train_seeds(cfg, seeds: list[int], name: str | None, results: str, resplit: bool, quiet: bool) -> int:
+    """One run per seed, on one patient split (or one per seed with resplit)."""
+    from breakhis import runs
+    from breakhis.data.prepare import prepare
+    from breakhis.fit import check_data
+
     prep = None
-    repeats = {"id": time.strftime("%Y%m%d-%H%M%S"), "seeds": seeds, "resplit": a.resplit} if len(seeds) > 1 else None
+    repeats = {"id": time.strftime("%Y%m%d-%H%M%S"), "seeds": seeds, "resplit": resplit} if len(seeds) > 1 else None
     for seed in seeds:
-        run_cfg = dataclasses.replace(cfg, seed=seed, split_seed=seed if a.resplit else cfg.split_seed)
-        if prep is None or a.resplit:
-            prep = prepare(run_cfg, progress=not a.quiet)
+        run_cfg = dataclasses.replace(cfg, seed=seed, split_seed=seed if resplit else cfg.split_seed)
+        if prep is None or resplit:
+            prep = prepare(run_cfg, progress=not quiet)
             check_data(prep, run_cfg)
-        name = a.name and (f"{a.name}-seed{seed}" if len(seeds) > 1 else a.name)
-        run_dir = runs.new_run_dir(a.results, name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
-        code = train_one(run_cfg, run_dir, prep, a.quiet, repeats=repeats)
+        run_name = name and (f"{name}-seed{seed}" if len(seeds) > 1 else name)
+        run_dir = runs.new_run_dir(results, run_name, run_cfg.backbone + (f"-seed{seed}" if len(seeds) > 1 else ""))
+        code = train_one(run_cfg, run_dir, prep, quiet, repeats=repeats)
         if code:
             return code
     return 0

@@ -5,27 +5,17 @@
     feats = run_features(model.backbone, prep, cfg, device, amp, images)   # {"train": (K, n, F), "val": (n, F)}
 
 With --freeze (and no --unfreeze-at), the backbone is a fixed function of the image (eval mode,
-no gradients), so its pooled features (B, F) can be computed once and a training epoch becomes a
-few small matrix products through the head. The features are kept beside the decode cache, in
-`<cache dir>/features/<decode cache folder>-<key>.npy`, float16 (half the bytes; the relative
-rounding, 2^-11, is far below what separates the classes), read memory-mapped. The key hashes
-the decode cache key, the backbone name, its weights (file SHA-256, pretrained, or the seed of a
-random initialisation), the input size and normalisation, the fitted stain normalisation, the
-precision, the partition's cache positions, and the view: evaluation, or the training views with
-their augmentation settings and seed. A changed setting is a new file; the old one stays (delete the folder to reclaim space).
+no gradients), so its pooled features (B, F) are computed once and a training epoch becomes a few
+small matrix products through the head. What users see (where the files live, what makes a new
+one, the views and the approximation with augmentation): docs/training.md.
 
-Views. Evaluation features are the evaluation view (the central square), in partition order.
-Training features: without augmentation, the evaluation view of each training image (one view).
-With augmentation, K = --feature-views views per image (default 4): view v is the per-sample
-augmentation the run's loader draws at epoch v + 1, and epoch e trains on view (e - 1) mod K. For
-e <= K the head sees exactly (up to float16) the augmented images a run through the backbone
-sees; later epochs reuse views, so a run of E > K epochs sees K distinct augmentations of each
-image instead of E: the approximation. With --balanced-sampling the views are drawn in a plain
-permutation (every image needs one), so the augmentation of an image differs from the uncached
-run's, though drawn from the same distribution. The order of the images in an epoch is the
-loader's own (same seed, same permutation), and the head's dropout draws from the same global
-generator, so without augmentation a cached run equals a run through the frozen backbone up to
-float16 rounding (tests/test_features.py).
+Stored as `<cache dir>/features/<decode cache folder>-<part>-<key>.npy`, float16 (half the bytes;
+the relative rounding, 2^-11, is far below what separates the classes), read memory-mapped.
+feature_key hashes everything the features depend on. Training view v of K is the per-sample
+augmentation the run's loader draws at epoch v + 1 (epoch e reads view (e - 1) mod K); the order
+of the images in an epoch is the loader's own (same seed, same permutation) and the head's
+dropout draws from the same global generator, so without augmentation a cached run equals a run
+through the frozen backbone up to float16 rounding (tests/test_features.py).
 """
 from __future__ import annotations
 

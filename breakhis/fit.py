@@ -25,11 +25,11 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, needs_grad_scaler, prepare_model, resolve_device, seed_everything
 from .engine import NonFiniteLoss, evaluate, make_loss, train_one_epoch
 from .errors import UserError
-from .features import part_batches, run_features
+from .features import FeatureLoader, part_batches, run_features
 from .io import write_csv
-from .loader import DeviceImages
+from .loader import DeviceImages, Loader
 from .models import check_timm, check_weights, input_spec, is_timm, model_for, set_frozen
-from .optim import build_optimizer, build_schedule, current_lr
+from .optim import Schedule, build_optimizer, build_schedule, current_lr
 from .predict import finalize
 from .registry import EPOCH_METRICS
 from .report import TrainProgress
@@ -168,45 +168,72 @@ def checkpoint(run_dir: Path, row: dict, select: str, state: Progress, model, op
     runs.set_status(run_dir, runs.RUNNING, epoch=state.epoch)
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
-         progress: bool, resume: bool, repeats: dict | None, cv: dict | None) -> dict:
+@dataclass
+class Training:
+    """What one run trains with, built before its folder is written to (so that a refusal leaves nothing)."""
+    cfg: TrainConfig       # resolved: the backbone's own input normalisation and size
+    device: torch.device
+    amp: torch.dtype | None
+    prep: Prepared
+    stain_params: stain.StainParams | None  # the run's fitted (or, resumed, saved) stain normalisation
+    images: DeviceImages   # prep's fields on the device, stain-normalised
+    model: torch.nn.Module  # the Classifier: what model.safetensors and last.pt hold
+    net: torch.nn.Module   # what runs each batch: the head on cached features, or the (compiled) model
+    train: Loader | FeatureLoader  # training batches
+    val: Loader | FeatureLoader    # validation batches, the same kind
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    loss: torch.nn.Module
+
+    @property
+    def state(self) -> list:
+        """What restore() and checkpoint() save and load beside the loop's Progress."""
+        return [self.model, self.optimizer, self.schedule, self.scaler]
+
+
+def build(cfg: TrainConfig, run_dir: Path, data: Prepared | None, resume: bool, progress: bool) -> Training:
+    """Device, data (the run's own split.json when it continues), stain, model, batches (cached features or
+    images: features.part_batches decides), optimiser, schedule, loss."""
     device = preflight(cfg)
     cfg = with_inputs(cfg)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    # --- data: the run's own split.json when it continues ---
     prep = data or prepare(runs.own_split(cfg, run_dir) if resume else cfg, progress=progress)
     check_data(prep, cfg)
     # the stain reference: the run's own on resume, else fitted now (training images only), before the folder is written
     stain_params = stain.load(run_dir, cfg) if resume else stain.fit_run(cfg, prep)
     images = DeviceImages.for_run(prep.cache.images, cfg, device, stain_params)
-
-    # --- model, batches (cached features or images: features.part_batches decides), optimiser, loss ---
     model = model_for(cfg)
     set_frozen(model, cfg.freeze)
     model.to(device)
     fast = prepare_model(model, device, cfg.channels_last, cfg.compile, cfg.compile_mode)
-    net, train_loader = part_batches(model, prep, "train", cfg, device, images, net=fast)
-    _, val_loader = part_batches(model, prep, "val", cfg, device, images, net=fast)
+    net, train = part_batches(model, prep, "train", cfg, device, images, net=fast)
+    _, val = part_batches(model, prep, "val", cfg, device, images, net=fast)
     amp = amp_dtype(cfg.amp, device)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    schedule = build_schedule(optimizer, cfg, steps_per_epoch=len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp))
-    loss_fn = make_loss(cfg.class_weights, cfg.label_smoothing, device)
-    state = [model, optimizer, schedule, scaler]
+    return Training(cfg, device, amp, prep, stain_params, images, model, net, train, val, optimizer,
+                    build_schedule(optimizer, cfg, steps_per_epoch=len(train)),
+                    torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp)),
+                    make_loss(cfg.class_weights, cfg.label_smoothing, device))
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
+         progress: bool, resume: bool, repeats: dict | None, cv: dict | None) -> dict:
+    t = build(cfg, run_dir, data, resume, progress)
+    cfg = t.cfg
 
     # --- the run folder: from here on it describes the run ---
     if resume:
-        done = restore(run_dir, *state)
+        done = restore(run_dir, *t.state)
     else:
-        runs.start_run(run_dir, cfg, prep.manifest, device, repeats=repeats, cv=cv, stain_params=stain_params)
+        runs.start_run(run_dir, cfg, t.prep.manifest, t.device, repeats=repeats, cv=cv, stain_params=t.stain_params)
         done = Progress()
 
     # --- loop ---
     epoch, scoring = done.epoch, False
-    bar = TrainProgress(cfg.epochs, len(train_loader), enabled=progress)
+    bar = TrainProgress(cfg.epochs, len(t.train), enabled=progress)
     try:
         with bar:
             bar.skip_to(epoch)
@@ -215,29 +242,29 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                     bar.note(f"early stop: no {cfg.select} improvement for {cfg.patience} epochs")
                     break
                 if cfg.freeze and cfg.unfreeze_at and epoch >= cfg.unfreeze_at:
-                    set_frozen(model, False)
+                    set_frozen(t.model, False)
                 t0 = time.perf_counter()
-                lr = current_lr(optimizer)
-                train_loader.set_epoch(epoch)
+                lr = current_lr(t.optimizer)
+                t.train.set_epoch(epoch)
                 try:
-                    tr = train_one_epoch(net, bar.batches(train_loader), optimizer, schedule, loss_fn, amp=amp,
-                                         scaler=scaler)
+                    tr = train_one_epoch(t.net, bar.batches(t.train), t.optimizer, t.schedule, t.loss, amp=t.amp,
+                                         scaler=t.scaler)
                 except NonFiniteLoss as e:
                     runs.set_status(run_dir, runs.FAILED, epoch=epoch - 1, message=str(e))
                     raise UserError(f"{e} at epoch {epoch} of run {run_dir}: training stopped. Lower --lr, "
                                     f"or use --amp off / bf16; the best checkpoint so far is kept") from None
-                ev = evaluate(net, val_loader, loss_fn, amp=amp)
+                ev = evaluate(t.net, t.val, t.loss, amp=t.amp)
                 row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                        **val_metrics(ev, cfg.task), "img_s": tr["img_s"], "seconds": time.perf_counter() - t0}
-                schedule.step_epoch(ev["loss"])
-                checkpoint(run_dir, row, cfg.select, done, *state)
+                t.schedule.step_epoch(ev["loss"])
+                checkpoint(run_dir, row, cfg.select, done, *t.state)
                 bar.epoch_done(row, cfg.select)
                 if on_epoch:
                     on_epoch(row)
         # --- score the best checkpoint; the run is finished only once its figures exist ---
         runs.set_status(run_dir, runs.RUNNING, epoch=done.epoch, message="scoring the best checkpoint")
         scoring = True
-        metrics = finalize(run_dir, prep, progress=progress, images=images)
+        metrics = finalize(run_dir, t.prep, progress=progress, images=t.images)
     except KeyboardInterrupt:
         if not done.epoch and not resume:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was saved: no folder that promises a resume

@@ -83,6 +83,25 @@ def resized(info: list[dict], size: tuple[int, int]) -> dict:
             "smaller_than_field": sum(i["width"] < w or i["height"] < h for i in ok), "field": f"{h}x{w}"}
 
 
+def csv_rows(paths: Sequence[str], info: list[dict], probs: np.ndarray, pred: np.ndarray, recs: list, votes: dict,
+             task: str, t: float) -> list[dict]:
+    """One CSV row per file (docs/evaluate.md): probs (N, C) nan and pred -1 for unreadable files;
+    recs: each file's BreakHis record or None; votes: patient_votes of the readable named files."""
+    names = class_names(task)
+    rows = []
+    for i, (p, inf, rec) in enumerate(zip(paths, info, recs)):
+        ok = bool(inf["ok"])
+        v = votes.get(rec.patient) if rec is not None and ok else None
+        rows.append({"path": p, "width": inf["width"] or "", "height": inf["height"] or "",
+                     **{f"p_{n}": float(probs[i, c]) if ok else "" for c, n in enumerate(names)},
+                     "prediction": names[pred[i]] if ok else "", "threshold": t if task == "binary" else "",
+                     "patient": rec.patient if rec else "", "magnification": rec.magnification if rec else "",
+                     "patient_images": v["images"] if v else "",
+                     **{f"patient_p_{n}": float(v["mean"][c]) if v else "" for c, n in enumerate(names)},
+                     "patient_vote": names[v["vote"]] if v else "", "error": inf["error"] or ""})
+    return rows
+
+
 def score_images(run: TrainedRun, paths: Sequence[str], *, threshold: str = "0.5", tta: bool = False,
                  out: str | None = None, cam: int = 0, progress: bool = True) -> dict:
     """Score image files (data.images.find_images) with a run; write the CSV (see the module docstring).
@@ -124,16 +143,7 @@ def score_images(run: TrainedRun, paths: Sequence[str], *, threshold: str = "0.5
     recs = [breakhis_record(p) for p in paths]
     named = [i for i in range(len(paths)) if good[i] and recs[i] is not None]
     votes = patient_votes([recs[i].patient for i in named], probs[named], cfg.task, t) if named else {}
-    rows = []
-    for i, (p, inf, rec) in enumerate(zip(paths, info, recs)):
-        v = votes.get(rec.patient) if rec is not None and good[i] else None
-        rows.append({"path": p, "width": inf["width"] or "", "height": inf["height"] or "",
-                     **{f"p_{n}": float(probs[i, c]) if good[i] else "" for c, n in enumerate(names)},
-                     "prediction": names[pred[i]] if good[i] else "", "threshold": t if cfg.task == "binary" else "",
-                     "patient": rec.patient if rec else "", "magnification": rec.magnification if rec else "",
-                     "patient_images": v["images"] if v else "",
-                     **{f"patient_p_{n}": float(v["mean"][c]) if v else "" for c, n in enumerate(names)},
-                     "patient_vote": names[v["vote"]] if v else "", "error": inf["error"] or ""})
+    rows = csv_rows(paths, info, probs, pred, recs, votes, cfg.task, t)
 
     result = {"run": str(run.dir), "csv": str(csv), "threshold": t, "temperature": run.temperature, "tta": tta,
               "images": len(paths),

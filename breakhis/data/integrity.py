@@ -23,6 +23,45 @@ def cross_subtype_ids(records: list[Record]) -> list[dict]:
             if len({q.split("-", 1)[0] for q in v}) > 1]
 
 
+def pixel_facts(rep: dict, recs: list, paths: list[str], info: list[dict], notes: list[str]) -> None:
+    """The decoder's facts into rep (and their lines into notes): unreadable files, converted modes,
+    sizes, and pixel-identical duplicates across patients with what each task drops of them."""
+    if len(info) != len(paths):
+        raise ValueError(f"info has {len(info)} entries for {len(paths)} paths")
+    ok = [(p, i) for p, i in zip(paths, info) if i["ok"]]
+    rep["unreadable"] = [{"path": p, "error": i.get("error")} for p, i in zip(paths, info) if not i["ok"]]
+    rep["modes"] = dict(Counter(i["mode"] for _, i in ok if i["mode"] != "RGB"))
+    sizes = Counter(f"{i['width']}x{i['height']}" for _, i in ok)
+    rep["sizes"] = dict(sizes.most_common())
+    common = sizes.most_common(1)[0][0] if sizes else None
+    rep["odd_sizes"] = [{"path": p, "size": f"{i['width']}x{i['height']}"} for p, i in ok
+                        if f"{i['width']}x{i['height']}" != common]
+    groups = find_duplicates(recs, {p: i["sha1"] for p, i in ok})
+    by_path = {r.path: r for r in recs}
+    pairs = Counter()
+    for g in groups:
+        pats = sorted({by_path[p].patient for p in g})
+        conflict = [t for t, f in (("binary", "cls"), ("subtype", "subtype"))
+                    if len({getattr(by_path[p], f) for p in g}) > 1]
+        rep["duplicates"].append({"paths": g, "patients": pats, "conflicting_labels": conflict})
+        pairs[(tuple(pats), tuple(conflict))] += 1
+    rep["duplicate_patients"] = [{"patients": list(p), "images": k, "conflicting_labels": list(c)}
+                                 for (p, c), k in sorted(pairs.items())]
+    kept = [r for r in recs if r.path not in {u["path"] for u in rep["unreadable"]}]
+    rep["dropped"] = {t: len(drop_duplicates(kept, groups, t)[1]) for t in ("binary", "subtype")}
+    for d in rep["duplicate_patients"]:
+        notes.append(f"{' = '.join(d['patients'])} share {d['images']} pixel-identical image(s)"
+                     + (f" with conflicting {'/'.join(d['conflicting_labels'])} labels" if d["conflicting_labels"] else ""))
+    if groups:
+        notes.append(f"duplicates dropped per task: binary {rep['dropped']['binary']} (one copy kept), "
+                     f"subtype {rep['dropped']['subtype']} (conflicting copies all dropped)")
+    if rep["modes"]:
+        notes.append(f"{sum(rep['modes'].values())} non-RGB image(s) converted to RGB "
+                     f"({', '.join(f'{k} {v}' for k, v in rep['modes'].items())})")
+    if rep["odd_sizes"]:
+        notes.append(f"{len(rep['odd_sizes'])} image(s) not {common} px (accepted; resized by the cache)")
+
+
 def integrity_report(index: Index, info: list[dict] | None = None, paths: list[str] | None = None,
                      skip_bad: bool = False, near: list[dict] | None = None, near_note: str = "") -> dict:
     """JSON-able facts about a tree: counts per class x subtype x magnification, patients per subtype,
@@ -53,40 +92,7 @@ def integrity_report(index: Index, info: list[dict] | None = None, paths: list[s
     notes += [f"slide id {c['accession']} is filed under {len(c['patients'])} subtypes ({', '.join(c['patients'])}): "
              f"--group accession keeps them on one side of a split" for c in rep["cross_subtype_ids"]]
     if info is not None:
-        if len(info) != len(paths):
-            raise ValueError(f"info has {len(info)} entries for {len(paths)} paths")
-        ok = [(p, i) for p, i in zip(paths, info) if i["ok"]]
-        rep["unreadable"] = [{"path": p, "error": i.get("error")} for p, i in zip(paths, info) if not i["ok"]]
-        rep["modes"] = dict(Counter(i["mode"] for _, i in ok if i["mode"] != "RGB"))
-        sizes = Counter(f"{i['width']}x{i['height']}" for _, i in ok)
-        rep["sizes"] = dict(sizes.most_common())
-        common = sizes.most_common(1)[0][0] if sizes else None
-        rep["odd_sizes"] = [{"path": p, "size": f"{i['width']}x{i['height']}"} for p, i in ok
-                            if f"{i['width']}x{i['height']}" != common]
-        groups = find_duplicates(recs, {p: i["sha1"] for p, i in ok})
-        by_path = {r.path: r for r in recs}
-        pairs = Counter()
-        for g in groups:
-            pats = sorted({by_path[p].patient for p in g})
-            conflict = [t for t, f in (("binary", "cls"), ("subtype", "subtype"))
-                        if len({getattr(by_path[p], f) for p in g}) > 1]
-            rep["duplicates"].append({"paths": g, "patients": pats, "conflicting_labels": conflict})
-            pairs[(tuple(pats), tuple(conflict))] += 1
-        rep["duplicate_patients"] = [{"patients": list(p), "images": k, "conflicting_labels": list(c)}
-                                     for (p, c), k in sorted(pairs.items())]
-        kept = [r for r in recs if r.path not in {u["path"] for u in rep["unreadable"]}]
-        rep["dropped"] = {t: len(drop_duplicates(kept, groups, t)[1]) for t in ("binary", "subtype")}
-        for d in rep["duplicate_patients"]:
-            notes.append(f"{' = '.join(d['patients'])} share {d['images']} pixel-identical image(s)"
-                         + (f" with conflicting {'/'.join(d['conflicting_labels'])} labels" if d["conflicting_labels"] else ""))
-        if groups:
-            notes.append(f"duplicates dropped per task: binary {rep['dropped']['binary']} (one copy kept), "
-                         f"subtype {rep['dropped']['subtype']} (conflicting copies all dropped)")
-        if rep["modes"]:
-            notes.append(f"{sum(rep['modes'].values())} non-RGB image(s) converted to RGB "
-                         f"({', '.join(f'{k} {v}' for k, v in rep['modes'].items())})")
-        if rep["odd_sizes"]:
-            notes.append(f"{len(rep['odd_sizes'])} image(s) not {common} px (accepted; resized by the cache)")
+        pixel_facts(rep, recs, paths, info, notes)
     if len(recs) > 5000 or len(index.patients) > 60:  # looks like the full archive: compare with its facts
         found = {"patients": len(index.patients), "images": len(recs), "benign": classes["benign"]["images"],
                  "malignant": classes["malignant"]["images"]}
