@@ -142,7 +142,7 @@ def render(book: Logbook, width: int | None = None):
     columns, cells = table(book)
     starts = {i for i in range(1, len(rows)) if rows[i].image_set != rows[i - 1].image_set}
     stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in cells]  # narrower
-    return report.logbook_table(columns, stacked, title=f"Logbook: {book.runs} runs, {book.part} split",
-                                caption=caption(book), best={i for i, r in enumerate(rows) if r.best},
-                                sections=starts, width=width, drop_order=[c for c in DROP_ORDER if c in columns]
-                                + [k for k in book.keys if k in columns])
+    return report.fitted_table(columns, stacked, title=f"Logbook: {book.runs} runs, {book.part} split",
+                               caption=caption(book), best={i for i, r in enumerate(rows) if r.best},
+                               sections=starts, width=width, drop_order=[c for c in DROP_ORDER if c in columns]
+                               + [k for k in book.keys if k in columns])

@@ -211,11 +211,11 @@ def scores_table(out: dict) -> Table:
     return t
 
 
-def logbook_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
-                  best: set[int] = frozenset(), sections: set[int] = frozenset(), drop_order: list[str] = (),
-                  width: int | None = None) -> Table:
-    """The logbook of many runs: one row per run (or group of repeats); a line before each index
-    in `sections` (a new set of comparable runs); rows in `best` in bold.
+def fitted_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
+                 best: set[int] = frozenset(), sections: set[int] = frozenset(), drop_order: list[str] = (),
+                 width: int | None = None) -> Table:
+    """A table fitted to the terminal by leaving out whole columns (the logbook's): rows of cells, a line
+    before each index in `sections` (e.g. a new set of comparable runs); rows in `best` in bold.
 
     The first column (the run's name) never wraps, so a name can be copied. When the table is wider
     than `width` (default: the terminal), the columns in `drop_order` are left out, first ones first,
