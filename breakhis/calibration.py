@@ -96,14 +96,13 @@ def nll(y, probs) -> float:
 
 
 def calibration_ci(y, p, patients, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                   method: str = "bca", n_bins: int = N_BINS) -> dict[str, tuple[float, float]]:
+                   method: str = "cluster", n_bins: int = N_BINS) -> dict[str, tuple[float, float]]:
     """Intervals (1 - alpha) of "ece" and "brier" over patients: bootstrap_ci's draws and interval rules.
 
-    method "bca" (bootstrap_ci's default): logit-t with the bootstrap SE, BCa at 0 (intervals.smooth_interval);
+    method "cluster" (bootstrap_ci's default): logit-t with the bootstrap SE, BCa at 0 (intervals.smooth_interval);
     "percentile": the percentile interval of the resampled figures.
     """
-    if method not in ("bca", "percentile"):
-        raise ValueError(f"method must be bca or percentile, not {method!r}")
+    intervals.check_method(method)
     b, conf, correct = _bins(y, p, n_bins)
     y, p = check_binary(y, p)
     idx, boot_w, jack_w = intervals.patient_weights(patients, y.size, n_boot, seed)

@@ -3,7 +3,7 @@ same images, and the t-tests between rows of runs with Holm's correction.
 
 Intervals resample PATIENTS with replacement (all images of a drawn patient come along): images of
 one patient are not independent, so resampling images would give intervals that are too narrow.
-The default rules (bootstrap_ci's method "bca"; INTERVAL_METHOD says it in one line) keep their
+The default rules (method "cluster" of bootstrap_ci; INTERVAL_METHOD says it in one line) keep their
 coverage at BreakHis sizes, 8-40 test patients with a handful of benign ones (`python -m breakhis.bench
 coverage` measures it): cluster-adjusted Wilson with a t quantile for ratios of sums over patients,
 logit(estimate) +- t * bootstrap SE for the other figures in [0, 1], Wilson for one-vote-per-patient
@@ -181,14 +181,23 @@ INTERVAL_METHOD = ("patient-cluster intervals: Wilson (cluster-adjusted, t quant
                    "recall, specificity; logit +- t * bootstrap SE for balanced accuracy, F1, AUROC, AUCPR, "
                    "patient recognition rate, ECE, Brier; Wilson for patient accuracy")
 FEW_PATIENTS = 10  # fewer patients than this in a class: the intervals are rough, and the output says so
+# the interval rules of bootstrap_ci and calibration.calibration_ci: "cluster" the default (INTERVAL_METHOD),
+# "percentile" the plain percentile bootstrap, kept to compare coverage (python -m breakhis.bench coverage)
+METHODS = ("cluster", "percentile")
+
+
+def check_method(method: str) -> None:
+    """A ValueError unless method is one of METHODS."""
+    if method not in METHODS:
+        raise ValueError(f"method must be {' or '.join(METHODS)}, not {method!r}")
 
 
 def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | None = None, n_boot: int = 1000,
                  seed: int = 0, alpha: float = 0.05, threshold=0.5,
-                 method: str = "bca") -> dict[str, tuple[float, float]]:
+                 method: str = "cluster") -> dict[str, tuple[float, float]]:
     """Intervals (1 - alpha) by resampling patients with replacement (all images of a drawn patient come along).
 
-    method "bca" (the default; the name of its fallback): intervals whose coverage holds at BreakHis
+    method "cluster" (the default; rules for patient-clustered data): intervals whose coverage holds at BreakHis
     sizes (8-40 test patients, a handful of benign ones; `python -m breakhis.bench coverage`):
       accuracy, precision, recall, specificity (ratios of sums over patients): cluster-adjusted Wilson
         with a t quantile (cluster_wilson);
@@ -205,12 +214,11 @@ def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | 
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if method not in ("bca", "percentile"):
-        raise ValueError(f"method must be bca or percentile, not {method!r}")
+    check_method(method)
     d = patient_counts(y, p, patients, threshold)
     n_pat = len(d.members)
     draws = patient_draws(n_pat, n_boot, seed)
-    if fn is None and method == "bca":
+    if fn is None and method == "cluster":
         dist = weighted_figures(multiplicity(draws), d, CI_KEYS)
         point = {k: float(v[0]) for k, v in weighted_figures(np.ones((1, n_pat)), d, CI_KEYS).items()}
         jack = weighted_figures(np.ones((n_pat, n_pat)) - np.eye(n_pat), d, CI_KEYS) if n_pat > 1 else \

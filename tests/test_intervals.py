@@ -18,6 +18,8 @@ def test_bad_bootstrap_settings_raise():
         intervals.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], n_boot=0)
     with pytest.raises(ValueError, match="alpha"):
         intervals.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], alpha=1.5)
+    with pytest.raises(ValueError, match="method must be cluster or percentile, not 'bca'"):  # the old name is gone
+        intervals.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], method="bca")
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..io import jsonable
 
 BENIGN_SHARE = 7 / 24  # benign patients in a BreakHis test partition (about 7 of 24)
+COMPARED = ("percentile", "cluster")  # intervals.bootstrap_ci methods, in the table's column order
 KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr",
         "patient_recognition_rate", "patient_accuracy")
 
@@ -73,11 +74,11 @@ def coverage(sizes: Sequence[int], reps: int, n_boot: int, seed: int) -> dict:
     out = {}
     for size in sizes:
         benign = max(2, round(size * BENIGN_SHARE))
-        hits = {m: {k: 0 for k in KEYS} for m in ("percentile", "bca")}
-        counted = {m: {k: 0 for k in KEYS} for m in ("percentile", "bca")}
+        hits = {m: {k: 0 for k in KEYS} for m in COMPARED}
+        counted = {m: {k: 0 for k in KEYS} for m in COMPARED}
         for r in range(reps):
             y, p, patients = simulate(rng, benign, size - benign)
-            for method in ("percentile", "bca"):
+            for method in COMPARED:
                 ci = intervals.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=r, method=method)
                 for k in KEYS:
                     lo, hi = ci[k]
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.add_column(f"{size} patients\npercentile", justify="right")
         table.add_column(f"{size} patients\nours", justify="right")
     for k in KEYS:
-        table.add_row(k, *(f"{cov['coverage'][s][m][k]:.1%}" for s in sizes for m in ("percentile", "bca")))
+        table.add_row(k, *(f"{cov['coverage'][s][m][k]:.1%}" for s in sizes for m in COMPARED))
     console.print(table)
     t2 = Table(title="False positives under a true null (same recipe, other seeds; nominal 5%)")
     t2.add_column("test")
