@@ -62,10 +62,9 @@ from .config import TrainConfig, renamed
 from .errors import UserError
 from .io import number, read_csv, read_json
 
-# (key, column title) of the figures shown for every binary run
-METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
-           ("specificity", "specificity"), ("f1", "F1"), ("auroc", "AUROC"), ("aucpr", "AUCPR"),
-           ("patient_recognition_rate", "patient rec. rate"), ("patient_accuracy", "patient acc."))
+# (key, column title) of the figures shown for every binary run: counts.TITLES without balanced accuracy, the
+# mean of recall and specificity, which are shown (the table is wide already); it can still be sorted by
+METRICS = tuple((k, counts.TITLES[k]) for k in counts.CI_KEYS if k != "balanced_accuracy")
 IGNORED = ("device", "workers", "cache_dir", "device_cache_gb", "split_file")
 REPEAT_KEYS = ("seed", "split_seed")
 DEFAULTS = TrainConfig().to_dict()

@@ -31,13 +31,12 @@ from scipy.stats import ttest_ind
 
 from .. import intervals
 from .. import metrics as M
+from ..counts import CI_KEYS
 from ..errors import UserError
 from ..io import jsonable
 
 BENIGN_SHARE = 7 / 24  # benign patients in a BreakHis test partition (about 7 of 24)
 COMPARED = ("percentile", "cluster")  # intervals.bootstrap_ci methods, in the table's column order
-KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr",
-        "patient_recognition_rate", "patient_accuracy")
 
 
 def simulate(rng: np.random.Generator, benign: int, malignant: int, run_shift: float = 0.0,
@@ -74,18 +73,18 @@ def coverage(sizes: Sequence[int], reps: int, n_boot: int, seed: int) -> dict:
     out = {}
     for size in sizes:
         benign = max(2, round(size * BENIGN_SHARE))
-        hits = {m: {k: 0 for k in KEYS} for m in COMPARED}
-        counted = {m: {k: 0 for k in KEYS} for m in COMPARED}
+        hits = {m: {k: 0 for k in CI_KEYS} for m in COMPARED}
+        counted = {m: {k: 0 for k in CI_KEYS} for m in COMPARED}
         for r in range(reps):
             y, p, patients = simulate(rng, benign, size - benign)
             for method in COMPARED:
                 ci = intervals.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=r, method=method)
-                for k in KEYS:
+                for k in CI_KEYS:
                     lo, hi = ci[k]
                     if math.isfinite(lo) and math.isfinite(hi):
                         counted[method][k] += 1
                         hits[method][k] += lo <= true[k] <= hi
-        out[size] = {m: {k: hits[m][k] / counted[m][k] if counted[m][k] else math.nan for k in KEYS}
+        out[size] = {m: {k: hits[m][k] / counted[m][k] if counted[m][k] else math.nan for k in CI_KEYS}
                      for m in hits}
     return {"truth": true, "coverage": out}
 
@@ -137,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in sizes:
         table.add_column(f"{size} patients\npercentile", justify="right")
         table.add_column(f"{size} patients\nours", justify="right")
-    for k in KEYS:
+    for k in CI_KEYS:
         table.add_row(k, *(f"{cov['coverage'][s][m][k]:.1%}" for s in sizes for m in COMPARED))
     console.print(table)
     t2 = Table(title="False positives under a true null (same recipe, other seeds; nominal 5%)")
