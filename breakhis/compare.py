@@ -14,34 +14,38 @@ model is loaded. The choices made here:
   is split_file (a path; what it selects is checked below, by the test images themselves).
 - Figures come from the rows of predictions.csv for the partition (--part, test by
   default), at --threshold (a number, or youden / recall=R chosen on each run's own
-  validation rows). Intervals: percentile bootstrap over patients (--boot resamples).
+  validation rows). Intervals: intervals.bootstrap_ci's patient-cluster intervals (cluster Wilson for
+  ratios of counts, logit-t with the bootstrap SE over patients for AUROC and the like, Wilson for
+  patient accuracy; --boot resamples). Rows are ranked, and the best picked, by the --sort figure on
+  their validation rows, never on the test rows.
 - Comparable runs are runs scored on the same test images (same paths and labels). Each
   set of comparable runs is ranked on its own (image sets A, B, ...); runs on other test images
   are never ranked against them. A run alone on its test images is not ranked.
 - Repeats: runs whose settings are equal except seed (and split_seed, from
   `train.py --seeds ... --resplit`) form one row: each figure is mean ± std across the runs,
-  the interval is the bootstrap interval of all their test predictions pooled (a patient
-  drawn brings its images from every run), and ranking and the paired test use that pooled
-  figure. A row of repeats is comparable with another row when both cover the same test
-  splits; the paired test then pairs the runs of each split (every run with every run).
+  the interval is that of all their test predictions pooled (a patient drawn brings its images
+  from every run). A row of repeats is comparable with another row when both cover the same test
+  splits; against a single run the paired bootstrap pairs the runs of each split (every run with
+  every run).
 - Cross-validations: the runs of one `train.py --folds` call (config.json "_cv", a tune trial with
   --folds too) form one row, whatever else differs between the folds' splits: each figure is
   mean ± sample std (ddof 1) across folds, the Spanhol protocol's figure (every fold weighs the
-  same), and the interval is the patient bootstrap of all folds' test predictions pooled, each at
-  its own run's threshold (the pooled point estimate weighs folds by their test images). The
-  official folds (Folds.csv, mkfold; see data.splits.fold_split) are five independent 70/30 patient
-  splits, not a partition: every prediction is held out for the model that made it, but the test
-  sides of different folds overlap, so a patient can have rows from several folds (from different
-  models) and the pooled rows are not independent. The bootstrap therefore draws patients with all
-  their rows from every fold together (intervals.bootstrap_ci groups rows by patient id); the row
-  records how many patients are in more than one fold's test side. A CV row is ranked only against
-  rows on the same test images fold for fold (another --folds call over the same folds); between two
-  such rows the test is a paired t over folds with the Nadeau-Bengio correction for overlapping
-  training and test sets (variance × (1/k + n_test/n_train)); a CV row with one fold is compared
-  like a single run.
-- The paired test (intervals.paired_bootstrap) resamples the patients of the shared test
-  images jointly for both rows, on the --sort metric: "−0.012 [−0.031, +0.006] n.s." or
-  "p=0.003 *" where the 95% interval of the difference excludes 0.
+  same), and the interval is that of all folds' test predictions pooled, each at its own run's
+  threshold (the pooled point estimate weighs folds by their test images). The official folds
+  (Folds.csv; data.splits.fold_split) are five independent 70/30 patient splits, not a partition:
+  test sides overlap, so a patient can have rows from several folds (several models) and the pooled
+  rows are not independent; the bootstrap draws a patient with its rows from every fold together
+  (it groups rows by patient id), and the row records how many patients are in more than one fold's
+  test side. A CV row is ranked only against rows on the same test images fold for fold (another
+  --folds call over the same folds); between two such rows the test is a paired t over folds with
+  the Nadeau-Bengio correction for overlapping training and test sets (variance × (1/k +
+  n_test/n_train)); a CV row with one fold is compared like a single run.
+- The test against the pick, on the --sort figure of the test rows: between two rows of repeats
+  Welch's t over their runs' own figures (intervals.welch: "recipes", the seed variance included),
+  between two CV rows the Nadeau-Bengio t above, otherwise the paired bootstrap that resamples the
+  patients of the shared test images jointly (intervals.paired_bootstrap: "these checkpoints only").
+  The p-values of one image set are Holm-corrected for the rows compared (intervals.holm); "*" marks
+  a corrected p <= 0.05: "−0.012 [−0.031, +0.006] n.s. (p=0.210, Holm 0.420)".
 - Subtype runs (8 classes) are listed with their test accuracy and macro F1 from
   metrics.json and are not ranked; runs without predictions.csv (unfinished) are listed
   and flagged.
@@ -269,7 +273,7 @@ def _figures(y, p, patients, t) -> dict:
 
 
 def score_row(row: Row, n_boot: int, seed: int = 0) -> None:
-    """Pooled figures with bootstrap intervals, mean ± std across the row's runs, and the validation
+    """Pooled figures with intervals over patients, mean ± std across the row's runs, and the validation
     figures the ranking uses. Every figure uses each run's raw probabilities at its own threshold."""
     y, p, patients, t = _pooled(row.runs)
     row.value = _figures(y, p, patients, t)
@@ -301,7 +305,7 @@ def paired(a: Row, b: Row, metric: str, n_boot: int, seed: int = 0) -> dict:
                 tas.append(np.full(x.y.size, x.threshold)), tbs.append(np.full(z.y.size, z.threshold))
     cat = np.concatenate
     return intervals.paired_bootstrap(cat(ys), cat(pas), cat(pbs), cat(pats), metric=metric, n_boot=n_boot, seed=seed,
-                              threshold=cat(tas), threshold_b=cat(tbs))
+                                      threshold=cat(tas), threshold_b=cat(tbs))
 
 
 def recipes(a: Row, b: Row, metric: str) -> dict:

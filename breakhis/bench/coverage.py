@@ -8,7 +8,7 @@ as in a BreakHis test partition), has 20 to 60 images, and a patient effect u ~ 
 logit of every one of its images (images of one patient are alike: the reason intervals resample
 patients); an image's logit is +-1.2 + u + N(0, 1). The population's true figures come from 20,000
 patients. For each size, each replicate draws a test set and computes the 95% interval of every
-figure by the plain percentile bootstrap over patients and by the default method (intervals.bootstrap_ci:
+figure by the plain percentile bootstrap over patients and by the default, method "cluster" (intervals.bootstrap_ci:
 cluster-adjusted Wilson for ratios, logit-t with the bootstrap standard error for AUROC and the like,
 Wilson for per-patient votes); coverage is the share of replicates whose interval holds the true value.
 
