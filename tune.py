@@ -9,6 +9,7 @@
     python tune.py --space experiments/lr.py --address HEAD_IP:6379               # an existing Ray cluster
     python tune.py --space experiments/weights.py --folds 1-5                     # each trial scored over 5 folds (slow)
     python train.py --config results/tune/<name>/best.json                        # retrain the best trial
+    python tune.py --space experiments/weights.py --verbose                       # Ray's own log lines here too
 
 Precedence: train defaults < the space file's BASE < flags < each trial's SPACE sample.
 Each trial runs train.py's fit() into results/tune/<name>/runs/<trial_id>/, a normal run folder
@@ -59,43 +60,31 @@ def parse(argv):
                          "(restoring unpickles it, which can run code)")
     ap.add_argument("--address", help="join this Ray cluster (e.g. HEAD_IP:6379 or auto) instead of starting one")
     ap.add_argument("--results", default="results", help="results folder; experiments go to RESULTS/tune/<name>")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show Ray's own log lines and the trials' output here (default: RESULTS/tune/<name>/ray.log)")
     add_flags(ap)
     return ap.parse_args(argv)
 
 
+def shown(path: Path) -> str:
+    """A path as the user can copy it: relative to where they stand when it is below it, else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     a = parse(argv)
-    from breakhis import runs
     from breakhis.data.prepare import prepare
     from breakhis.fit import build_features, preflight
     from breakhis.report import console
     from breakhis.tuning import experiment as tuning
-    from breakhis.tuning.results import collect, results_table, write_results
-    from breakhis.tuning.space import load_space, shipped
 
     results = Path(a.results).resolve() / "tune"
 
     # --- config: a new experiment's settings, or the stored ones of the experiment --resume continues ---
-    if a.resume:
-        exp_dir = tuning.find_experiment(results, a.name)
-        given = [f"--{k.replace('_', '-')}" for k in FIXED if getattr(a, k) is not None] + \
-                [f"--{k.replace('_', '-')}" for k in overrides_from_args(a)]
-        if given:
-            raise UserError(f"--resume continues {exp_dir} with its stored settings (tune.json); drop {' '.join(given)}")
-        setup = tuning.Setup.load(exp_dir)
-    else:
-        if not a.space:
-            raise UserError(f"--space FILE is required, e.g. --space experiments/lr.py; shipped: {', '.join(shipped())}")
-        space = load_space(a.space)
-        setup = tuning.make_setup(space, overrides_from_args(a), metric=a.metric, mode=a.mode, max_epochs=a.max_epochs,
-                                  grace_period=a.grace_period,
-                                  reduction_factor=REDUCTION_FACTOR if a.reduction_factor is None else a.reduction_factor,
-                                  samples=1 if a.samples is None else a.samples, concurrent=a.concurrent)
-        name = a.name or f"{space.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (results / name).exists():
-            tuning.new_experiment(results, name)  # raises: never overwrite
-        if space.doc:
-            console.print(f"[bold]{space.path.name}[/]: {space.doc.splitlines()[0]}")
+    setup, exp_dir, name = settings(a, results)
 
     # --- data: index, split and decode once, before any trial starts; trials memory-map the cache ---
     base_cfg = tuning.absolute_paths(make_config(setup.base), setup.cwd)
@@ -111,31 +100,71 @@ def main(argv=None) -> int:
         exp_dir = tuning.new_experiment(results, name)
         setup.save(exp_dir)
 
-    # --- Ray: start or join, resources per trial, run ---
-    tuning.start_ray(a.address)
-    resources, note = tuning.trial_resources(a.gpus_per_trial, a.cpus_per_trial)
-    console.print(f"experiment {exp_dir}: {setup.metric} ({setup.mode}), up to {setup.max_epochs} epochs per trial, "
-                  f"ASHA grace {setup.grace_period} factor {setup.reduction_factor}; {note}", highlight=False)
-    try:
-        pairs = tuning.run_experiment(setup, exp_dir, resources, resume=a.resume)
-    finally:
-        tuning.seal_state(exp_dir)  # what --resume will check before Ray unpickles it
+    # --- Ray: start or join, resources per trial, run (Ray's own log lines into the experiment's ray.log) ---
+    with tuning.ray_log(exp_dir, a.verbose):
+        tuning.start_ray(a.address, verbose=a.verbose)
+        resources, note = tuning.trial_resources(a.gpus_per_trial, a.cpus_per_trial)
+        console.print(f"experiment {shown(exp_dir)}: {setup.metric} ({setup.mode}), up to {setup.max_epochs} epochs "
+                      f"per trial, ASHA grace {setup.grace_period} factor {setup.reduction_factor}; {note}",
+                      highlight=False, soft_wrap=True)
+        try:
+            pairs = tuning.run_experiment(setup, exp_dir, resources, resume=a.resume)
+        finally:
+            tuning.seal_state(exp_dir)  # what --resume will check before Ray unpickles it
+    return report(pairs, setup, exp_dir, a.results)
 
-    # --- results: trials.csv, best.json, the table ---
+
+def settings(a, results: Path):
+    """(Setup, experiment folder or None, name): a new experiment's, checked before any work, or the
+    stored ones (tune.json) of the experiment --resume continues, which takes no setting flags."""
+    from breakhis.report import console
+    from breakhis.tuning import experiment as tuning
+    from breakhis.tuning.space import load_space, shipped
+
+    if a.resume:
+        exp_dir = tuning.find_experiment(results, a.name)
+        given = [f"--{k.replace('_', '-')}" for k in FIXED if getattr(a, k) is not None] + \
+                [f"--{k.replace('_', '-')}" for k in overrides_from_args(a)]
+        if given:
+            raise UserError(f"--resume continues {exp_dir} with its stored settings (tune.json); drop {' '.join(given)}")
+        return tuning.Setup.load(exp_dir), exp_dir, exp_dir.name
+    if not a.space:
+        raise UserError(f"--space FILE is required, e.g. --space experiments/lr.py; shipped: {', '.join(shipped())}")
+    space = load_space(a.space)
+    setup = tuning.make_setup(space, overrides_from_args(a), metric=a.metric, mode=a.mode, max_epochs=a.max_epochs,
+                              grace_period=a.grace_period,
+                              reduction_factor=REDUCTION_FACTOR if a.reduction_factor is None else a.reduction_factor,
+                              samples=1 if a.samples is None else a.samples, concurrent=a.concurrent)
+    name = a.name or f"{space.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (results / name).exists():
+        tuning.new_experiment(results, name)  # raises: never overwrite
+    if space.doc:
+        console.print(f"[bold]{space.path.name}[/]: {space.doc.splitlines()[0]}")
+    return setup, None, name
+
+
+def report(pairs, setup, exp_dir: Path, results_flag: str) -> int:
+    """trials.csv, best.json and the table; the lines that say what next, each one copyable line."""
+    from breakhis import runs
+    from breakhis.report import console
+    from breakhis.tuning.results import collect, results_table, write_results
+    from breakhis.tuning.space import load_space
+
     rows = collect(pairs, setup, exp_dir)
     best = write_results(exp_dir, rows, setup)
     keys = list(load_space(setup.space).space)
     console.print(results_table(rows, setup, keys, title=f"{exp_dir.name}: {setup.metric} ({setup.mode})"))
-    console.print(f"trials.csv: {exp_dir / 'trials.csv'}", highlight=False)
+    console.print(f"trials.csv: {shown(exp_dir / 'trials.csv')}", highlight=False, soft_wrap=True)
     if any(r["status"] == runs.INTERRUPTED for r in rows):
         print(f"interrupted; continue with: python tune.py --name {exp_dir.name} --resume"
-              + (f" --results {a.results}" if a.results != "results" else ""), file=sys.stderr)
+              + (f" --results {results_flag}" if results_flag != "results" else ""), file=sys.stderr)
         return 130
     if best is None:
-        print(f"no trial finished; see the errors above and {exp_dir / 'trials.csv'}", file=sys.stderr)
+        print(f"no trial finished; see the errors above and {shown(exp_dir / 'trials.csv')}", file=sys.stderr)
         return 1
-    console.print(f"best: {best['trial']} {setup.metric} {best[f'best_{setup.metric}']:.4f}, run {best['run']}\n"
-                  f"retrain it: python train.py --config {exp_dir / 'best.json'}", highlight=False)
+    console.print(f"best: {best['trial']} {setup.metric} {best[f'best_{setup.metric}']:.4f}, run {shown(best['run'])}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"retrain it: python train.py --config {shown(exp_dir / 'best.json')}", highlight=False, soft_wrap=True)
     return 0
 
 

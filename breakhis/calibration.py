@@ -13,9 +13,9 @@ p in (lo, hi] and those with p in [1 - hi, 1 - lo): the two mirror bins of p. Co
 [0.5, 1], so at most 8 of the 15 bins are used. The Brier score is mean (p - y)^2 of the malignant
 probability (scikit-learn's brier_score_loss); the NLL is mean -log p(true class), natural log.
 
-Intervals: the patient bootstrap of metrics.bootstrap_ci (the same draws for the same seed).
+Intervals: the patient bootstrap of intervals.bootstrap_ci (the same draws for the same seed).
 Both figures are sums over patients, so a resample weights each patient's per-bin sums by how
-often it was drawn; the default interval is logit-t with the bootstrap SE (metrics.smooth_interval),
+often it was drawn; the default interval is logit-t with the bootstrap SE (intervals.smooth_interval),
 method "percentile" the plain percentile interval. Logit-t centres on the estimate, which matters
 for ECE: a resample's ECE is biased upward (noise adds to |acc - conf|), so percentile intervals
 sit too high.
@@ -33,8 +33,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
-from . import metrics as M
-from .errors import UserError
+from . import intervals
+from .counts import check_binary
 
 N_BINS = 15
 T_RANGE = (0.01, 1000.0)  # the temperatures searched; a fitted T at either end is reported as such (at_limit)
@@ -43,20 +43,9 @@ T_RANGE = (0.01, 1000.0)  # the temperatures searched; a fitted T at either end 
 FLOOR = 1e-45
 
 
-def check_options(calibrate: bool, save_temperature: bool, data: str | None, part: str) -> None:
-    """evaluate.py's calibration flags, checked before any model is loaded: a UserError for a bad combination."""
-    if save_temperature and not calibrate:
-        raise UserError("--save-temperature saves the temperature --calibrate fits: add --calibrate")
-    if calibrate and data:
-        raise UserError(f"--calibrate with --data {data}: the temperature is fitted on the run's own validation "
-                        f"split, which another tree does not have; calibrate without --data")
-    if calibrate and part != "test":
-        raise UserError("--calibrate reports the test partition (the temperature is fitted on val): drop --part val")
-
-
 def _bins(y, p, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each image's bin (N,) in 0..n_bins-1, confidence (N,) and correctness (N,) 0/1 (see the module docstring)."""
-    y, p = M._binary(y, p)
+    y, p = check_binary(y, p)
     conf = np.maximum(p, 1 - p)
     correct = ((p >= 0.5).astype(np.int64) == y).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -83,7 +72,7 @@ def ece(y, p, n_bins: int = N_BINS) -> float:
 
 def brier(y, p) -> float:
     """Brier score: mean (p - y)^2 of the malignant probability, in [0, 1] (lower is better)."""
-    y, p = M._binary(y, p)
+    y, p = check_binary(y, p)
     return float(np.mean((p - y) ** 2))
 
 
@@ -95,17 +84,16 @@ def nll(y, probs) -> float:
 
 
 def calibration_ci(y, p, patients, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                   method: str = "bca", n_bins: int = N_BINS) -> dict[str, tuple[float, float]]:
+                   method: str = "cluster", n_bins: int = N_BINS) -> dict[str, tuple[float, float]]:
     """Intervals (1 - alpha) of "ece" and "brier" over patients: bootstrap_ci's draws and interval rules.
 
-    method "bca" (bootstrap_ci's default): logit-t with the bootstrap SE, BCa at 0 (metrics.smooth_interval);
+    method "cluster" (bootstrap_ci's default): logit-t with the bootstrap SE, BCa at 0 (intervals.smooth_interval);
     "percentile": the percentile interval of the resampled figures.
     """
-    if method not in ("bca", "percentile"):
-        raise ValueError(f"method must be bca or percentile, not {method!r}")
+    intervals.check_method(method)
     b, conf, correct = _bins(y, p, n_bins)
-    y, p = M._binary(y, p)
-    idx, boot_w, jack_w = M.patient_weights(patients, y.size, n_boot, seed)
+    y, p = check_binary(y, p)
+    idx, boot_w, jack_w = intervals.patient_weights(patients, y.size, n_boot, seed)
     n_pat = boot_w.shape[1]
     size = np.bincount(idx, minlength=n_pat).astype(np.float64)  # (P,) images per patient
     sq = np.bincount(idx, weights=(p - y) ** 2, minlength=n_pat)  # (P,) summed squared error
@@ -120,8 +108,8 @@ def calibration_ci(y, p, patients, n_boot: int = 1000, seed: int = 0, alpha: flo
     dist, point = figures(boot_w), figures(np.ones((1, n_pat)))
     jack = figures(jack_w) if n_pat > 1 else {k: np.zeros(0) for k in dist}
     if method == "percentile":
-        return {k: M._interval(dist[k][np.isfinite(dist[k])], alpha) for k in dist}
-    return {k: M.smooth_interval(float(point[k][0]), dist[k], jack[k], n_pat, n_pat, alpha) for k in dist}
+        return {k: intervals.percentile_interval(dist[k], alpha) for k in dist}
+    return {k: intervals.smooth_interval(float(point[k][0]), dist[k], jack[k], n_pat, n_pat, alpha) for k in dist}
 
 
 def summary(y, p, patients, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -7,44 +7,12 @@
     logbook_table.render(book); logbook_table.records(book); logbook_table.markdown(book)
 
 Works from each run folder's files alone (config.json, metrics.json, predictions.csv): no
-model is loaded. The choices made here:
-
-- Columns: the settings whose values differ between the runs. Settings that only say where
-  or how fast the work ran are left out (device, workers, cache_dir, device_cache_gb) and so
-  is split_file (a path; what it selects is checked below, by the test images themselves).
-- Figures come from the rows of predictions.csv for the partition (--part, test by
-  default), at --threshold (a number, or youden / recall=R chosen on each run's own
-  validation rows). Intervals: percentile bootstrap over patients (--boot resamples).
-- Comparable runs are runs scored on the same test images (same paths and labels). Each
-  set of comparable runs is ranked on its own (image sets A, B, ...); runs on other test images
-  are never ranked against them. A run alone on its test images is not ranked.
-- Repeats: runs whose settings are equal except seed (and split_seed, from
-  `train.py --seeds ... --resplit`) form one row: each figure is mean ± std across the runs,
-  the interval is the bootstrap interval of all their test predictions pooled (a patient
-  drawn brings its images from every run), and ranking and the paired test use that pooled
-  figure. A row of repeats is comparable with another row when both cover the same test
-  splits; the paired test then pairs the runs of each split (every run with every run).
-- Cross-validations: the runs of one `train.py --folds` call (config.json "_cv", a tune trial with
-  --folds too) form one row, whatever else differs between the folds' splits: each figure is
-  mean ± sample std (ddof 1) across folds, the Spanhol protocol's figure (every fold weighs the
-  same), and the interval is the patient bootstrap of all folds' test predictions pooled, each at
-  its own run's threshold (the pooled point estimate weighs folds by their test images). The
-  official folds (Folds.csv, mkfold; see data.splits.fold_split) are five independent 70/30 patient
-  splits, not a partition: every prediction is held out for the model that made it, but the test
-  sides of different folds overlap, so a patient can have rows from several folds (from different
-  models) and the pooled rows are not independent. The bootstrap therefore draws patients with all
-  their rows from every fold together (metrics.bootstrap_ci groups rows by patient id); the row
-  records how many patients are in more than one fold's test side. A CV row is ranked only against
-  rows on the same test images fold for fold (another --folds call over the same folds); between two
-  such rows the test is a paired t over folds with the Nadeau-Bengio correction for overlapping
-  training and test sets (variance × (1/k + n_test/n_train)); a CV row with one fold is compared
-  like a single run.
-- The paired test (metrics.paired_bootstrap) resamples the patients of the shared test
-  images jointly for both rows, on the --sort metric: "−0.012 [−0.031, +0.006] n.s." or
-  "p=0.003 *" where the 95% interval of the difference excludes 0.
-- Subtype runs (8 classes) are listed with their test accuracy and macro F1 from
-  metrics.json and are not ranked; runs without predictions.csv (unfinished) are listed
-  and flagged.
+model is loaded. The rules (columns, comparable image sets, repeats and cross-validation rows,
+the test against the pick, Holm) are the user's reference: docs/statistics.md, "The logbook".
+Here: load_run reads one folder, group_repeats and _row_name make the rows, score_row scores
+them (intervals.bootstrap_ci over the pooled rows' patients), rank orders each image set by the
+validation figure and tests every other row against the pick (intervals.welch, nadeau_bengio,
+paired_bootstrap, holm).
 """
 from __future__ import annotations
 
@@ -55,21 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import t as student_t
 
+from . import counts, intervals
 from . import metrics as M
 from .config import TrainConfig, renamed
 from .errors import UserError
 from .io import number, read_csv, read_json
 
-# (key, column title) of the figures shown for every binary run
-METRICS = (("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
-           ("specificity", "specificity"), ("f1", "F1"), ("auroc", "AUROC"), ("aucpr", "AUCPR"),
-           ("patient_recognition_rate", "patient rec. rate"), ("patient_accuracy", "patient acc."))
+# (key, column title) of the figures shown for every binary run: counts.TITLES without balanced accuracy, the
+# mean of recall and specificity, which are shown (the table is wide already); it can still be sorted by
+METRICS = tuple((k, counts.TITLES[k]) for k in counts.CI_KEYS if k != "balanced_accuracy")
 IGNORED = ("device", "workers", "cache_dir", "device_cache_gb", "split_file")
 REPEAT_KEYS = ("seed", "split_seed")
 DEFAULTS = TrainConfig().to_dict()
-SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in M.CI_KEYS if k not in dict(METRICS))
+SORT_KEYS = tuple(k for k, _ in METRICS) + tuple(k for k in counts.CI_KEYS if k not in dict(METRICS))
 
 
 @dataclass
@@ -270,11 +237,11 @@ def _figures(y, p, patients, t) -> dict:
 
 
 def score_row(row: Row, n_boot: int, seed: int = 0) -> None:
-    """Pooled figures with bootstrap intervals, mean ± std across the row's runs, and the validation
+    """Pooled figures with intervals over patients, mean ± std across the row's runs, and the validation
     figures the ranking uses. Every figure uses each run's raw probabilities at its own threshold."""
     y, p, patients, t = _pooled(row.runs)
     row.value = _figures(y, p, patients, t)
-    row.ci = M.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed, threshold=t)
+    row.ci = intervals.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed, threshold=t)
     keys = [k for k, _ in METRICS] + ["best_val_acc"]
     per_run = [{**_figures(r.y, r.p, r.patients, r.threshold), "best_val_acc": r.saved.get("best_val_acc")}
                for r in row.runs]
@@ -301,41 +268,23 @@ def paired(a: Row, b: Row, metric: str, n_boot: int, seed: int = 0) -> dict:
                 ys.append(x.y), pas.append(x.p), pbs.append(z.p), pats.append(x.patients)
                 tas.append(np.full(x.y.size, x.threshold)), tbs.append(np.full(z.y.size, z.threshold))
     cat = np.concatenate
-    return M.paired_bootstrap(cat(ys), cat(pas), cat(pbs), cat(pats), metric=metric, n_boot=n_boot, seed=seed,
-                              threshold=cat(tas), threshold_b=cat(tbs))
+    return intervals.paired_bootstrap(cat(ys), cat(pas), cat(pbs), cat(pats), metric=metric, n_boot=n_boot, seed=seed,
+                                      threshold=cat(tas), threshold_b=cat(tbs))
 
 
 def recipes(a: Row, b: Row, metric: str) -> dict:
     """Is recipe a better than recipe b? Welch's t-test on the runs' own figures (repeats over seeds, or
     splits with --resplit), so that the seed-to-seed variance is part of the verdict. The paired
     bootstrap over patients only asks whether these particular checkpoints differ."""
-    xa = np.array([r[metric] for r in a.per_run if r.get(metric) is not None and math.isfinite(r[metric])])
-    xb = np.array([r[metric] for r in b.per_run if r.get(metric) is not None and math.isfinite(r[metric])])
-    diff = float(xa.mean() - xb.mean())
-    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
-    df = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1)) if va + vb > 0 else math.nan
-    return t_verdict(metric, diff, math.sqrt(va + vb), df, f"recipes: Welch t over runs ({xa.size} vs {xb.size})")
-
-
-def t_verdict(metric: str, diff: float, se: float, df: float, test: str) -> dict:
-    """A difference with its standard error and t degrees of freedom -> the two-sided p, the 95% interval
-    and the verdict (p <= 0.05); a zero se gives p 1 for no difference, else 0, and a zero-width interval."""
-    if se == 0:
-        p_value, ci = (1.0 if diff == 0 else 0.0), (diff, diff)
-    else:
-        p_value = float(2 * student_t.sf(abs(diff) / se, df))
-        half = float(student_t.ppf(0.975, df)) * se
-        ci = (diff - half, diff + half)
-    return {"metric": metric, "diff": diff, "ci": ci, "p_value": p_value, "significant": bool(p_value <= 0.05),
-            "test": test}
+    xa = [r[metric] for r in a.per_run if r.get(metric) is not None and math.isfinite(r[metric])]
+    xb = [r[metric] for r in b.per_run if r.get(metric) is not None and math.isfinite(r[metric])]
+    return intervals.welch(metric, xa, xb, f"recipes: Welch t over runs ({len(xa)} vs {len(xb)})")
 
 
 def folds_test(a: Row, b: Row, metric: str) -> dict:
-    """Is cross-validation a better than b over the same folds? A paired t over folds (fold j of a against
-    the run of b on the same test images) with the Nadeau-Bengio correction: the official folds are
-    repeated random splits whose training and test sides overlap, so the fold-to-fold variance understates
-    the variance of the mean difference; it is scaled by (1/k + n_test/n_train) instead of 1/k
-    (Nadeau & Bengio 2003, "Inference for the generalization error"), with k - 1 degrees of freedom."""
+    """Is cross-validation a better than b over the same folds? Fold j of a is paired with the run of b on
+    the same test images; the paired t over folds is Nadeau-Bengio corrected (intervals.nadeau_bengio) with
+    the mean test/train ratio of the paired runs' splits."""
     runs_b = {r.fingerprint: r for r in b.runs}
     pairs = []
     for ra, fa in zip(a.runs, a.per_run):
@@ -343,29 +292,10 @@ def folds_test(a: Row, b: Row, metric: str) -> dict:
         fb = b.per_run[b.runs.index(rb)] if rb is not None else {}
         if all(f.get(metric) is not None and math.isfinite(f[metric]) for f in (fa, fb)):
             pairs.append((fa[metric] - fb[metric], ra.test_train, rb.test_train))
-    d = np.array([x for x, _, _ in pairs])
-    k = d.size
+    k = len(pairs)
     ratio = float(np.nanmean([v for _, *vs in pairs for v in vs])) if k else math.nan
-    diff = float(d.mean()) if k else math.nan
     test = f"recipes: paired t over {k} folds, Nadeau-Bengio corrected (test/train {ratio:.2f})"
-    if not k > 1:
-        return {"metric": metric, "diff": diff, "ci": (math.nan, math.nan), "p_value": math.nan, "significant": False,
-                "test": test}
-    var = d.var(ddof=1) * (1 / k + (ratio if math.isfinite(ratio) else 0.0))
-    return t_verdict(metric, diff, math.sqrt(var), k - 1, test)
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm-adjusted p-values (step-down, monotone, capped at 1) of m comparisons, in the given order."""
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: (math.isnan(p_values[i]), p_values[i]))
-    adjusted, running = [math.nan] * m, 0.0
-    for rank_, i in enumerate(order):
-        if math.isnan(p_values[i]):
-            continue
-        running = max(running, min(1.0, (m - rank_) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
+    return intervals.nadeau_bengio(metric, [x for x, _, _ in pairs], ratio, test)
 
 
 def _key(row: Row, metric: str) -> float:
@@ -399,7 +329,7 @@ def rank(rows: list[Row], metric: str, n_boot: int, seed: int = 0) -> list[Row]:
                 else:
                     row.versus = {**paired(row, members[0], metric, n_boot, seed),
                                   "test": "checkpoints: paired bootstrap over patients"}
-            adjusted = holm([r.versus["p_value"] for r in members[1:]])
+            adjusted = intervals.holm([r.versus["p_value"] for r in members[1:]])
             for row, q in zip(members[1:], adjusted):
                 row.versus.update(p_holm=q, significant=bool(q <= 0.05))
         out += members
@@ -415,7 +345,7 @@ class Logbook:
     keys: list[str]           # the settings that differ between the runs (columns)
     part: str
     runs: int                 # run folders read
-    ci_settings: dict         # how every interval was made (metrics.interval_settings)
+    ci_settings: dict         # how every interval was made (intervals.interval_settings)
     sort: str                 # the metric the rows are ranked by (on validation)
     threshold: str            # --threshold: a number, youden or recall=R
     n_boot: int
@@ -425,10 +355,6 @@ class Logbook:
 def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", sort: str = "accuracy",
             n_boot: int = 1000, seed: int = 0) -> Logbook:
     """Read the run folders, group repeats, score with intervals, rank within comparable image sets."""
-    if sort not in SORT_KEYS:
-        raise UserError(f"--sort {sort!r}: choose one of {', '.join(SORT_KEYS)}")
-    if n_boot < 1:
-        raise UserError(f"--boot {n_boot}: give at least 1 resample (1000 or more for a paper)")
     loaded = [load_run(p, n, part, threshold) for p, n in zip(paths, run_names(paths))]
     keys = differing_settings([r.config for r in loaded])
     scored = [r for r in loaded if r.scored]
@@ -438,6 +364,6 @@ def logbook(paths: list[Path], *, part: str = "test", threshold: str = "0.5", so
         score_row(row, n_boot, seed)
     rows = rank(rows, sort, n_boot, seed)
     rows += [Row([r], r.name, note=r.note) for r in loaded if not r.scored]
-    return Logbook(rows, keys, part, len(loaded), M.interval_settings(n_boot, seed), sort, threshold, n_boot, seed)
+    return Logbook(rows, keys, part, len(loaded), intervals.interval_settings(n_boot, seed), sort, threshold, n_boot, seed)
 
 

@@ -17,9 +17,9 @@ from .compare import METRICS, Logbook, Row
 from .io import jsonable
 
 # columns left out first when the logbook is wider than the terminal (the run name, the ranking and the
-# comparison with the best stay; the settings that differ go last)
-DROP_ORDER = ("AUCPR", "specificity", "patient rec. rate", "precision", "patient acc.", "F1", "recall",
-              "val acc (selected epoch)", "runs", "image set", "AUROC")
+# comparison with the best stay; the settings that differ go last): figures by key, other columns by title
+DROP_ORDER = ("aucpr", "specificity", "patient_recognition_rate", "precision", "patient_accuracy", "f1", "recall",
+              "val acc (selected epoch)", "runs", "image set", "auroc")
 
 
 def _signed(v: float) -> str:
@@ -142,7 +142,7 @@ def render(book: Logbook, width: int | None = None):
     columns, cells = table(book)
     starts = {i for i in range(1, len(rows)) if rows[i].image_set != rows[i - 1].image_set}
     stacked = [[c.replace(" [", "\n[").replace("] ", "]\n") for c in line] for line in cells]  # narrower
-    return report.logbook_table(columns, stacked, title=f"Logbook: {book.runs} runs, {book.part} split",
-                                caption=caption(book), best={i for i, r in enumerate(rows) if r.best},
-                                sections=starts, width=width, drop_order=[c for c in DROP_ORDER if c in columns]
-                                + [k for k in book.keys if k in columns])
+    drop = [c for c in (dict(METRICS).get(d, d) for d in DROP_ORDER) if c in columns] + [k for k in book.keys if k in columns]
+    return report.fitted_table(columns, stacked, title=f"Logbook: {book.runs} runs, {book.part} split",
+                               caption=caption(book), best={i for i, r in enumerate(rows) if r.best},
+                               sections=starts, width=width, drop_order=drop)

@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .compare import SORT_KEYS
 from .config import TrainConfig
 from .errors import UserError
 from .io import number
-from .metrics import CI_KEYS, check_threshold_rule
+from .metrics import check_threshold_rule
 
 BY = ("magnification", "subtype", "patient")
 PARTS = ("val", "test")
@@ -67,8 +68,8 @@ class EvalOptions:
             raise UserError(f"--by {self.by!r}: choose one of {', '.join(BY)}")
         if self.n_boot < 1:
             raise UserError(f"--n-boot {self.n_boot}: give at least 1 resample (1000 or more for a paper)")
-        if self.sort not in CI_KEYS:
-            raise UserError(f"--sort {self.sort!r}: choose one of {', '.join(CI_KEYS)}")
+        if self.sort not in SORT_KEYS:
+            raise UserError(f"--sort {self.sort!r}: choose one of {', '.join(SORT_KEYS)}")
         _check_threshold(self.threshold, self.cam)
         if self.save_temperature and not self.calibrate:
             raise UserError("--save-temperature saves the temperature --calibrate fits: add --calibrate")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from . import calibration as C
+from . import intervals, plots, runs, stain
 from . import metrics as M
-from . import plots, runs, stain
 from .config import TrainConfig
 from .data.dataset import class_names
 from .data.prepare import Prepared, prepare
@@ -172,20 +172,20 @@ def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: in
         names, pats, mags = class_names(task), np.array(patients), np.array([r.magnification for r in records])
         out = M.multiclass_metrics(y, probs, names)
         if n_boot and len(set(patients)) > 1:  # intervals over patients, overall and per magnification
-            out["ci"] = M.multiclass_ci(y, probs, pats, n_boot=n_boot, seed=seed)
-            out["ci_settings"] = M.interval_settings(n_boot, seed)
+            out["ci"] = intervals.multiclass_ci(y, probs, pats, n_boot=n_boot, seed=seed)
+            out["ci_settings"] = intervals.interval_settings(n_boot, seed)
             out["by"] = {"magnification": {str(m): {**M.multiclass_metrics(y[mags == m], probs[mags == m], names),
-                                                    "ci": M.multiclass_ci(y[mags == m], probs[mags == m], pats[mags == m],
+                                                    "ci": intervals.multiclass_ci(y[mags == m], probs[mags == m], pats[mags == m],
                                                                           n_boot=n_boot, seed=seed)}
                                            for m in sorted(set(mags.tolist()))}}
-        out = M.jsonable(out)
+        out = jsonable(out)
     else:
         out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot, seed=seed,
                           groups={"magnification": [r.magnification for r in records]})
         cal = C.summary(y, probs[:, 1], patients, n_boot=n_boot, seed=seed)  # ECE and Brier, intervals alike
         out.update({k: v for k, v in cal.items() if k != "ci"})
         if "ci" in cal:
-            out["ci"].update(M.jsonable(cal["ci"]))
+            out["ci"].update(jsonable(cal["ci"]))
     out["loss"] = ev["loss"]
     return out
 

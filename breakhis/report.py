@@ -211,25 +211,29 @@ def scores_table(out: dict) -> Table:
     return t
 
 
-def logbook_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
-                  best: set[int] = frozenset(), sections: set[int] = frozenset(), drop_order: list[str] = (),
-                  width: int | None = None) -> Table:
-    """The logbook of many runs: one row per run (or group of repeats); a line before each index
-    in `sections` (a new set of comparable runs); rows in `best` in bold.
+def fitted_table(columns: list[str], rows: list[list[str]], title: str, caption: str = "",
+                 best: set[int] = frozenset(), sections: set[int] = frozenset(), drop_order: list[str] = (),
+                 width: int | None = None, whole: tuple[str, ...] = (), left: tuple[str, ...] = (),
+                 elsewhere: str = "--csv, --markdown or --json") -> Table:
+    """A table fitted to the terminal by leaving out whole columns (the logbook's): rows of cells, a line
+    before each index in `sections` (e.g. a new set of comparable runs); rows in `best` in bold.
 
-    The first column (the run's name) never wraps, so a name can be copied. When the table is wider
-    than `width` (default: the terminal), the columns in `drop_order` are left out, first ones first,
-    until it fits; the caption names them."""
+    The first column (the run's name) never wraps, so a name can be copied, and nor do the columns
+    named in `whole` (e.g. the settings a sweep varies). When the table is wider than `width`
+    (default: the terminal), the columns in `drop_order` are left out, first ones first, until it
+    fits; the caption names them and says where they are (`elsewhere`). Columns in `left` are
+    left-aligned (text), the others right (figures)."""
     width = width or console.width
     keep = list(range(len(columns)))
     dropped: list[str] = []
 
     def build() -> Table:
-        note = f"\nLeft out to fit {width} columns: {', '.join(dropped)} (see --csv, --markdown or --json)." if dropped else ""
+        note = f"\nLeft out to fit {width} columns: {', '.join(dropped)} (see {elsewhere})." if dropped else ""
         t = Table(title=title, title_style="bold", caption=caption + note, caption_justify="left")
         for i in keep:
-            t.add_column(columns[i], justify="left" if i == 0 else "right", no_wrap=i == 0,
-                         overflow="ignore" if i == 0 else "fold")
+            fixed = i == 0 or columns[i] in whole
+            t.add_column(columns[i], justify="left" if i == 0 or columns[i] in left else "right", no_wrap=fixed,
+                         overflow="ignore" if fixed else "fold")
         for r, cells in enumerate(rows):
             t.add_row(*(cells[i] for i in keep), style="bold" if r in best else None, end_section=r + 1 in sections)
         return t

@@ -107,7 +107,7 @@ def test_bench_coverage_prints_coverage_and_false_positives(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["coverage"]) == {"8", "24"}
     for size in ("8", "24"):
-        for method in ("percentile", "bca"):
+        for method in ("percentile", "cluster"):
             assert all(v is None or 0 <= v <= 1 for v in out["coverage"][size][method].values())
     fp = out["false_positives"]
     assert fp["replicates"] == 3 and all(0 <= v <= 1 for k, v in fp.items() if isinstance(v, float))

@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score
 
 import evaluate
 from breakhis import compare as C
+from breakhis import intervals
 from breakhis import logbook_table as T
 from breakhis import metrics as M
 from breakhis.config import TrainConfig
@@ -103,7 +104,7 @@ def test_single_run_interval_equals_metrics_bootstrap(tmp_path, capsys):
     p = np.clip(y * 0.6 + np.random.default_rng(2).uniform(0, 0.5, y.size), 0, 1)
     a, b = write_run(tmp_path / "a", p, lr=1e-3), write_run(tmp_path / "b", 1 - p, lr=1e-4)
     row = next(r for r in run_json([a, b], capsys, n_boot=200)["rows"] if r["run"] == "a")
-    ref = M.bootstrap_ci(y, p, patients, n_boot=200, seed=0)
+    ref = intervals.bootstrap_ci(y, p, patients, n_boot=200, seed=0)
     for k in ("accuracy", "f1", "auroc", "patient_recognition_rate"):
         assert (row[f"{k}_lo"], row[f"{k}_hi"]) == pytest.approx(ref[k])
     assert row["precision"] == pytest.approx(M.binary_metrics(y, p)["precision"])
@@ -145,7 +146,7 @@ def test_seed_repeats_form_one_row_with_mean_and_std(tmp_path, capsys):
     assert g["best_val_acc_mean"] == pytest.approx(0.81) and g["best_val_acc_std"] == pytest.approx(0.01)
     pooled = np.concatenate(probs)
     assert g["accuracy"] == pytest.approx(accuracy_score(np.tile(y, 3), pooled >= 0.5))
-    ref = M.bootstrap_ci(np.tile(y, 3), pooled, np.tile(patients, 3), n_boot=300, seed=0)
+    ref = intervals.bootstrap_ci(np.tile(y, 3), pooled, np.tile(patients, 3), n_boot=300, seed=0)
     assert (g["accuracy_lo"], g["accuracy_hi"]) == pytest.approx(ref["accuracy"])
     # the paired test of the group against the best pools its three runs against the one run
     assert rows["r18"]["best"] and g["vs_best_diff"] == pytest.approx(np.mean(accs) - 1)

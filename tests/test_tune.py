@@ -434,3 +434,38 @@ def test_frozen_sweep_reads_features_the_driver_computed_once(ray_cluster, tree,
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(r["status"] in ("finished", "stopped") for r in rows)
     assert sorted(p.name.split("-")[-2] for p in (cache / "features").glob("*.npy")) == ["test", "train", "val"]
+
+
+NARROW_SPACE = '''"""Which class weights and dropout."""
+SPACE = {"class_weights": [(0.5, 0.5), (0.5, 0.85)], "dropout": [(0.25, 0.125)]}
+'''
+
+
+@pytest.mark.slow
+def test_a_newcomer_at_80_columns_sees_the_swept_values_whole_and_no_ray_noise(tree, tmp_path):
+    """tune.py in a fresh process (its own Ray) at COLUMNS=80: every swept value is whole in the table and the
+    progress lines, Ray's own log lines go to the experiment's ray.log, paths are relative to where the user
+    stands, and the retrain line is one copyable line."""
+    import subprocess
+    import sys
+
+    write(tmp_path / "narrow.py", NARROW_SPACE)
+    argv = ["--space", "narrow.py", "--data", str(tree), "--cache-dir", str(tmp_path / "cache"), "--name", "n",
+            "--max-epochs", "1", "--concurrent", "1", "--workers", "1", *FLAGS]
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(tune.__file__).resolve().parent)}
+    out = subprocess.run([sys.executable, str(Path(tune.__file__).resolve()), *argv], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if "│" in ln]
+    for whole in ("0.5,0.5", "0.5,0.85", "0.25,0.125"):  # the swept values, never cut or wrapped
+        assert any(whole in ln for ln in rows), (whole, out.stdout)
+    assert all(len(ln) <= 80 for ln in rows), out.stdout
+    progress = [ln for ln in out.stdout.splitlines() if "epoch 1/1" in ln]
+    assert len(progress) == 2 and all(ln.endswith("dropout=0.25,0.125") for ln in progress)
+    assert sorted(ln.split("class_weights=")[1].split()[0] for ln in progress) == ["0.5,0.5", "0.5,0.85"]
+    assert not [ln for ln in text.splitlines() if "WARNING" in ln or "Token authentication" in ln or "(raylet" in ln]
+    exp = tmp_path / "results" / "tune" / "n"
+    assert (exp / "ray.log").is_file()
+    assert "retrain it: python train.py --config results/tune/n/best.json\n" in out.stdout
+    assert "trials.csv: results/tune/n/trials.csv\n" in out.stdout

@@ -8,7 +8,7 @@ as in a BreakHis test partition), has 20 to 60 images, and a patient effect u ~ 
 logit of every one of its images (images of one patient are alike: the reason intervals resample
 patients); an image's logit is +-1.2 + u + N(0, 1). The population's true figures come from 20,000
 patients. For each size, each replicate draws a test set and computes the 95% interval of every
-figure by the plain percentile bootstrap over patients and by the default method (metrics.bootstrap_ci:
+figure by the plain percentile bootstrap over patients and by the default, method "cluster" (intervals.bootstrap_ci:
 cluster-adjusted Wilson for ratios, logit-t with the bootstrap standard error for AUROC and the like,
 Wilson for per-patient votes); coverage is the share of replicates whose interval holds the true value.
 
@@ -29,12 +29,14 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import ttest_ind
 
+from .. import intervals
 from .. import metrics as M
+from ..counts import CI_KEYS
 from ..errors import UserError
+from ..io import jsonable
 
 BENIGN_SHARE = 7 / 24  # benign patients in a BreakHis test partition (about 7 of 24)
-KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "aucpr",
-        "patient_recognition_rate", "patient_accuracy")
+COMPARED = ("percentile", "cluster")  # intervals.bootstrap_ci methods, in the table's column order
 
 
 def simulate(rng: np.random.Generator, benign: int, malignant: int, run_shift: float = 0.0,
@@ -71,18 +73,18 @@ def coverage(sizes: Sequence[int], reps: int, n_boot: int, seed: int) -> dict:
     out = {}
     for size in sizes:
         benign = max(2, round(size * BENIGN_SHARE))
-        hits = {m: {k: 0 for k in KEYS} for m in ("percentile", "bca")}
-        counted = {m: {k: 0 for k in KEYS} for m in ("percentile", "bca")}
+        hits = {m: {k: 0 for k in CI_KEYS} for m in COMPARED}
+        counted = {m: {k: 0 for k in CI_KEYS} for m in COMPARED}
         for r in range(reps):
             y, p, patients = simulate(rng, benign, size - benign)
-            for method in ("percentile", "bca"):
-                ci = M.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=r, method=method)
-                for k in KEYS:
+            for method in COMPARED:
+                ci = intervals.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=r, method=method)
+                for k in CI_KEYS:
                     lo, hi = ci[k]
                     if math.isfinite(lo) and math.isfinite(hi):
                         counted[method][k] += 1
                         hits[method][k] += lo <= true[k] <= hi
-        out[size] = {m: {k: hits[m][k] / counted[m][k] if counted[m][k] else math.nan for k in KEYS}
+        out[size] = {m: {k: hits[m][k] / counted[m][k] if counted[m][k] else math.nan for k in CI_KEYS}
                      for m in hits}
     return {"truth": true, "coverage": out}
 
@@ -102,7 +104,7 @@ def false_positives(reps: int, n_boot: int, seed: int, patients: int = 24, runs:
 
         a, b = [run() for _ in range(runs)], [run() for _ in range(runs)]
         y, patients_ = a[0][0], a[0][2]
-        test = M.paired_bootstrap(y, a[0][1], b[0][1], patients_, metric="accuracy", n_boot=n_boot, seed=r)
+        test = intervals.paired_bootstrap(y, a[0][1], b[0][1], patients_, metric="accuracy", n_boot=n_boot, seed=r)
         checkpoint += test["significant"]
         acc_a = [M.binary_metrics(y, p)["accuracy"] for _, p, _ in a]
         acc_b = [M.binary_metrics(y, p)["accuracy"] for _, p, _ in b]
@@ -134,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in sizes:
         table.add_column(f"{size} patients\npercentile", justify="right")
         table.add_column(f"{size} patients\nours", justify="right")
-    for k in KEYS:
-        table.add_row(k, *(f"{cov['coverage'][s][m][k]:.1%}" for s in sizes for m in ("percentile", "bca")))
+    for k in CI_KEYS:
+        table.add_row(k, *(f"{cov['coverage'][s][m][k]:.1%}" for s in sizes for m in COMPARED))
     console.print(table)
     t2 = Table(title="False positives under a true null (same recipe, other seeds; nominal 5%)")
     t2.add_column("test")
@@ -145,6 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             t2.add_row(k, f"{v:.1%}")
     console.print(t2)
     if a.json:
-        print(json.dumps(M.jsonable({"coverage": cov["coverage"], "truth": cov["truth"], "false_positives": fp,
+        print(json.dumps(jsonable({"coverage": cov["coverage"], "truth": cov["truth"], "false_positives": fp,
                                      "reps": a.reps, "boot": a.boot})))
     return 0

@@ -12,6 +12,7 @@ samples x folds full runs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,13 +30,14 @@ import ray
 from ray import cloudpickle, tune
 from ray.tune import Callback, ExperimentAnalysis, ResultGrid, Tuner
 from ray.tune.schedulers import ASHAScheduler
+from rich.markup import escape
 
 from .. import runs
 from ..config import TrainConfig, make_config
+from ..counts import CI_KEYS
 from ..errors import UserError
 from ..fit import fit
 from ..io import number, read_csv, read_json, sha256_of, write_json
-from ..metrics import CI_KEYS
 from ..registry import EPOCH_METRICS, SELECT_METRICS
 from ..report import console, fmt, show
 from .space import Space, check_grid, load_space, param_space, sample_overrides
@@ -211,11 +213,44 @@ def test_scalars(metrics: dict) -> dict[str, float]:
 
 # --- running it (the driver) ------------------------------------------------------------------
 
-def start_ray(address: str | None) -> None:
-    """Start a local Ray (dashboard off) or join the cluster at address; no-op when Ray is up."""
+RAY_LOG = "ray.log"  # in the experiment folder: Ray's own log lines (unless --verbose)
+
+
+@contextlib.contextmanager
+def ray_log(exp_dir: Path, verbose: bool):
+    """Ray's own log lines (its "ray" loggers: start-up notes, Tune's warnings and tracebacks) go to
+    exp_dir/ray.log instead of the terminal, unless verbose. What matters to the user is said by
+    this package in one line (no GPU for a GPU request, a failed trial); the rest is there to read."""
+    if verbose:
+        yield
+        return
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:], ray_logger.propagate
+    to_file = logging.FileHandler(exp_dir / RAY_LOG, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # ray.init(configure_logging=False) clears the "ray" logger's handlers: ours sit one level up (root), for ray only
+    to_file.addFilter(logging.Filter("ray"))
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+    root = logging.getLogger()
+    root.addHandler(to_file)
+    try:
+        yield
+    finally:
+        root.removeHandler(to_file)
+        to_file.close()
+        ray_logger.handlers[:], ray_logger.propagate = saved
+
+
+def start_ray(address: str | None, verbose: bool = False) -> None:
+    """Start a local Ray (dashboard off) or join the cluster at address; no-op when Ray is up. Not verbose:
+    Ray's logging is left to ray_log, and trial processes' own output is not forwarded to the terminal
+    (it stays in Ray's session logs)."""
     if ray.is_initialized():
         return
     kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if not verbose:
+        kw.update(configure_logging=False, log_to_driver=False)
     if address:
         # other nodes import this package from the job's runtime env; the data must be visible to them
         kw.update(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
@@ -285,7 +320,7 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
 
 
 STATE_DIGESTS = "state.sha256.json"  # ours: SHA-256 of Ray's experiment files as the last tune.py run left them
-OWN_FILES = {"tune.json", "trials.csv", "best.json", STATE_DIGESTS}
+OWN_FILES = {"tune.json", "trials.csv", "best.json", STATE_DIGESTS, RAY_LOG}
 
 
 def _ray_state_files(exp_dir: Path) -> list[Path]:
@@ -369,15 +404,27 @@ class ProgressLine(Callback):
                 f"{c['PENDING']} pending")
 
     def _print(self, text: str) -> None:
-        console.print(text, highlight=False)
+        console.print(text, highlight=False, soft_wrap=True)  # never a line break inside a setting or a path
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = number(result.get(self.metric))
         best = best_value([self.best.get(trial.trial_id), value], self.mode)
         self.best[trial.trial_id] = best
-        settings = " ".join(f"{k}={show(v, 24)}" for k, v in (trial.config or {}).items())
-        self._print(f"[dim]{self._counts(trials)}[/]  {trial.trial_id}  epoch {result.get('epoch')}/{self.max_epochs}"
-                    f"  {self.metric} {fmt(value)} (best {fmt(best)})  {result.get('seconds', 0):.1f}s  [dim]{settings}[/]")
+        self._print(self.line(trial.trial_id, trial.config or {}, result, value, best, self._counts(trials)))
+
+    def line(self, trial_id: str, config: dict, result: dict, value, best, counts: str, width: int | None = None) -> str:
+        """One report as one line: the trial, its epoch, the metric and the swept settings in full, always;
+        the trial counts and the epoch's seconds give way when the line would wrap at `width` (the terminal)."""
+        width = width or console.width
+        core = f"{trial_id}  epoch {result.get('epoch')}/{self.max_epochs}  {self.metric} {fmt(value)} (best {fmt(best)})"
+        settings = "  ".join(f"{k}={show(v)}" for k, v in config.items())
+        seconds = f"{result.get('seconds', 0):.1f}s"
+        for show_counts, show_seconds in ((True, True), (False, True), (False, False)):
+            plain = "  ".join(x for x in (counts * show_counts, core, seconds * show_seconds, settings) if x)
+            if len(plain) <= width:
+                break
+        return "  ".join(x for x in (f"[dim]{escape(counts)}[/]" * show_counts, escape(core), seconds * show_seconds,
+                                     escape(settings)) if x)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epoch = (trial.last_result or {}).get("epoch") or 0

@@ -21,7 +21,7 @@ from ..config import make_config
 from ..errors import UserError
 from ..io import number, read_csv, read_json, write_csv, write_json
 from ..predict import finalize
-from ..report import fmt, show
+from ..report import fitted_table, fmt, show
 from .experiment import TEST_KEYS, Setup, best_value, fold_mean, fold_runs, short_error
 
 TABLE_TEST = (("accuracy", "test acc"), ("f1", "test F1"), ("auroc", "test AUROC"))
@@ -132,24 +132,29 @@ def write_results(exp_dir: Path, rows: list[dict], setup: Setup) -> dict | None:
     return best
 
 
-def results_table(rows: list[dict], setup: Setup, keys: list[str], title: str) -> Table:
-    """Trials sorted by the tuned metric; the best highlighted, early stops marked, failures with their error."""
+def results_table(rows: list[dict], setup: Setup, keys: list[str], title: str, width: int | None = None) -> Table:
+    """Trials sorted by the tuned metric; the best starred, early stops marked, failures with their error.
+
+    The swept settings (`keys`) are the point of the table: they are shown whole, always; on a narrow
+    terminal the test figures, then epochs and status, give way first (report.fitted_table), and the
+    caption names them (all of them are in trials.csv)."""
     metric = f"best_{setup.metric}"
     sign = -1 if setup.mode == "max" else 1
     order = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0)))
     best = pick_best(rows, setup)
     failed = [f"[red]{r['trial']} failed:[/] {r['error']}" for r in order if r["status"] == runs.FAILED]
-    table = Table(title=title, caption="\n".join(failed) or None, caption_justify="left")
-    for col in ["#", "trial", *keys, "epochs", "status", f"best {setup.metric}", *(name for _, name in TABLE_TEST)]:
-        table.add_column(col, justify="left" if col in ("trial", "status", *keys) else "right",
-                         no_wrap=col in ("trial", "status"))
-    for i, r in enumerate(order, 1):
+    tests = [name for _, name in TABLE_TEST]
+    columns = ["trial", *keys, f"best {setup.metric}", "epochs", "status", *tests]
+    cells, best_rows = [], set()
+    for i, r in enumerate(order):
         status = {runs.FINISHED: "finished", runs.STOPPED: "[yellow]stopped early[/]",
                   runs.INTERRUPTED: "[dim]interrupted[/]", runs.FAILED: "[red]failed[/]"}[r["status"]]
         if r["status"] == runs.FINISHED and r["stopped_early"]:
             status = "[yellow]finished (patience)[/]"
-        is_best = best is not None and r["trial"] == best["trial"]
-        table.add_row(str(i), ("★ " if is_best else "") + r["trial"], *(str(r.get(k, "")) for k in keys),
-                      str(r["epochs"]), status, fmt(r[metric]), *(fmt(r[f"test_{k}"]) for k, _ in TABLE_TEST),
-                      style="bold green" if is_best else None)
-    return table
+        if best is not None and r["trial"] == best["trial"]:
+            best_rows.add(i)
+        cells.append([("★ " if i in best_rows else "") + r["trial"], *(str(r.get(k, "")) for k in keys), fmt(r[metric]),
+                      str(r["epochs"]), status, *(fmt(r[f"test_{k}"]) for k, _ in TABLE_TEST)])
+    return fitted_table(columns, cells, title, caption="\n".join(failed), best=best_rows,
+                        drop_order=[*reversed(tests), "epochs", "status"], width=width, whole=tuple(keys),
+                        left=("status", *keys), elsewhere="trials.csv")

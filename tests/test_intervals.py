@@ -1,0 +1,250 @@
+"""Intervals over patients on cases with known answers (Wilson by hand, scikit-learn on each resample), the
+paired bootstrap, and the tests between rows of runs against scipy."""
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import t as student_t
+from scipy.stats import ttest_1samp, ttest_ind
+from test_metrics import random_case
+
+from breakhis import counts, intervals
+from breakhis import metrics as M
+from breakhis.errors import UserError
+
+
+def test_bad_bootstrap_settings_raise():
+    with pytest.raises(ValueError, match="n_boot"):
+        intervals.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], n_boot=0)
+    with pytest.raises(ValueError, match="alpha"):
+        intervals.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], alpha=1.5)
+    with pytest.raises(ValueError, match="method must be cluster or percentile, not 'bca'"):  # the old name is gone
+        intervals.bootstrap_ci([0, 1], [0.2, 0.8], ["a", "b"], method="bca")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resampled_metrics_equal_sklearn_on_each_resample(seed):
+    """The vectorised per-resample formulas equal binary_metrics on the resampled images."""
+    y, p, patients = random_case(seed, n=200, n_patients=12)
+    d = counts.patient_counts(y, p, patients, 0.5)
+    draws = intervals.patient_draws(12, 15, seed)
+    stats = counts.weighted_figures(intervals.multiplicity(draws), d, counts.CI_KEYS)
+    for b, row in enumerate(draws):
+        sel = np.concatenate([d.members[j] for j in row])
+        ref = {**M.binary_metrics(y[sel], p[sel]), **M.patient_metrics(y[sel], p[sel], patients[sel])}
+        for k in counts.IMAGE_KEYS:
+            assert stats[k][b] == pytest.approx(ref[k], abs=1e-12, nan_ok=True), k
+        # a patient drawn twice counts twice in the resample's mean over patients
+        times = np.bincount(row, minlength=12)
+        full = M.patient_metrics(y, p, patients)
+        assert stats["patient_recognition_rate"][b] == pytest.approx(times @ d.fraction / 12)
+        assert 0 <= stats["patient_recognition_rate"][b] <= 1 and full["n_patients"] == 12
+
+
+def test_fast_intervals_equal_the_slow_path_with_sklearn():
+    y, p, patients = random_case(5, n=150, n_patients=10)
+    fast = intervals.bootstrap_ci(y, p, patients, n_boot=100, seed=3, method="percentile")
+
+    def image_scalars(yy, pp):
+        m = M.binary_metrics(yy, pp)
+        return {k: m[k] for k in counts.IMAGE_KEYS}
+
+    slow = intervals.bootstrap_ci(y, p, patients, n_boot=100, seed=3, fn=image_scalars)
+    assert set(slow) == set(counts.IMAGE_KEYS)
+    for k in counts.IMAGE_KEYS:
+        assert fast[k] == pytest.approx(slow[k], abs=1e-12), k
+
+
+def test_intervals_are_deterministic_for_a_seed():
+    y, p, patients = random_case(1)
+    assert intervals.bootstrap_ci(y, p, patients, n_boot=200, seed=4) == intervals.bootstrap_ci(y, p, patients, n_boot=200, seed=4)
+    assert intervals.bootstrap_ci(y, p, patients, n_boot=200, seed=4) != intervals.bootstrap_ci(y, p, patients, n_boot=200, seed=5)
+
+
+def _wilson_by_hand(k, n, z=1.959963984540054):
+    centre, half = (k + z * z / 2) / (n + z * z), z * math.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    return centre - half, min(1.0, centre + half)
+
+
+def test_perfect_classifier_interval_is_one():
+    """Every resample of a perfect classifier says 1.000: the percentile interval has zero width. The default
+    interval is then the Wilson interval over the patients that carry the figure (24 patients all correct
+    does not prove an accuracy of 1)."""
+    y, _, patients = random_case(2, n=200)
+    ci = intervals.bootstrap_ci(y, y.astype(float), patients, n_boot=300, method="percentile")
+    for k in ("accuracy", "auroc", "aucpr", "f1", "patient_recognition_rate", "patient_accuracy"):
+        assert ci[k] == (1.0, 1.0), k
+    ci = intervals.bootstrap_ci(y, y.astype(float), patients, n_boot=300)
+    names = np.unique(patients)
+    n_all = len(names)
+    n_mal = sum((y[patients == q] == 1).any() for q in names)  # patients with a malignant image
+    n_ben = sum((y[patients == q] == 0).any() for q in names)
+    units = {"accuracy": n_all, "patient_recognition_rate": n_all, "patient_accuracy": n_all, "f1": n_mal,
+             "auroc": min(n_mal, n_ben), "aucpr": min(n_mal, n_ben)}
+    for k, n in units.items():
+        if k == "accuracy":  # a ratio over patients: Student's t with P - 1 degrees of freedom
+            assert ci[k] == pytest.approx(_wilson_by_hand(n, n, z=student_t.ppf(0.975, n - 1))), k
+        else:
+            assert ci[k] == pytest.approx(_wilson_by_hand(n, n)), k
+
+
+def test_coin_flip_interval_contains_half_with_the_analytic_width():
+    rng = np.random.default_rng(11)
+    n_patients, per = 200, 5
+    y = rng.integers(0, 2, n_patients * per)
+    p = rng.random(n_patients * per)  # independent of y: each image right with probability 1/2
+    patients = np.repeat([f"P{i}" for i in range(n_patients)], per)
+    acc = M.binary_metrics(y, p)["accuracy"]
+    lo, hi = intervals.bootstrap_ci(y, p, patients, n_boot=1000)["accuracy"]
+    assert lo < 0.5 < hi
+    analytic = 2 * 1.96 * math.sqrt(acc * (1 - acc) / y.size)  # images independent: clusters change nothing
+    assert hi - lo == pytest.approx(analytic, rel=0.2)
+    auc_lo, auc_hi = intervals.bootstrap_ci(y, p, patients, n_boot=300)["auroc"]
+    assert auc_lo < 0.5 < auc_hi
+
+
+def test_intervals_widen_when_images_are_grouped_into_fewer_patients():
+    # 400 images; correctness is shared within each of 20 patients (all right or all wrong)
+    patient_right = np.tile([True, False], 10)
+    right = np.repeat(patient_right, 20)
+    y = np.tile([0, 1], 200)
+    p = np.where(right, y, 1 - y).astype(float)
+    one_per_image = [f"I{i}" for i in range(400)]
+    twenty = np.repeat([f"P{i}" for i in range(20)], 20)
+    lo_i, hi_i = intervals.bootstrap_ci(y, p, one_per_image, n_boot=500)["accuracy"]
+    lo_p, hi_p = intervals.bootstrap_ci(y, p, twenty, n_boot=500)["accuracy"]
+    assert (hi_p - lo_p) > 3 * (hi_i - lo_i)
+    assert hi_i - lo_i == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 400), rel=0.2)
+    assert hi_p - lo_p == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 20), rel=0.25)
+
+
+def test_paired_bootstrap_identical_sets_are_not_different():
+    y, p, patients = random_case(3)
+    for metric in ("accuracy", "auroc", "patient_recognition_rate"):
+        r = intervals.paired_bootstrap(y, p, p.copy(), patients, metric=metric, n_boot=300)
+        assert r["diff"] == 0 and r["ci"] == (0.0, 0.0)
+        assert r["significant"] is False and r["p_value"] == 1.0 and r["metric"] == metric
+
+
+def test_paired_bootstrap_perfect_beats_coin_flip():
+    rng = np.random.default_rng(7)
+    patients = np.repeat([f"P{i}" for i in range(40)], 6)
+    y = np.repeat(rng.integers(0, 2, 40), 6)  # one class per patient, as in BreakHis
+    coin = rng.random(y.size)
+    r = intervals.paired_bootstrap(y, y.astype(float), coin, patients, n_boot=1000)
+    assert r["diff"] == pytest.approx(1 - M.binary_metrics(y, coin)["accuracy"])
+    assert r["significant"] is True and r["ci"][0] > 0.3 and r["p_value"] < 0.01
+    r = intervals.paired_bootstrap(y, coin, y.astype(float), patients, metric="auroc", n_boot=300)
+    assert r["diff"] < 0 and r["significant"] is True
+
+
+def test_paired_bootstrap_unknown_metric_is_a_user_error():
+    with pytest.raises(UserError, match="choose one of: accuracy"):
+        intervals.paired_bootstrap([0, 1], [0.2, 0.8], [0.2, 0.8], ["a", "b"], metric="acc")
+
+
+def test_interval_ignores_resamples_without_a_class():
+    """One benign patient among five, all correct: specificity is 1 wherever it is defined."""
+    patients = np.repeat(["b0", "m1", "m2", "m3", "m4"], 10)
+    y = np.array([0] * 10 + [1] * 40)
+    p = np.where(y == 1, 0.9, 0.1)
+    ci = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0, method="percentile")
+    assert ci["specificity"] == (1.0, 1.0)
+    assert ci["recall"] == (1.0, 1.0) and ci["precision"] == (1.0, 1.0)
+    ci = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0)  # one benign patient is one vote, not a certainty
+    assert ci["specificity"] == pytest.approx(_wilson_by_hand(1, 1))
+    assert ci["recall"] == pytest.approx(_wilson_by_hand(4, 4, z=student_t.ppf(0.975, 3)))
+
+
+def test_cluster_wilson_by_hand():
+    """Specificity of 3 benign patients with 10 images each, 9, 6 and 10 correct: the ratio 25/30, its
+    cluster-robust variance, the effective sample size, and Wilson with Student's t at 2 degrees of freedom."""
+    num, den = np.array([9.0, 6.0, 10.0]), np.array([10.0, 10.0, 10.0])
+    p = 25 / 30
+    var = 3 / 2 * ((9 - 10 * p) ** 2 + (6 - 10 * p) ** 2 + (10 - 10 * p) ** 2) / 30 ** 2
+    n = p * (1 - p) / var
+    z = student_t.ppf(0.975, 2)
+    centre, half = (p * n + z * z / 2) / (n + z * z), z * math.sqrt(p * n * (1 - p) + z * z / 4) / (n + z * z)
+    assert intervals.cluster_wilson(num, den, 0.05) == pytest.approx((centre - half, centre + half))
+
+
+def test_breakdowns_and_the_subtype_task_have_intervals():
+    """Every figure has an interval: per-magnification groups (over that group's patients) and the
+    8-class task (accuracy as a cluster-adjusted Wilson interval, by hand)."""
+    y, p, patients = random_case(5, n=400)
+    mags = np.array([40, 100] * 200)
+    by = M.breakdown(y, p, mags, patients=patients, n_boot=100, seed=1)
+    for v in (40, 100):
+        m = mags == v
+        assert by[v]["ci"] == intervals.bootstrap_ci(y[m], p[m], patients[m], n_boot=100, seed=1)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 200)
+    pat = np.array([f"P{i % 20}" for i in range(200)])
+    probs = rng.dirichlet(np.ones(8), 200)
+    probs[np.arange(200), labels] += 0.3 * rng.random(200)
+    ci = intervals.multiclass_ci(labels, probs, pat, n_boot=100)
+    right = probs.argmax(1) == labels
+    num = np.array([right[pat == q].sum() for q in np.unique(pat)], float)
+    den = np.array([(pat == q).sum() for q in np.unique(pat)], float)
+    est = num.sum() / den.sum()
+    var = 20 / 19 * ((num - est * den) ** 2).sum() / den.sum() ** 2
+    n, z = min(den.sum(), est * (1 - est) / var), student_t.ppf(0.975, 19)
+    centre, half = (est * n + z * z / 2) / (n + z * z), z * math.sqrt(est * n * (1 - est) + z * z / 4) / (n + z * z)
+    assert ci["accuracy"] == pytest.approx((centre - half, centre + half))
+    for k in ("balanced_accuracy", "macro_f1"):
+        lo, hi = ci[k]
+        assert 0 <= lo < hi <= 1
+
+
+# ---------------------------------------------------------------- tests between rows of runs
+
+
+def test_welch_equals_scipy():
+    rng = np.random.default_rng(0)
+    xa, xb = rng.normal(0.90, 0.02, 3), rng.normal(0.87, 0.03, 4)
+    v = intervals.welch("accuracy", list(xa), list(xb), "recipes")
+    ref = ttest_ind(xa, xb, equal_var=False)
+    assert v["diff"] == pytest.approx(xa.mean() - xb.mean())
+    assert v["p_value"] == pytest.approx(ref.pvalue)
+    assert v["ci"] == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    assert v["significant"] == bool(ref.pvalue <= 0.05) and v["metric"] == "accuracy" and v["test"] == "recipes"
+
+
+def test_t_verdict_without_variance():
+    """Every run gives the same figure: no difference is p 1, any difference p 0, both a zero-width interval."""
+    same = intervals.welch("f1", [0.8, 0.8], [0.8, 0.8])
+    assert same["p_value"] == 1.0 and same["ci"] == (0.0, 0.0) and same["significant"] is False
+    apart = intervals.welch("f1", [0.9, 0.9], [0.8, 0.8])
+    assert apart["p_value"] == 0.0 and apart["ci"] == (pytest.approx(0.1), pytest.approx(0.1)) and apart["significant"]
+
+
+def test_nadeau_bengio_is_the_paired_t_with_a_wider_variance():
+    d = np.array([0.02, 0.01, 0.035, -0.005, 0.015])
+    ref = ttest_1samp(d, 0.0)  # scipy's paired t over folds: variance / k
+    for ratio in (0.0, math.nan):  # no correction: scipy's test exactly
+        v = intervals.nadeau_bengio("auroc", d, ratio)
+        assert v["p_value"] == pytest.approx(ref.pvalue) and v["ci"] == pytest.approx(tuple(ref.confidence_interval(0.95)))
+    ratio = 0.43  # test / train images: variance * (1/k + 0.43) instead of variance / k
+    t = d.mean() / math.sqrt(d.var(ddof=1) * (1 / d.size + ratio))
+    v = intervals.nadeau_bengio("auroc", d, ratio)
+    assert v["diff"] == pytest.approx(d.mean()) and v["p_value"] == pytest.approx(2 * student_t.sf(abs(t), d.size - 1))
+    assert v["p_value"] > ref.pvalue
+    one = intervals.nadeau_bengio("auroc", d[:1], ratio)
+    assert math.isnan(one["p_value"]) and one["significant"] is False and one["diff"] == pytest.approx(d[0])
+
+
+@pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.5], [0.2, 0.01, 0.2], [0.3, 0.6, 0.9], [0.001]])
+def test_holm_equals_the_textbook_step_down(p):
+    """adjusted p of the i-th smallest: max over j <= i of min(1, (m - j + 1) p_(j)), in the given order."""
+    p = np.array(p)
+    order = np.argsort(p, kind="stable")
+    steps = np.minimum(1.0, np.maximum.accumulate((p.size - np.arange(p.size)) * p[order]))
+    ref = np.empty(p.size)
+    ref[order] = steps
+    assert intervals.holm(list(p)) == pytest.approx(list(ref))
+
+
+def test_holm_leaves_nan_as_nan_and_counts_it():
+    adjusted = intervals.holm([math.nan, 0.02, 0.3])
+    assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([3 * 0.02, 2 * 0.3])
+
