@@ -31,7 +31,7 @@ from torchvision.models import get_model, get_model_weights
 from .config import TrainConfig
 from .device import seed_everything
 from .errors import UserError
-from .registry import BACKBONES, IMAGENET, PATHOLOGY, TIMM, unknown
+from .registry import BACKBONES, IMAGENET, PATHOLOGY, TIMM
 
 # Old DenseNet checkpoints (the files torchvision downloads) name layers 'norm.1' for 'norm1'.
 _DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
@@ -47,13 +47,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))  # (B, 3, H, W) float -> (B, num_classes) logits
-
-
-def _check_backbone(name: str) -> str:
-    """The classifier path of a registry name (TrainConfig.validate() refuses others first)."""
-    if name not in BACKBONES:
-        raise UserError(unknown("backbone", name, BACKBONES))
-    return BACKBONES[name]
 
 
 def _final_linear(backbone: nn.Module, path: str) -> nn.Linear:
@@ -281,7 +274,7 @@ def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (10
         features = model.num_features
         net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
         return _load_whole(net, state, weights, backbone, head, num_classes) if whole else net
-    classifier = _check_backbone(backbone)
+    classifier = BACKBONES[backbone]  # a validated name (TrainConfig.validate); another is a bug: KeyError
     model = get_model(backbone, weights=None)
     if state is not None and not whole:
         _load_backbone(model, state, classifier, f"--weights {weights}: the tensors of this file and {backbone}")
@@ -315,11 +308,6 @@ def _load_whole(net: Classifier, state: dict, weights: str, backbone: str, head,
         raise UserError(problem)
     net.load_state_dict(state)
     return net
-
-
-def feature_dim(model: Classifier) -> int:
-    """Width F of the backbone's features (the input of the head's first linear layer)."""
-    return next(m for m in model.head if isinstance(m, nn.Linear)).in_features
 
 
 def set_frozen(model: Classifier, frozen: bool) -> None:

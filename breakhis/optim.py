@@ -6,9 +6,11 @@
     ... after each epoch's validation:     schedule.step_epoch(val_loss)
 
 Schedule is the only caller of a torch scheduler's .step(); each scheduler's rule (per batch,
-per epoch, on the validation loss, never) is registry.SCHEDULERS. The lr in use during epoch e
-(or batch t for onecycle) is the schedule's value at e (or t), counted from 0. The settings come
-from a validated TrainConfig (validate() holds the rules on lr, gamma, milestones, ...).
+per epoch, on the validation loss, never) and its torch class and settings are its
+registry.SCHEDULERS entry. The lr in use during epoch e (or batch t for onecycle) is the schedule's
+value at e (or t), counted from 0. The names and settings come from a validated TrainConfig
+(validate() refuses unknown names and holds the rules on lr, gamma, milestones, ...); a name outside
+the registries here is a bug and raises KeyError.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch.optim import lr_scheduler
 
 from .config import TrainConfig
 from .errors import UserError
-from .registry import OPTIMIZERS, SCHEDULERS, unknown
+from .registry import OPTIMIZERS, SCHEDULERS
 
 WARMUP_START = 0.1  # linear warmup starts at lr * WARMUP_START
 
@@ -32,8 +34,6 @@ def build_optimizer(params: Iterable, name: str, lr: float, weight_decay: float,
     Build it over all parameters, frozen ones included: a parameter without .grad is skipped
     entirely (no update, no weight decay) until it is unfrozen.
     """
-    if name not in OPTIMIZERS:
-        raise UserError(unknown("optimizer", name, OPTIMIZERS))
     params = list(params)
     kw: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
     if name == "sgd":
@@ -55,7 +55,7 @@ class Schedule:
                  total_steps: int = 0):
         self.optimizer = optimizer
         self.name = name
-        self.when = SCHEDULERS[name]
+        self.when = SCHEDULERS[name].when
         self.scheduler = scheduler
         self.warmup_epochs = warmup_epochs
         self.total_steps = total_steps  # onecycle: steps past the end keep the final lr
@@ -110,33 +110,18 @@ class Schedule:
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
     """The schedule cfg.scheduler for cfg.epochs epochs of `steps_per_epoch` optimizer steps.
 
-    onecycle: max_lr is the optimizer's lr, over epochs * steps_per_epoch steps (torch defaults:
-    start at max_lr/25, end at max_lr/25/1e4, cosine, momentum cycled). cosine: from lr to
-    min_lr over the epochs after warmup. plateau: mode min on the validation loss.
+    Built from its registry.SCHEDULERS entry: the torch.optim.lr_scheduler class it names, with
+    the keyword arguments it gives (e.g. onecycle's max_lr is the optimizer's lr, over
+    epochs * steps_per_epoch steps; plateau is mode min on the validation loss).
     """
     name = cfg.scheduler
-    if name not in SCHEDULERS:
-        raise UserError(unknown("scheduler", name, SCHEDULERS))
+    entry = SCHEDULERS[name]
     total = cfg.epochs * steps_per_epoch
-    if name == "none":
-        sched = None
-    elif name == "step":
-        sched = lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    elif name == "multistep":
-        sched = lr_scheduler.MultiStepLR(optimizer, milestones=sorted(cfg.milestones), gamma=cfg.gamma)
-    elif name == "exponential":
-        sched = lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
-    elif name == "cosine":
-        sched = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs - cfg.warmup_epochs, eta_min=cfg.min_lr)
-    elif name == "onecycle":
-        if total < 2:
-            raise UserError(f"onecycle needs at least 2 optimizer steps (epochs {cfg.epochs} x {steps_per_epoch} "
-                            f"batches)")
-        sched = lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                        total_steps=total, pct_start=cfg.pct_start)
-    else:  # plateau
-        sched = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.plateau_factor,
-                                               patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    if total < entry.min_steps:  # known only now: steps_per_epoch comes from the data
+        raise UserError(f"{name} needs at least {entry.min_steps} optimizer steps (epochs {cfg.epochs} x "
+                        f"{steps_per_epoch} batches)")
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    sched = getattr(lr_scheduler, entry.cls)(optimizer, **entry.kwargs(cfg, total, lrs)) if entry.cls else None
     return Schedule(optimizer, name, sched, warmup_epochs=cfg.warmup_epochs, total_steps=total)
 
 

@@ -1,10 +1,14 @@
 """The names a setting may take: backbones, optimizers, schedulers, and the per-epoch metrics.
 
-Plain dicts of plain data, with no torch import, so that `TrainConfig.validate()` can refuse an
+Plain dicts of plain data (a scheduler's factory is a torch class name and a function giving its
+keyword arguments), with no torch import, so that `TrainConfig.validate()` can refuse an
 unknown name in a fraction of a second, before torch (about 3 s to import) or any data is touched.
 models.py and optim.py build from these tables; nothing else lists the names.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 # backbone name -> dotted path of the final classifier layer that our head replaces. The layers
 # before it stay in the backbone: VGG and AlexNet keep their two 4096-wide fully connected layers
@@ -74,16 +78,41 @@ NOT_TIMM: dict[str, str] = {
 # gradient; AdamW's is decoupled (applied to the weights). Momentum and Nesterov apply to SGD.
 OPTIMIZERS: dict[str, str] = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
-# scheduler name -> when it steps: per optimizer step ("batch"), per epoch, on the validation
-# loss ("metric"), or never. optim.Schedule applies the rule; nothing else steps a scheduler.
-SCHEDULERS: dict[str, str] = {
-    "none": "never",
-    "step": "epoch",
-    "multistep": "epoch",
-    "exponential": "epoch",
-    "cosine": "epoch",
-    "onecycle": "batch",
-    "plateau": "metric",
+
+class Scheduler(NamedTuple):
+    """A SCHEDULERS entry: when the scheduler steps, and how optim.build_schedule builds it.
+
+    The factory is data, not a torch call: `cls` names a torch.optim.lr_scheduler class (as
+    OPTIMIZERS names torch.optim classes) and `kwargs(cfg, total_steps, lrs)` gives its keyword
+    arguments from a validated TrainConfig, the run's optimizer steps (epochs x batches per epoch)
+    and the optimizer's lr per param group. So one entry holds everything about a name (its
+    stepping rule, its class, its settings) with no second table to keep in step, and importing
+    this module, or validating a config, still imports no torch.
+    """
+
+    when: str  # "batch" (after each optimizer step), "epoch", "metric" (on the validation loss) or "never"
+    cls: str = ""  # torch.optim.lr_scheduler class name; "" for none (constant lr)
+    kwargs: Callable[[Any, int, list[float]], dict[str, Any]] = lambda cfg, total_steps, lrs: {}
+    min_steps: int = 0  # fewest optimizer steps the class accepts (OneCycleLR divides by total_steps - 1)
+
+
+# scheduler name -> Scheduler. optim.Schedule applies the stepping rule; nothing else steps a scheduler.
+# onecycle: max_lr is the optimizer's lr (torch defaults: start at max_lr/25, end at max_lr/25/1e4,
+# cosine, momentum cycled); cosine runs from lr to min_lr over the epochs after warmup.
+SCHEDULERS: dict[str, Scheduler] = {
+    "none": Scheduler("never"),
+    "step": Scheduler("epoch", "StepLR", lambda cfg, total_steps, lrs: {"step_size": cfg.step_size, "gamma": cfg.gamma}),
+    "multistep": Scheduler("epoch", "MultiStepLR",
+                           lambda cfg, total_steps, lrs: {"milestones": sorted(cfg.milestones), "gamma": cfg.gamma}),
+    "exponential": Scheduler("epoch", "ExponentialLR", lambda cfg, total_steps, lrs: {"gamma": cfg.gamma}),
+    "cosine": Scheduler("epoch", "CosineAnnealingLR",
+                        lambda cfg, total_steps, lrs: {"T_max": cfg.epochs - cfg.warmup_epochs, "eta_min": cfg.min_lr}),
+    "onecycle": Scheduler("batch", "OneCycleLR",
+                          lambda cfg, total_steps, lrs: {"max_lr": lrs, "total_steps": total_steps, "pct_start": cfg.pct_start},
+                          min_steps=2),
+    "plateau": Scheduler("metric", "ReduceLROnPlateau",
+                         lambda cfg, total_steps, lrs: {"mode": "min", "factor": cfg.plateau_factor,
+                                                        "patience": cfg.plateau_patience, "min_lr": cfg.min_lr}),
 }
 
 # per-epoch figure (a history.csv column) -> the better direction. The val_* ones can select the

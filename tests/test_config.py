@@ -1,11 +1,13 @@
 """The config dataclass: flag generation, precedence, coercion and validation errors."""
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from breakhis.config import FIELDS, TrainConfig, add_flags, coerce, load_config_file, make_config, overrides_from_args
 from breakhis.errors import UserError
+from breakhis.registry import BACKBONES, OPTIMIZERS, SCHEDULERS, SELECT_METRICS
 
 
 def parse(argv):
@@ -129,3 +131,14 @@ def test_validate_checks_registry_names_and_every_rule(layer, words):
     with pytest.raises(UserError) as e:
         make_config(layer)
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("key, valid", [("backbone", BACKBONES), ("optimizer", OPTIMIZERS),
+                                        ("scheduler", SCHEDULERS), ("select", SELECT_METRICS)])
+def test_validate_itself_refuses_unknown_registry_names(key, valid):
+    # validate() is the only check (the model, optimizer and schedule builders trust it), so it must
+    # refuse a name that never went through coerce(): a config built with dataclasses.replace
+    cfg = dataclasses.replace(TrainConfig(), **{key: "nonesuch"})
+    with pytest.raises(UserError) as e:
+        cfg.validate()
+    assert f"'nonesuch': choose one of {', '.join(valid)}" in str(e.value)

@@ -11,12 +11,17 @@ from breakhis import models
 from breakhis.config import make_config
 from breakhis.device import prepare_model
 from breakhis.errors import UserError
-from breakhis.models import build_model, feature_dim, portable_state_dict, set_frozen, train_mode
+from breakhis.models import build_model, portable_state_dict, set_frozen, train_mode
 from breakhis.registry import BACKBONES, PATHOLOGY
 
 REQUIRED = ([f"resnet{n}" for n in (18, 34, 50, 101, 152)] + [f"efficientnet_b{i}" for i in range(8)]
             + ["densenet121", "densenet169", "densenet201", "alexnet", "convnext_tiny"]
             + [f"vgg{n}{bn}" for n in (11, 13, 16, 19) for bn in ("", "_bn")])
+
+
+def head_in(model):
+    """Width F of the backbone's features, as the head sees it (the in_features of its first linear layer)."""
+    return next(m for m in model.head if isinstance(m, nn.Linear)).in_features
 
 
 def test_registry_has_the_logbook_backbones():
@@ -34,12 +39,15 @@ def test_every_backbone_builds_and_runs(name):
     with torch.no_grad():
         feats = model.backbone(torch.randn(1, 3, 64, 64))
         out = model(torch.randn(1, 3, 64, 64))
-    assert feats.shape == (1, feature_dim(model))
+    assert feats.shape == (1, head_in(model))
     assert out.shape == (1, 3) and torch.isfinite(out).all()
 
 
 def test_unknown_backbone_lists_choices():
+    # TrainConfig.validate() refuses the name before anything is built; build_model trusts its caller
     with pytest.raises(UserError, match="resnet50.*efficientnet_b7.*convnext_tiny"):
+        make_config({"backbone": "resnet9000", "pretrained": False})
+    with pytest.raises(KeyError, match="resnet9000"):
         build_model("resnet9000", pretrained=False)
 
 
@@ -223,7 +231,7 @@ def test_timm_backbone_with_our_head_freezes_and_runs(name):
     import timm
     model = build_model(name, num_classes=2, head=(8,), dropout=(0.2,), pretrained=False, image_size=32)
     width = timm.create_model(name[5:], pretrained=False, num_classes=0, **({"img_size": 32} if "vit" in name else {})).num_features
-    assert feature_dim(model) == model.backbone.num_features == width
+    assert head_in(model) == model.backbone.num_features == width
     x = torch.randn(3, 3, 32, 32)
     assert model(x).shape == (3, 2)
     assert model.backbone(x).shape == (3, width)  # pooled features, no timm classifier

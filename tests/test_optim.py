@@ -1,41 +1,50 @@
-"""Optimizers and schedules: lr sequences against values computed by hand."""
+"""Optimizers and schedules: lr sequences against values computed by hand, trained through engine.train_one_epoch."""
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from breakhis.config import make_config
+from breakhis.engine import train_one_epoch
 from breakhis.errors import UserError
-from breakhis.models import build_model, set_frozen
+from breakhis.models import Classifier, build_model, set_frozen
 from breakhis.optim import build_optimizer, build_schedule, current_lr
 from breakhis.registry import OPTIMIZERS, SCHEDULERS
 
 E, S, LR = 8, 3, 1.0  # epochs, optimizer steps per epoch, base lr
+# S batches of two images: x (2, 2) zeros, y (2,) one of each class, idx (2,); the loss stays finite at lr 1
+BATCHES = [(torch.zeros(2, 2), torch.tensor([0, 1]), torch.arange(2))] * S
 
 
 def _setup(name, lr=LR, **kw):
-    p = nn.Parameter(torch.zeros(2))
-    opt = build_optimizer([p], "sgd", lr=lr, weight_decay=0.0)
-    return p, opt, build_schedule(opt, make_config({"scheduler": name, "epochs": E, **kw}), steps_per_epoch=S)
+    """A tiny Classifier (train_one_epoch's train_mode looks at its backbone), SGD over it, and the schedule."""
+    torch.manual_seed(0)
+    model = Classifier(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    opt = build_optimizer(model.parameters(), "sgd", lr=lr, weight_decay=0.0)
+    return model, opt, build_schedule(opt, make_config({"scheduler": name, "epochs": E, **kw}), steps_per_epoch=S)
 
 
-def _run(opt, sched, p, epochs, losses=None, start=0):
-    """The lr used at every batch, stepping exactly as the engine does."""
+def _run(model, opt, sched, epochs, losses=None, start=0, batches=BATCHES):
+    """The lr of every optimizer step: engine.train_one_epoch per epoch (it steps the batch rule), then the
+    epoch's step_epoch with its validation loss, as fit.py calls it."""
     lrs = []
+
+    def loss_fn(logits, y):
+        lrs.append(current_lr(opt))  # train_step takes the loss just before optimizer.step(): the lr that step uses
+        return F.cross_entropy(logits, y)
+
     for e in range(start, start + epochs):
-        for _ in range(S):
-            lrs.append(current_lr(opt))
-            p.grad = torch.zeros_like(p)
-            opt.step()
-            sched.step_batch()
+        train_one_epoch(model, batches, opt, sched, loss_fn)
         sched.step_epoch(None if losses is None else losses[e])
     return lrs
 
 
 def lr_sequence(name, losses=None, **kw):
-    p, opt, sched = _setup(name, **kw)
-    return _run(opt, sched, p, E, losses)
+    model, opt, sched = _setup(name, **kw)
+    return _run(model, opt, sched, E, losses)
 
 
 def per_epoch(lrs):
@@ -47,33 +56,45 @@ def per_epoch(lrs):
 
 def test_registries():
     assert set(OPTIMIZERS) == {"adam", "adamw", "sgd"}
-    assert SCHEDULERS == {"none": "never", "step": "epoch", "multistep": "epoch", "exponential": "epoch",
-                          "cosine": "epoch", "onecycle": "batch", "plateau": "metric"}
+    assert {k: v.when for k, v in SCHEDULERS.items()} == {
+        "none": "never", "step": "epoch", "multistep": "epoch", "exponential": "epoch", "cosine": "epoch",
+        "onecycle": "batch", "plateau": "metric"}
 
 
-def test_none():
-    assert lr_sequence("none") == [LR] * (E * S)
+def _onecycle_by_hand(pct_start, total=E * S, top=LR):
+    """OneCycleLR's lr at every step (two cosine phases, torch's defaults), written out."""
+    start, final = top / 25, top / 25 / 1e4
+    peak = pct_start * total - 1  # the step at which the rise ends
+    return [top + (start - top) / 2 * (1 + math.cos(math.pi * t / peak)) if t <= peak else
+            final + (top - final) / 2 * (1 + math.cos(math.pi * (t - peak) / (total - 1 - peak))) for t in range(total)]
 
 
-def test_step():
-    got = per_epoch(lr_sequence("step", step_size=3, gamma=0.5))
-    assert got == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25])
+# name -> (settings, validation losses, the lr of every epoch by hand; per batch for a batch-stepped one).
+# A scheduler added to the registry without a case here fails test_lr_of_every_scheduler (KeyError).
+HAND = {
+    "none": ({}, None, [LR] * E),
+    "step": ({"step_size": 3, "gamma": 0.5}, None, [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]),
+    "multistep": ({"milestones": (5, 2), "gamma": 0.1}, None, [1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01]),
+    "exponential": ({"gamma": 0.5}, None, [0.5 ** e for e in range(E)]),
+    "cosine": ({"min_lr": 0.1}, None, [0.1 + 0.9 * (1 + math.cos(math.pi * e / E)) / 2 for e in range(E)]),
+    "onecycle": ({"pct_start": 0.25}, None, _onecycle_by_hand(0.25)),
+    # patience 1: the lr drops after two epochs in a row without improvement
+    "plateau": ({"plateau_patience": 1, "plateau_factor": 0.1}, [5, 4, 4, 4, 3, 3, 3, 3],
+                [1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01]),
+}
 
 
-def test_multistep():
-    got = per_epoch(lr_sequence("multistep", milestones=(5, 2), gamma=0.1))
-    assert got == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
-
-
-def test_exponential():
-    got = per_epoch(lr_sequence("exponential", gamma=0.5))
-    assert got == pytest.approx([0.5 ** e for e in range(E)])
-
-
-def test_cosine():
-    got = per_epoch(lr_sequence("cosine", min_lr=0.1))
-    want = [0.1 + 0.9 * (1 + math.cos(math.pi * e / E)) / 2 for e in range(E)]
-    assert got == pytest.approx(want, abs=1e-9)
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_lr_of_every_scheduler(name):
+    kw, losses, want = HAND[name]
+    model, opt, sched = _setup(name, **kw)
+    got = _run(model, opt, sched, E, losses)
+    assert type(sched.scheduler).__name__ == (SCHEDULERS[name].cls or "NoneType")  # the class its entry names
+    if SCHEDULERS[name].when == "batch":
+        assert len(set(got[:S])) == S  # it moves within an epoch
+        assert got == pytest.approx(want, abs=1e-12)
+    else:
+        assert per_epoch(got) == pytest.approx(want, abs=1e-9)
 
 
 def test_onecycle():
@@ -90,25 +111,19 @@ def test_onecycle():
 
 
 def test_onecycle_keeps_final_lr_past_its_end():
-    p, opt, sched = _setup("onecycle", pct_start=0.25)
-    _run(opt, sched, p, E)
-    for _ in range(5):
-        sched.step_batch()
+    model, opt, sched = _setup("onecycle", pct_start=0.25)
+    _run(model, opt, sched, E)
+    # five more optimizer steps than the schedule was built for (an epoch with more batches)
+    past = _run(model, opt, sched, 1, batches=BATCHES[:1] * 5)
+    assert past == pytest.approx([LR / 25 / 1e4] * 5)
     assert current_lr(opt) == pytest.approx(LR / 25 / 1e4)
-
-
-def test_plateau():
-    # patience 1: the lr drops after two epochs in a row without improvement
-    losses = [5, 4, 4, 4, 3, 3, 3, 3]
-    got = per_epoch(lr_sequence("plateau", losses=losses, plateau_patience=1, plateau_factor=0.1))
-    assert got == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01])
 
 
 def test_plateau_min_lr_and_needs_loss():
     # the first loss sets the best; with patience 0 every later flat epoch halves the lr, down to min_lr
     got = per_epoch(lr_sequence("plateau", losses=[1] * E, plateau_patience=0, plateau_factor=0.5, min_lr=0.2))
     assert got == pytest.approx([1, 1, 0.5, 0.25, 0.2, 0.2, 0.2, 0.2])
-    p, opt, sched = _setup("plateau")
+    _, _, sched = _setup("plateau")
     with pytest.raises(ValueError, match="val_loss"):
         sched.step_epoch()
 
@@ -142,14 +157,14 @@ def test_state_dict_resume_continues_sequence():
                      ("plateau", {"plateau_patience": 1}), ("cosine", {})]:
         losses = [5, 4, 4, 4, 3, 3, 3, 3]
         full = lr_sequence(name, losses=losses, **kw)
-        p, opt, sched = _setup(name, **kw)
-        first = _run(opt, sched, p, 3, losses)
+        model, opt, sched = _setup(name, **kw)
+        first = _run(model, opt, sched, 3, losses)
         saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
         # resume: fresh objects, states loaded in either order
-        p2, opt2, sched2 = _setup(name, **kw)
+        model2, opt2, sched2 = _setup(name, **kw)
         sched2.load_state_dict(saved_sched)
         opt2.load_state_dict(saved_opt)
-        rest = _run(opt2, sched2, p2, E - 3, losses, start=3)
+        rest = _run(model2, opt2, sched2, E - 3, losses, start=3)
         assert first + rest == pytest.approx(full, rel=1e-12), name
         assert len(set(full)) > 1
 
@@ -163,8 +178,14 @@ def test_state_dict_of_another_schedule():
 
 def test_errors():
     p = [nn.Parameter(torch.zeros(1))]
+    # unknown names are TrainConfig.validate()'s to refuse, listing the valid ones; past it a name
+    # outside the registries is a bug, and the builders raise KeyError
     with pytest.raises(UserError, match="adam, adamw, sgd"):
+        make_config({"optimizer": "rmsprop"})
+    with pytest.raises(KeyError, match="rmsprop"):
         build_optimizer(p, "rmsprop", 1e-3, 0.0)
+    with pytest.raises(KeyError, match="linear"):
+        build_schedule(build_optimizer(p, "sgd", 1e-3, 0.0), dataclasses.replace(make_config({}), scheduler="linear"), 1)
     # the rules on the settings are TrainConfig.validate()'s, checked before anything is built
     for lr in (0.0, -1e-3, float("nan"), float("inf")):
         with pytest.raises(UserError, match="--lr"):
