@@ -141,6 +141,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every setting, registry names included, before any work; raise UserError in the user's words.
+        (Long by design: one rule per setting, in field order; splitting it would scatter the one place.)
 
         This is the one place these rules live: the data pipeline, the model and optimizer
         builders and tune.py rely on a validated config and do not check again.

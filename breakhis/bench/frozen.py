@@ -43,6 +43,7 @@ from ..io import read_csv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # long by design: a benchmark script read top to bottom (flags, setup, the timed sides, the printed table)
     parser = argparse.ArgumentParser(prog="python -m breakhis.bench frozen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="BreakHis root (or the demo tree: python -m breakhis.data.demo)")

@@ -49,6 +49,7 @@ from ..loader import DeviceImages, Loader
 
 
 def main(argv: Sequence[str]) -> int:
+    # long by design: a benchmark script read top to bottom (flags, setup, the timed sides, the printed table)
     ap = argparse.ArgumentParser(prog="python -m breakhis.bench loader", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="BreaKHis_v1 root (or its parent, or a demo tree)")

@@ -147,6 +147,7 @@ def decode_limit(paths: list[str], size: tuple[int, int], workers: int) -> None:
 
 def stage(name: str, a: argparse.Namespace) -> dict:
     """Do one stage's work; returns its figures (seconds of work, and what it produced)."""
+    # long by design: one branch per stage, each a few lines, in the order the pipeline runs them
     work = Path(a.work)
     size = default_cache_size(a.image_size)
     cfg = make_config({"data": a.data, "cache_dir": str(work / "cache"), "image_size": a.image_size,
@@ -250,6 +251,7 @@ def goals(rows: dict[str, dict]) -> list[tuple[str, bool, str]]:
 
 
 def main(argv: Sequence[str]) -> int:
+    # long by design: a benchmark script read top to bottom (flags, setup, the timed sides, the printed table)
     ap = argparse.ArgumentParser(prog="python -m breakhis.bench pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="BreaKHis_v1 root (or its parent), e.g. a --full demo tree")

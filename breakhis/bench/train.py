@@ -114,6 +114,7 @@ def plan(device: torch.device, amp: torch.dtype | None, compile_cpu: bool) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # long by design: a benchmark script read top to bottom (flags, setup, the timed sides, the printed table)
     parser = argparse.ArgumentParser(prog="python -m breakhis.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet50", help="a name of breakhis.registry.BACKBONES")
