@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     from breakhis.fit import build_features, preflight
     from breakhis.report import console
     from breakhis.tuning import experiment as tuning
+    from breakhis.tuning.output import ray_log
 
     results = Path(a.results).resolve() / "tune"
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         setup.save(exp_dir)
 
     # --- Ray: start or join, resources per trial, run (Ray's own log lines into the experiment's ray.log) ---
-    with tuning.ray_log(exp_dir, a.verbose):
+    with ray_log(exp_dir, a.verbose):
         tuning.start_ray(a.address, verbose=a.verbose)
         resources, note = tuning.trial_resources(a.gpus_per_trial, a.cpus_per_trial)
         console.print(f"experiment {shown(exp_dir)}: {setup.metric} ({setup.mode}), up to {setup.max_epochs} epochs "

@@ -224,7 +224,7 @@ def test_cli_errors_before_ray(tmp_path):
 
 
 def test_short_error_unwraps_ray_errors():
-    from breakhis.tuning.experiment import short_error
+    from breakhis.tuning.output import short_error
 
     class Wrapped(Exception):
         cause = UserError("--dropout has 3 rates but the head has only 2 linear layer(s)")

@@ -22,7 +22,8 @@ from ..errors import UserError
 from ..io import number, read_csv, read_json, write_csv, write_json
 from ..predict import finalize
 from ..report import fitted_table, fmt, show
-from .experiment import TEST_KEYS, Setup, best_value, fold_mean, fold_runs, short_error
+from .experiment import TEST_KEYS, Setup, fold_mean, fold_runs
+from .output import best_value, short_error
 
 TABLE_TEST = (("accuracy", "test acc"), ("f1", "test F1"), ("auroc", "test AUROC"))
 SCORED = (runs.FINISHED, runs.STOPPED)  # trials whose best checkpoint was scored on val and test

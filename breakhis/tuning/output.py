@@ -1,0 +1,124 @@
+"""What a sweep shows the user while it runs: the live progress line, failed trials in one line, and
+Ray's own log lines kept out of the terminal (RESULTS/tune/<name>/ray.log unless --verbose).
+
+Runs in the driver. experiment.py attaches ProgressLine and QuietUserErrors to the Tuner;
+tune.py wraps Ray's start and the run in ray_log.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+from ray import cloudpickle
+from ray.tune import Callback
+from rich.markup import escape
+
+from ..errors import UserError
+from ..io import number
+from ..report import console, fmt, show
+
+RAY_LOG = "ray.log"  # in the experiment folder: Ray's own log lines (unless --verbose)
+
+
+@contextlib.contextmanager
+def ray_log(exp_dir: Path, verbose: bool):
+    """Ray's own log lines (its "ray" loggers: start-up notes, Tune's warnings and tracebacks) go to
+    exp_dir/ray.log instead of the terminal, unless verbose. What matters to the user is said by
+    this package in one line (no GPU for a GPU request, a failed trial); the rest is there to read."""
+    if verbose:
+        yield
+        return
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.handlers[:], ray_logger.propagate
+    to_file = logging.FileHandler(exp_dir / RAY_LOG, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # ray.init(configure_logging=False) clears the "ray" logger's handlers: ours sit one level up (root), for ray only
+    to_file.addFilter(logging.Filter("ray"))
+    ray_logger.handlers.clear()
+    ray_logger.propagate = True
+    root = logging.getLogger()
+    root.addHandler(to_file)
+    try:
+        yield
+    finally:
+        root.removeHandler(to_file)
+        to_file.close()
+        ray_logger.handlers[:], ray_logger.propagate = saved
+
+
+def best_value(values: list, mode: str) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return (max(vals) if mode == "max" else min(vals)) if vals else None
+
+
+def short_error(error: BaseException | None) -> str:
+    """The trial's own exception in one line (Ray wraps it in a RayTaskError)."""
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(cause).__name__)[:300]
+
+
+# --- what the driver shows while trials run ---------------------------------------------------
+
+class ProgressLine(Callback):
+    """One rich line per trial report, and one when a trial ends (runs in the driver)."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int):
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+        self.best: dict[str, float | None] = {}
+
+    @staticmethod
+    def _counts(trials) -> str:
+        c = Counter(t.status for t in trials)
+        return (f"{c['RUNNING']} running · {c['TERMINATED']} ended · {c['ERROR']} failed · "
+                f"{c['PENDING']} pending")
+
+    def _print(self, text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)  # never a line break inside a setting or a path
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = number(result.get(self.metric))
+        best = best_value([self.best.get(trial.trial_id), value], self.mode)
+        self.best[trial.trial_id] = best
+        self._print(self.line(trial.trial_id, trial.config or {}, result, value, best, self._counts(trials)))
+
+    def line(self, trial_id: str, config: dict, result: dict, value, best, counts: str, width: int | None = None) -> str:
+        """One report as one line: the trial, its epoch, the metric and the swept settings in full, always;
+        the trial counts and the epoch's seconds give way when the line would wrap at `width` (the terminal)."""
+        width = width or console.width
+        core = f"{trial_id}  epoch {result.get('epoch')}/{self.max_epochs}  {self.metric} {fmt(value)} (best {fmt(best)})"
+        settings = "  ".join(f"{k}={show(v)}" for k, v in config.items())
+        seconds = f"{result.get('seconds', 0):.1f}s"
+        for show_counts, show_seconds in ((True, True), (False, True), (False, False)):
+            plain = "  ".join(x for x in (counts * show_counts, core, seconds * show_seconds, settings) if x)
+            if len(plain) <= width:
+                break
+        return "  ".join(x for x in (f"[dim]{escape(counts)}[/]" * show_counts, escape(core), seconds * show_seconds,
+                                     escape(settings)) if x)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = (trial.last_result or {}).get("epoch") or 0
+        how = "finished" if epoch >= self.max_epochs else f"[yellow]stopped early after epoch {epoch}[/]"
+        self._print(f"{trial.trial_id} {how}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        try:  # Ray pickles the trial's exception beside it before calling back
+            with open(trial.pickled_error_file, "rb") as f:
+                error = short_error(cloudpickle.load(f))
+        except (OSError, TypeError, EOFError, cloudpickle.pickle.UnpicklingError):
+            error = "see the traceback"
+        self._print(f"[red]{trial.trial_id} failed:[/] {error}  [dim](traceback: {trial.error_file})[/]")
+
+
+class QuietUserErrors(logging.Filter):
+    """Drop Ray's traceback of a trial that failed with a UserError (a bad setting): one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(getattr(error, "cause", None), UserError)
