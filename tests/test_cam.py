@@ -9,6 +9,8 @@ from breakhis.cam import choose, grad_cam, save_cams, target_layer
 from breakhis.errors import UserError
 from breakhis.models import build_model, set_frozen
 
+pytestmark = pytest.mark.slow  # end to end: evaluate.py --cam on a trained run, overlays of a predicted tree (its Grad-CAM references run with them)
+
 
 def tiny(name="resnet18"):
     torch.manual_seed(0)
