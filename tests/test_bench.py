@@ -13,6 +13,8 @@ from breakhis.bench import train as bench_train
 from breakhis.bench.__main__ import main
 from breakhis.errors import UserError, guard
 
+pytestmark = pytest.mark.slow  # end to end: the bench commands, the bench pipeline on a generated tree
+
 
 # ---------------------------------------------------------------------------- python -m breakhis.bench loader
 def test_bench_loader_json_last_line(demo_root, cache_dir, capsys):

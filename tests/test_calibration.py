@@ -18,6 +18,8 @@ from breakhis import runs
 from breakhis.errors import guard
 from breakhis.io import read_csv, read_json, write_json
 
+pytestmark = pytest.mark.slow  # end to end: train.py and evaluate.py --calibrate on trained runs (its ECE/Brier references run with them)
+
 EDGES = np.linspace(0, 1, 16)
 
 

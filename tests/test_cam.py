@@ -10,6 +10,8 @@ from breakhis.errors import UserError
 from breakhis.models import build_model, set_frozen
 from breakhis.options import EvalOptions
 
+pytestmark = pytest.mark.slow  # end to end: evaluate.py --cam on a trained run, overlays of a predicted tree (its Grad-CAM references run with them)
+
 
 def tiny(name="resnet18"):
     torch.manual_seed(0)

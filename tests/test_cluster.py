@@ -22,7 +22,7 @@ import pytest
 from breakhis import runs
 from breakhis.io import read_csv
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # end to end: a two-node Ray cluster
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--backbone", "resnet18", "--no-pretrained", "--image-size", "32", "--batch-size", "8", "--head", "32",
          "--device", "cpu", "--lr", "1e-7"]

@@ -23,6 +23,8 @@ from breakhis.io import read_csv, read_json, write_json
 from breakhis.models import build_model
 from breakhis.tuning import experiment as tune_exp
 
+pytestmark = pytest.mark.slow  # end to end: faults injected through train.py, evaluate.py and tune.py on trained runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

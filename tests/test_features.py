@@ -14,6 +14,8 @@ from breakhis.io import read_csv, read_json
 from breakhis.loader import DeviceImages, Loader
 from breakhis.models import build_model
 
+pytestmark = pytest.mark.slow  # end to end: frozen-backbone runs with and without the feature cache
+
 
 def frozen_cfg(demo_root, cache_dir, **extra):
     return with_inputs(make_config({

@@ -25,6 +25,8 @@ from breakhis.io import read_csv, read_json
 from breakhis.tuning import experiment as tune_exp
 from breakhis.tuning import results as tune_results
 
+pytestmark = pytest.mark.slow  # end to end: train.py --folds and tune.py --folds
+
 FOLDS = 3
 
 

@@ -26,9 +26,15 @@ def head_in(model):
 
 def test_registry_has_the_logbook_backbones():
     assert set(REQUIRED) <= set(BACKBONES)
+    assert set(QUICK) <= set(BACKBONES)  # the quick set's names are real ones
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+# The smallest of each family runs in the quick set (-m "not slow"); its larger members build the same
+# layers deeper or wider (the VGGs' 100 M-parameter classifiers take seconds each to initialise).
+QUICK = ("resnet18", "efficientnet_b0", "densenet121", "vgg11", "alexnet", "convnext_tiny")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in sorted(BACKBONES)])
 def test_every_backbone_builds_and_runs(name):
     # 64 px is about the smallest AlexNet accepts (its third max-pool needs a 3x3 map);
     # VGG and AlexNet pool adaptively to 7x7 / 6x6, so their linear layers still fit

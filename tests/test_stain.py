@@ -24,6 +24,8 @@ from breakhis.features import feature_key
 from breakhis.io import read_json
 from breakhis.loader import DeviceImages, Loader
 
+pytestmark = pytest.mark.slow  # end to end: stain-normalised runs (its torchstain references run with them)
+
 # stain vectors (OD per RGB channel, columns H and E): Ruifrok-Johnston's, and a bluer H with a redder E,
 # as another lab's protocol or scanner would give
 RUIFROK = ((0.65, 0.07), (0.70, 0.99), (0.29, 0.11))

@@ -15,6 +15,8 @@ from breakhis.errors import guard
 from breakhis.fit import fit
 from breakhis.io import read_csv, read_json
 
+pytestmark = pytest.mark.slow  # end to end: train.py and evaluate.py on a generated tree
+
 
 def tiny(demo_root, cache_dir, **extra):
     """Flags for a seconds-long run: resnet18, 32 px, two epochs."""

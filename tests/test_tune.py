@@ -18,6 +18,7 @@ from breakhis.io import read_csv, read_json
 from breakhis.tuning import experiment as tune_exp
 from breakhis.tuning import space
 
+pytestmark = pytest.mark.slow  # end to end: tune.py with Ray trials
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
