@@ -24,7 +24,7 @@ from breakhis.errors import UserError, guard
 from breakhis.io import read_csv
 from breakhis.newimages import patient_votes
 
-pytestmark = pytest.mark.slow  # end to end: evaluate.py --images on a trained run
+pytestmark = pytest.mark.slow  # end to end: score.py on a trained run
 
 ROOT = Path(__file__).resolve().parents[1]
 
