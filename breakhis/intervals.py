@@ -3,12 +3,11 @@ same images, and the t-tests between rows of runs with Holm's correction.
 
 Intervals resample PATIENTS with replacement (all images of a drawn patient come along): images of
 one patient are not independent, so resampling images would give intervals that are too narrow.
-The default rules (method "cluster" of bootstrap_ci; INTERVAL_METHOD says it in one line) keep their
-coverage at BreakHis sizes, 8-40 test patients with a handful of benign ones (`python -m breakhis.bench
-coverage` measures it): cluster-adjusted Wilson with a t quantile for ratios of sums over patients,
-logit(estimate) +- t * bootstrap SE for the other figures in [0, 1], Wilson for one-vote-per-patient
-figures, BCa only where logit-t cannot be formed. The resampled figures come from per-patient counts
-(counts.weighted_figures), so 1000 resamples take a fraction of a second.
+The default rules (method "cluster" of bootstrap_ci; INTERVAL_METHOD says it in one line; which
+figure gets which rule, for users: docs/statistics.md) were chosen for BreakHis sizes, 8-40 test
+patients with a handful of benign ones (`python -m breakhis.bench coverage` measures them); BCa is
+only the fallback where logit-t cannot be formed. The resampled figures come from per-patient
+counts (counts.weighted_figures), so 1000 resamples take a fraction of a second.
 
 Tests between rows (what the logbook reports): Welch's t over runs' own figures (recipes), a paired
 t over folds with the Nadeau-Bengio correction (cross-validations), and Holm's step-down adjustment
