@@ -1,7 +1,11 @@
 """Fault injection through the scripts: crafted files, interruptions, killed processes, damaged files and bad
 input. Each case says what used to happen; each must now end in one line (exit 2), or be completed later,
 with nothing half-written and no code run from a file."""
+import hashlib
+import hmac
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,7 +314,88 @@ def test_seal_written_by_tune_run_is_json(tmp_path):
     exp.mkdir()
     (exp / "experiment_state-x.json").write_text("{}")
     tune_exp.seal_state(exp)
-    assert set(read_json(exp / "state.sha256.json")) == {"experiment_state-x.json"}
-    write_json(exp / "state.sha256.json", {"experiment_state-x.json": "0" * 64})
+    assert set(read_json(exp / "state.sha256.json")["files"]) == {"experiment_state-x.json"}
+    (exp / "experiment_state-x.json").write_text('{"changed": 1}')
     with pytest.raises(Exception, match="changed"):
         tune_exp.check_state(exp, trust=False)
+
+
+# --- 11 (issue 20 B): no file in a folder someone else could write vouches for itself ---------------------------
+
+@pytest.fixture(scope="module")
+def base_run(demo_root, tmp_path_factory):
+    """One finished run for the tests below; each gets its own copy (`copy_run`)."""
+    tmp = tmp_path_factory.mktemp("base")
+    assert guard(train.main, tiny(demo_root, tmp / "cache", name="b") + ["--results", str(tmp / "res")]) == 0
+    return tmp / "res" / "b"
+
+
+@pytest.fixture
+def copy_run(base_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(base_run, dst)
+    return dst
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mac", ["none", "other key"])
+def test_exports_json_listing_a_crafted_program_does_not_vouch_for_it(copy_run, tmp_path, mac, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt2"
+    torch.save(Payload(marker), evil)
+    entry = {"file": str(evil), "temperature": 1.0, "time": "2024-01-01T00:00:00"}
+    if mac == "other key":  # a seal made with a key that is not this user's
+        entry["hmac"] = hmac.new(b"k" * 32, _sha256(evil).encode(), hashlib.sha256).hexdigest()
+    # before: the received folder's own exports.json listed the SHA-256, and --model ran the payload
+    write_json(copy_run / "exports.json", {_sha256(evil): entry})
+    assert guard(evaluate.main, [str(copy_run), "--model", str(evil), "--json"]) == 2
+    one_line_error(capsys, "not an export recorded by", "under your seal", "--trust-model")
+    assert not marker.exists()
+
+
+def test_own_export_is_sealed_and_the_seal_covers_the_run_folder(copy_run, tmp_path, capsys):
+    mine = tmp_path / "mine.pt2"
+    assert guard(evaluate.main, [str(copy_run), "--export", str(mine), "--json"]) == 0
+    entry = read_json(copy_run / "exports.json")[_sha256(mine)]
+    assert len(entry["hmac"]) == 64
+    capsys.readouterr()
+    assert guard(evaluate.main, [str(copy_run), "--model", str(mine), "--json"]) == 0
+    capsys.readouterr()
+    moved = tmp_path / "elsewhere"  # the entry vouches for this run folder only, not for one it was copied into
+    shutil.copytree(copy_run, moved)
+    assert guard(evaluate.main, [str(moved), "--model", str(mine), "--json"]) == 2
+    one_line_error(capsys, "under your seal")
+
+
+def test_rewritten_ray_state_seal_is_refused(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "tuner.pkl").write_bytes(b"ray's own pickle")
+    tune_exp.seal_state(exp)
+    tune_exp.check_state(exp, trust=False)
+    (exp / "tuner.pkl").write_bytes(b"someone else's pickle")
+    digest = _sha256(exp / "tuner.pkl")
+    # before: a seal rewritten to match the replaced pickle let Ray unpickle it; now in both layouts it is refused
+    for forged in ({"tuner.pkl": digest}, {"files": {"tuner.pkl": digest}, "hmac": "0" * 64},
+                   {**read_json(exp / "state.sha256.json"), "files": {"tuner.pkl": digest}}):
+        (exp / "state.sha256.json").write_text(json.dumps(forged))
+        with pytest.raises(Exception, match="--trust-state") as e:
+            tune_exp.check_state(exp, trust=False)
+        assert "seal" in str(e.value) or "not one tune.py wrote" in str(e.value)
+    tune_exp.check_state(exp, trust=True)
+
+
+def test_secret_key_is_private_and_outside_results(tmp_path, monkeypatch):
+    from breakhis import seal
+
+    key = tmp_path / "k" / "secret.key"
+    monkeypatch.setenv("BREAKHIS_SECRET", str(key))
+    mac = seal.seal("a", "b")
+    assert (key.stat().st_mode & 0o777) == 0o600 and len(key.read_bytes()) == 32
+    assert mac == hmac.new(key.read_bytes(), b"a\0b", hashlib.sha256).hexdigest()
+    key.chmod(0o644)  # others could read it, so forge seals with it
+    with pytest.raises(Exception, match="not private to you"):
+        seal.seal("a", "b")
