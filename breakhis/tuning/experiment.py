@@ -38,9 +38,9 @@ from ..counts import CI_KEYS
 from ..errors import UserError
 from ..fit import fit
 from ..io import number, read_csv, read_json, sha256_of, write_json
-from ..seal import seal, verify
 from ..registry import EPOCH_METRICS, SELECT_METRICS
 from ..report import console, fmt, show
+from ..seal import seal, verify
 from .space import Space, check_grid, load_space, param_space, sample_overrides
 
 PATH_FIELDS = ("data", "cache_dir", "split_file", "weights")  # made absolute: trials run in Ray's trial folders
