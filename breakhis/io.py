@@ -153,11 +153,14 @@ def reserve(path: str | Path) -> None:
 
 
 def check_writable(path: str | Path, what: str) -> None:
-    """Refuse, before any work, a file that cannot be written at path (its folder made if missing): a
-    file in the way, no permission, a read-only disk. A probe file is created and removed beside it."""
-    folder = Path(path).parent
+    """Refuse, before any work, a file that cannot be written at path: a file in the way, no permission, a
+    read-only disk. A probe file is created and removed in the nearest folder that exists (none is made)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder")
         fd, probe = tempfile.mkstemp(prefix=f".tmp-{Path(path).name}.", dir=folder)
         os.close(fd)
         os.unlink(probe)
