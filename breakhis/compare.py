@@ -99,11 +99,17 @@ class Row:
 def load_run(path: Path, name: str, part: str, rule: str) -> Run:
     """A run folder's settings and its predictions on `part`, thresholded by `rule`."""
     raw = read_json(path / "config.json") or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path / 'config.json'} is not a JSON object of settings; the run folder is damaged")
+    metrics = read_json(path / "metrics.json") or {}
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path / 'metrics.json'} is not a JSON object of figures; the run folder is damaged "
+                        f"(finish or rescore it with train.py --resume {path})")
     config = renamed({k: v for k, v in raw.items() if not k.startswith("_")}, str(path / "config.json"))
     # a setting added after the run was made reads as its default, as runs.load_config reads it (e.g. folds):
     # it neither splits the run from its repeats nor shows as a differing column
     config = {**{k: v for k, v in DEFAULTS.items() if k not in config}, **config}
-    run = Run(path, name, config, read_json(path / "metrics.json") or {}, repeats=raw.get("_repeats") or {},
+    run = Run(path, name, config, metrics, repeats=raw.get("_repeats") or {},
               cv=raw.get("_cv") or {})
     if run.task != "binary":
         run.note = "subtype task: not ranked"

@@ -10,17 +10,23 @@ records each file's SHA-256 and that temperature, so that a program's probabilit
 brought back to the raw logits' (TrainedRun.predict undoes it) and scaled once, never twice.
 
 torch.export.load unpickles, so a crafted .pt2 can run code: only files whose SHA-256 the run
-recorded when it exported them are loaded, unless the user vouches for the file (--trust-model).
+recorded when this user exported them are loaded, unless the user vouches for the file
+(--trust-model). The record alone proves nothing (whoever wrote the file can write exports.json):
+each entry carries an HMAC under this user's secret key (seal.py) over the SHA-256, the run folder
+and the temperature, and an entry without a valid one is not trusted.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 
+from .calibration import T_RANGE
 from .errors import UserError
 from .io import atomic_path, read_json, sha256_of, write_json
+from .seal import seal, verify
 
 EXPORTS = "exports.json"  # in a run folder: SHA-256 -> what evaluate.py --export wrote from this run
 
@@ -58,21 +64,61 @@ class Tempered(torch.nn.Module):
         return self.model(x) / self.factor
 
 
+def _records(run_dir: Path) -> dict:
+    """exports.json: {SHA-256: {"file", "temperature", "time", "hmac"}}; {} when there is none, anything
+    else a UserError naming the file."""
+    path = run_dir / EXPORTS
+    known = read_json(path)
+    if known is None:
+        return {}
+    if not isinstance(known, dict) or not all(isinstance(v, dict) for v in known.values()):
+        raise UserError(f"{path} is not a record of exports this toolkit wrote (a JSON object of SHA-256 -> "
+                        f"{{file, temperature}}); the run folder is damaged: delete the file and export again "
+                        f"with evaluate.py {run_dir} --export FILE.pt2")
+    return known
+
+
+def _temperature(entry: dict, where: Path) -> float:
+    """An entry's temperature: a number the toolkit can have written (1, or a fit within T_RANGE)."""
+    t = entry.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+            or not T_RANGE[0] <= t <= T_RANGE[1]:
+        raise UserError(f"{where}: temperature {t!r} is not one the toolkit writes (a number in "
+                        f"[{T_RANGE[0]:g}, {T_RANGE[1]:g}]); the run folder is damaged: delete the file and export again")
+    return float(t)
+
+
+def _sealed(digest: str, run_dir: Path, temperature: float) -> tuple:
+    """What an entry's HMAC covers: the program's bytes, the run it was exported from, the temperature it carries."""
+    return "export", digest, str(Path(run_dir).resolve()), repr(float(temperature))
+
+
 def trusted_temperature(path: str | Path, run_dir: Path, trust: bool = False) -> float:
-    """The temperature the program at path carries, when run_dir recorded its SHA-256 (1 for a file
-    trusted by the user); a UserError for a missing file or one the run did not write (unless trust).
-    Checked when the run is opened, and again when the file is loaded."""
+    """The temperature the program at path carries, when run_dir's exports.json records its SHA-256 under this
+    user's seal (seal.py; 1 for an unrecorded file trusted by the user); a UserError for a missing file, a
+    damaged record, or a file this user did not export from this run (unless trust). Checked when the run
+    is opened, and again when the file is loaded."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--model {p}: file not found (write one with evaluate.py RUN --export {p.name})")
-    known = read_json(run_dir / EXPORTS) or {}
+    run_dir = Path(run_dir)
+    known = _records(run_dir)
     digest = sha256_of(p)
-    if not trust and digest not in known:
+    entry = known.get(digest)
+    t = _temperature(entry, run_dir / EXPORTS) if entry is not None else 1.0
+    if trust:  # the user vouches for the file and the run's record of it
+        return t
+    again = (f"Loading a torch.export file can run code stored in it: export it again with evaluate.py {run_dir} "
+             f"--export {p.name}, or pass --trust-model for a file you trust")
+    if entry is None:
         raise UserError(f"--model {p}: not an export recorded by {run_dir} ({run_dir / EXPORTS} lacks its SHA-256). "
-                        f"Loading a torch.export file can run code stored in it: export it again with "
-                        f"evaluate.py {run_dir} --export {p.name}, or pass --trust-model for a file you trust")
-    # a program this run exported with a temperature divides its logits by it already; any other: 1 (raw logits)
-    return float((known.get(digest) or {}).get("temperature") or 1.0)
+                        + again)
+    if not verify(entry.get("hmac"), *_sealed(digest, run_dir, t)):
+        raise UserError(f"--model {p}: not an export recorded by {run_dir} under your seal ({run_dir / EXPORTS} lists "
+                        f"its SHA-256, but a file in the run folder cannot vouch for itself: only an export made by "
+                        f"you, from this run folder, carries your seal). " + again)
+    # a program this run exported with a temperature divides its logits by it already
+    return t
 
 
 def load_exported(path: str | Path, run_dir: Path, trust: bool = False) -> Exported:
@@ -102,6 +148,7 @@ def export_program(model: torch.nn.Module, image_size: int, device: torch.device
         torch.export.save(prog, str(tmp))
         digest = sha256_of(tmp)
     if run_dir is not None:  # the run vouches for what it wrote: evaluate.py RUN --model loads it without --trust-model
-        known = read_json(run_dir / EXPORTS) or {}
+        known = _records(run_dir)
         write_json(run_dir / EXPORTS, {**known, digest: {"file": str(Path(path).resolve()), "temperature": carried,
-                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+                                                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                         "hmac": seal(*_sealed(digest, run_dir, carried))}})

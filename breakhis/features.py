@@ -30,7 +30,7 @@ from .augment import Augment, tta_views
 from .config import TrainConfig
 from .data.prepare import Prepared
 from .device import amp_dtype, autocast
-from .io import atomic_path, sha256_of
+from .io import atomic_path, no_space, sha256_of
 from .loader import DeviceImages, Loader, epoch_generator, epoch_order
 from .models import Classifier
 from .stain import StainParams
@@ -101,13 +101,37 @@ def compute(backbone: torch.nn.Module, loader: Loader, rows: np.ndarray, n: int,
     return out
 
 
-def _stored(path: Path, make) -> np.ndarray:
-    """The array at path, memory-mapped; made (make() -> array) and written atomically when missing."""
-    if not path.is_file():
-        arr = make()
+def _usable(path: Path, lead: tuple[int, int]) -> np.ndarray | None:
+    """The stored features at path, memory-mapped, when they are what compute() writes: float16 (V, n, F)
+    with (V, n) = lead, finite and not all one value; None for a file that is not (truncated, another
+    dtype or shape, zeroed, edited), which is then rebuilt as a damaged decode cache is."""
+    try:
+        arr = np.load(path, mmap_mode="r")  # never unpickles: an object array is refused here
+    except (OSError, ValueError, EOFError):
+        return None
+    if arr.dtype != np.float16 or arr.ndim != 3 or arr.shape[:2] != tuple(lead) or not arr.shape[2]:
+        return None
+    if not np.isfinite(arr).all() or arr.min() == arr.max():
+        return None
+    return arr
+
+
+def _stored(path: Path, make, lead: tuple[int, int]) -> np.ndarray:
+    """The array at path, memory-mapped; made (make() -> (V, n, F) array with (V, n) = lead) and written
+    atomically when missing or not usable (_usable)."""
+    arr = _usable(path, lead) if path.is_file() else None
+    if arr is not None:
+        return arr
+    arr = make()
+    try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, arr)
+    except OSError as e:  # a full disk: one line, not a traceback
+        full = no_space(e, "feature cache", path, arr.nbytes)
+        if full is None:
+            raise
+        raise full from None
     return np.load(path, mmap_mode="r")
 
 
@@ -149,7 +173,7 @@ def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, de
                 arrays.append(compute(backbone, loader, rows, len(pos), amp, tta=dihedral))
             return np.concatenate(arrays)  # (K, n, F), or (8, n, F) with tta
 
-        arr = _stored(feature_path(prep, cfg, part, amp, dihedral, stain), make)
+        arr = _stored(feature_path(prep, cfg, part, amp, dihedral, stain), make, (8 if dihedral else views, len(pos)))
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
         out[part] = t if part == "train" or dihedral else t[0]
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -119,3 +120,56 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def mount_of(path: str | Path) -> Path:
+    """The mount point (the disk) that path is, or would be, written on."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() or (not os.path.ismount(p) and p != p.parent):
+        p = p.parent
+    return p
+
+
+def no_space(e: OSError, what: str, path: str | Path, nbytes: int) -> UserError | None:
+    """The one-line UserError for an OSError that is a full disk (ENOSPC, EDQUOT), None for any other."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return UserError(f"no space left on {mount_of(path)} for the {what} at {path} (needs about "
+                     f"{max(1, round(nbytes / 2**20))} MB): free some space there, or pass --cache-dir with a "
+                     f"folder on another disk")
+
+
+def reserve(path: str | Path) -> None:
+    """Allocate the disk blocks of a file that will be written through a memory map (np.lib.format.open_memmap
+    makes it sparse): a full disk then fails here with ENOSPC, not later in a write through the map (SIGBUS)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a file that cannot be written at path: a file in the way, no permission, a
+    read-only disk. A probe file is created and removed in the nearest folder that exists (none is made)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(prefix=f".tmp-{Path(path).name}.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write there ({e.strerror or e}); give a path in a folder you "
+                        f"can write") from None
+
+
+def shown_path(path: str) -> str:
+    """A file name as text that is valid UTF-8: bytes of a name that are not (os.fsdecode's surrogate
+    escapes) become backslash escapes, e.g. b'caf\\xe9.png' -> 'caf\\\\xe9.png'; a UTF-8 name is unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

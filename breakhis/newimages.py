@@ -28,7 +28,7 @@ from .data.images import breakhis_record, decode_images
 from .data.prepare import field_size
 from .errors import UserError
 from .evaluation import threshold as run_threshold
-from .io import write_csv
+from .io import check_writable, shown_path, write_csv
 from .predict import TrainedRun
 from .report import progress_bar
 
@@ -44,12 +44,14 @@ def output_path(run_dir: Path, out: str | None) -> Path:
         if p.exists() or cam_folder(p).exists():
             taken = p if p.exists() else cam_folder(p)
             raise UserError(f"--out {out}: {taken} exists and is never overwritten; give a new name")
+        check_writable(p, "--out")  # now, not after every image was scored
         return p
     stamp = time.strftime("%Y%m%d-%H%M%S")
     p, k = run_dir / SCORES / f"{stamp}.csv", 1
     while p.exists() or cam_folder(p).exists():
         k += 1
         p = run_dir / SCORES / f"{stamp}-{k}.csv"
+    check_writable(p, "the scores CSV (choose another place with --out)")
     return p
 
 
@@ -85,14 +87,14 @@ def resized(info: list[dict], size: tuple[int, int]) -> dict:
 
 def csv_rows(paths: Sequence[str], info: list[dict], probs: np.ndarray, pred: np.ndarray, recs: list, votes: dict,
              task: str, t: float) -> list[dict]:
-    """One CSV row per file (docs/evaluate.md): probs (N, C) nan and pred -1 for unreadable files;
+    """One CSV row per file (docs/evaluate.md; a name that is not UTF-8 escaped, io.shown_path): probs (N, C) nan and pred -1 for unreadable files;
     recs: each file's BreakHis record or None; votes: patient_votes of the readable named files."""
     names = class_names(task)
     rows = []
     for i, (p, inf, rec) in enumerate(zip(paths, info, recs)):
         ok = bool(inf["ok"])
         v = votes.get(rec.patient) if rec is not None and ok else None
-        rows.append({"path": p, "width": inf["width"] or "", "height": inf["height"] or "",
+        rows.append({"path": shown_path(p), "width": inf["width"] or "", "height": inf["height"] or "",
                      **{f"p_{n}": float(probs[i, c]) if ok else "" for c, n in enumerate(names)},
                      "prediction": names[pred[i]] if ok else "", "threshold": t if task == "binary" else "",
                      "patient": rec.patient if rec else "", "magnification": rec.magnification if rec else "",
@@ -133,7 +135,7 @@ def score_images(run: TrainedRun, paths: Sequence[str], *, threshold: str = "0.5
                 probs[start + ev["idx"]] = ev["probs"]
             advance(len(chunk))
     good = np.array([i["ok"] for i in info])
-    skipped = [{"path": p, "error": i["error"]} for p, i in zip(paths, info) if not i["ok"]]
+    skipped = [{"path": shown_path(p), "error": i["error"]} for p, i in zip(paths, info) if not i["ok"]]
     if not good.any():
         listing = "; ".join(f"{k['path']} ({k['error']})" for k in skipped[:5]) + ("; ..." if len(skipped) > 5 else "")
         raise UserError(f"none of the {len(paths)} file(s) could be read as an image: {listing}")
@@ -145,7 +147,7 @@ def score_images(run: TrainedRun, paths: Sequence[str], *, threshold: str = "0.5
     votes = patient_votes([recs[i].patient for i in named], probs[named], cfg.task, t) if named else {}
     rows = csv_rows(paths, info, probs, pred, recs, votes, cfg.task, t)
 
-    result = {"run": str(run.dir), "csv": str(csv), "threshold": t, "temperature": run.temperature, "tta": tta,
+    result = {"run": shown_path(str(run.dir)), "csv": shown_path(str(csv)), "threshold": t, "temperature": run.temperature, "tta": tta,
               "images": len(paths),
               "scored": int(good.sum()), "skipped": skipped,
               "counts": {n: int((pred[good] == c).sum()) for c, n in enumerate(names)},

@@ -95,10 +95,40 @@ class StainParams:
             good = all(v.shape == shapes[method][k] and np.isfinite(v).all() for k, v in values.items())
         except (KeyError, TypeError, ValueError):
             good = False
-        if not good:
-            raise UserError(f"{where} is not a stain normalisation this toolkit wrote, or it is damaged; "
-                            f"train the run again")
+        why = out_of_range(method, values) if good else ""
+        if not good or why:
+            raise UserError(f"{where} is not a stain normalisation this toolkit wrote, or it is damaged"
+                            f"{' (' + why + ')' if why else ''}; train the run again")
         return cls(method, {k: v.tolist() for k, v in values.items()}, d.get("source") or {})
+
+
+UNIT_TOL = 1e-3  # |norm - 1| allowed of a saved stain vector (a fit's are unit length to float rounding)
+OD_TOL = 1e-3  # how far below 0 a saved stain vector's OD may read (rounding of a component at 0)
+# the largest stain amount a fit can give: |OD| <= log(IO) in each of 3 channels, through pinv of two
+# unit vectors at least MIN_ANGLE apart (its norm is at most 1 / sin(MIN_ANGLE / 2))
+MAX_C_LIMIT = math.log(IO) * math.sqrt(3) / math.sin(MIN_ANGLE / 2)
+LAB_RANGE = ((0.0, 100.0), (-128.0, 128.0), (-128.0, 128.0))  # CIELAB channels of RGB in [0, 1]
+
+
+def out_of_range(method: str, values: dict[str, np.ndarray]) -> str:
+    """Why finite fitted values cannot come from a fit (fit, macenko_stats, reinhard_stats); "" when they can."""
+    if method == "macenko":
+        he, max_c = values["he"], values["max_c"]
+        norms = np.linalg.norm(he, axis=0)
+        if np.abs(norms - 1).max() > UNIT_TOL:
+            return f"stain vectors of length {', '.join(f'{n:.4g}' for n in norms)}, need 1"
+        if he.min() < -OD_TOL:
+            return f"a stain vector with negative optical density {he.min():.4g}"
+        if not ((max_c > 0) & (max_c <= MAX_C_LIMIT)).all():
+            return f"max_c {', '.join(f'{c:.4g}' for c in max_c)}, need > 0 and <= {MAX_C_LIMIT:.4g}"
+    else:
+        mean, std = values["mean"], values["std"]
+        for c, (lo, hi) in enumerate(LAB_RANGE):
+            if not lo <= mean[c] <= hi:
+                return f"LAB mean {mean[c]:.4g} of channel {'Lab'[c]} outside [{lo:g}, {hi:g}]"
+            if not 0 < std[c] <= (hi - lo) / 2:
+                return f"LAB std {std[c]:.4g} of channel {'Lab'[c]}, need > 0 and <= {(hi - lo) / 2:g}"
+    return ""
 
 
 # ---------------------------------------------------------------------------- batched maths (torch)
@@ -285,6 +315,9 @@ def fit(method: str, fields: np.ndarray | torch.Tensor, source: dict, what: str,
         raise UserError(f"{what} shows no H&E tissue to fit --stain-norm {method} on: {float(frac[0]):.1%} of its "
                         f"pixels are stained (optical density >= {BETA} {where}; at least {MIN_TISSUE:.0%} "
                         f"needed{', in two separable stain colours' if method == 'macenko' else ''}); {hint}")
+    why = out_of_range(method, {k: np.asarray(v) for k, v in values.items()})
+    if why:  # what a fit writes is what a run folder is checked against when read back (from_dict)
+        raise UserError(f"{what} gives a --stain-norm {method} fit that cannot be used ({why}); {hint}")
     return StainParams(method, values, source)
 
 

@@ -1,9 +1,13 @@
 """Shared fixtures: small generated BreakHis-shaped trees (real naming, synthetic pixels)."""
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the secret key that seals trusted files (breakhis/seal.py): a private one, never the user's own
+os.environ.setdefault("BREAKHIS_SECRET", str(Path(tempfile.mkdtemp(prefix="breakhis-key-")) / "secret.key"))
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,21 @@
 """Fault injection through the scripts: crafted files, interruptions, killed processes, damaged files and bad
 input. Each case says what used to happen; each must now end in one line (exit 2), or be completed later,
 with nothing half-written and no code run from a file."""
+import csv as csv_module
+import errno
+import hashlib
+import hmac
+import io as io_module
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -15,6 +23,7 @@ from test_train import tiny
 
 import breakhis.fit
 import evaluate
+import score
 import train
 import tune
 from breakhis import runs
@@ -312,7 +321,257 @@ def test_seal_written_by_tune_run_is_json(tmp_path):
     exp.mkdir()
     (exp / "experiment_state-x.json").write_text("{}")
     tune_exp.seal_state(exp)
-    assert set(read_json(exp / "state.sha256.json")) == {"experiment_state-x.json"}
-    write_json(exp / "state.sha256.json", {"experiment_state-x.json": "0" * 64})
+    assert set(read_json(exp / "state.sha256.json")["files"]) == {"experiment_state-x.json"}
+    (exp / "experiment_state-x.json").write_text('{"changed": 1}')
     with pytest.raises(Exception, match="changed"):
         tune_exp.check_state(exp, trust=False)
+
+
+# --- 11 (issue 20 B): no file in a folder someone else could write vouches for itself ---------------------------
+
+@pytest.fixture(scope="module")
+def base_run(demo_root, tmp_path_factory):
+    """One finished run for the tests below; each gets its own copy (`copy_run`)."""
+    tmp = tmp_path_factory.mktemp("base")
+    assert guard(train.main, tiny(demo_root, tmp / "cache", name="b") + ["--results", str(tmp / "res")]) == 0
+    return tmp / "res" / "b"
+
+
+@pytest.fixture
+def copy_run(base_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(base_run, dst)
+    return dst
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mac", ["none", "other key"])
+def test_exports_json_listing_a_crafted_program_does_not_vouch_for_it(copy_run, tmp_path, mac, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt2"
+    torch.save(Payload(marker), evil)
+    entry = {"file": str(evil), "temperature": 1.0, "time": "2024-01-01T00:00:00"}
+    if mac == "other key":  # a seal made with a key that is not this user's
+        entry["hmac"] = hmac.new(b"k" * 32, _sha256(evil).encode(), hashlib.sha256).hexdigest()
+    # before: the received folder's own exports.json listed the SHA-256, and --model ran the payload
+    write_json(copy_run / "exports.json", {_sha256(evil): entry})
+    assert guard(evaluate.main, [str(copy_run), "--model", str(evil), "--json"]) == 2
+    one_line_error(capsys, "not an export recorded by", "under your seal", "--trust-model")
+    assert not marker.exists()
+
+
+def test_own_export_is_sealed_and_the_seal_covers_the_run_folder(copy_run, tmp_path, capsys):
+    mine = tmp_path / "mine.pt2"
+    assert guard(evaluate.main, [str(copy_run), "--export", str(mine), "--json"]) == 0
+    entry = read_json(copy_run / "exports.json")[_sha256(mine)]
+    assert len(entry["hmac"]) == 64
+    capsys.readouterr()
+    assert guard(evaluate.main, [str(copy_run), "--model", str(mine), "--json"]) == 0
+    capsys.readouterr()
+    moved = tmp_path / "elsewhere"  # the entry vouches for this run folder only, not for one it was copied into
+    shutil.copytree(copy_run, moved)
+    assert guard(evaluate.main, [str(moved), "--model", str(mine), "--json"]) == 2
+    one_line_error(capsys, "under your seal")
+
+
+def test_rewritten_ray_state_seal_is_refused(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "tuner.pkl").write_bytes(b"ray's own pickle")
+    tune_exp.seal_state(exp)
+    tune_exp.check_state(exp, trust=False)
+    (exp / "tuner.pkl").write_bytes(b"someone else's pickle")
+    digest = _sha256(exp / "tuner.pkl")
+    # before: a seal rewritten to match the replaced pickle let Ray unpickle it; now in both layouts it is refused
+    for forged in ({"tuner.pkl": digest}, {"files": {"tuner.pkl": digest}, "hmac": "0" * 64},
+                   {**read_json(exp / "state.sha256.json"), "files": {"tuner.pkl": digest}}):
+        (exp / "state.sha256.json").write_text(json.dumps(forged))
+        with pytest.raises(Exception, match="--trust-state") as e:
+            tune_exp.check_state(exp, trust=False)
+        assert "seal" in str(e.value) or "not one tune.py wrote" in str(e.value)
+    tune_exp.check_state(exp, trust=True)
+
+
+def test_secret_key_is_private_and_outside_results(tmp_path, monkeypatch):
+    from breakhis import seal
+
+    key = tmp_path / "k" / "secret.key"
+    monkeypatch.setenv("BREAKHIS_SECRET", str(key))
+    mac = seal.seal("a", "b")
+    assert (key.stat().st_mode & 0o777) == 0o600 and len(key.read_bytes()) == 32
+    assert mac == hmac.new(key.read_bytes(), b"a\0b", hashlib.sha256).hexdigest()
+    key.chmod(0o644)  # others could read it, so forge seals with it
+    with pytest.raises(Exception, match="not private to you"):
+        seal.seal("a", "b")
+
+
+# --- 12 (issue 20 C): every number read back is one the toolkit can have written ---------------------------------
+
+@pytest.mark.parametrize("t", [-1, 1e-300, 1e308, 0.001, 5000])
+def test_calibration_temperature_outside_the_fit_range(copy_run, t, capsys):
+    write_json(copy_run / "calibration.json", {"temperature": t})  # before: -1 inverted every prediction, exit 0
+    assert guard(evaluate.main, [str(copy_run), "--json"]) == 2
+    one_line_error(capsys, "calibration.json", "[0.01, 1000]")
+
+
+@pytest.mark.parametrize("method, values", [
+    ("macenko", {"he": [[0, 0], [0, 0], [0, 0]], "max_c": [1, 1]}),  # zero stain vectors
+    ("macenko", {"he": [[1e308, 0.2], [0.7, 0.8], [0.3, 0.5]], "max_c": [1, 1]}),
+    ("macenko", {"he": "unit", "max_c": [0, 1]}), ("macenko", {"he": "unit", "max_c": [-1, 1]}),
+    ("macenko", {"he": "unit", "max_c": [1e308, 1]}), ("macenko", {"he": "negative", "max_c": [1, 1]}),
+    ("reinhard", {"mean": [50, 1e308, 0], "std": [10, 5, 5]}), ("reinhard", {"mean": [50, 30, -10], "std": [0, 5, 5]}),
+    ("reinhard", {"mean": [50, 30, -10], "std": [-3, 5, 5]}), ("reinhard", {"mean": [50, 30, -10], "std": [1e308, 5, 5]}),
+])
+def test_stain_json_outside_what_a_fit_gives(tmp_path, method, values):
+    from breakhis import stain
+    from breakhis.config import make_config
+    from breakhis.errors import UserError
+
+    unit = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]]).T
+    unit = unit / np.sqrt((unit ** 2).sum(0))  # (3, 2) columns of length 1, positive OD
+    if values.get("he") == "unit":
+        values = {**values, "he": unit.tolist()}
+    if values.get("he") == "negative":
+        values = {**values, "he": (unit * [1, -1]).tolist()}  # unit length, negative optical density
+    cfg = make_config({"stain_norm": method})
+    write_json(tmp_path / "stain.json", {"method": method, **values})  # before: accepted, AUROC 0.725 -> 0.46..0.90
+    with pytest.raises(UserError, match="stain.json is not a stain normalisation"):
+        stain.load(tmp_path, cfg)
+    good = {"he": unit.tolist(), "max_c": [1.8, 0.9]} if method == "macenko" else {"mean": [60, 25, -8], "std": [12, 6, 5]}
+    write_json(tmp_path / "stain.json", {"method": method, **good})
+    assert stain.load(tmp_path, cfg).values == good
+
+
+# --- 13 (issue 20 C, D): a feature-cache file that is not what the toolkit writes is rebuilt; a full disk is one line
+
+def _bad_feature_file(path, damage, good):
+    if damage == "zeroed":
+        np.save(path, np.zeros_like(good))  # before: trained on, AUROC 0.903 -> 0.250
+    elif damage == "nan":
+        np.save(path, np.full_like(good, np.nan))
+    elif damage == "truncated":
+        np.save(path, good)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # before: ValueError from np.load
+    elif damage == "object":
+        np.save(path, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)  # before: a traceback
+    elif damage == "float32":
+        np.save(path, good.astype(np.float32))
+    elif damage == "shape":
+        np.save(path, good[:, :-1])
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "nan", "truncated", "object", "float32", "shape"])
+def test_damaged_feature_cache_file_is_rebuilt(tmp_path, damage):
+    from breakhis import features
+
+    good = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float16)  # (views, images, features)
+    path = tmp_path / "features" / "x.npy"
+    path.parent.mkdir()
+    _bad_feature_file(path, damage, good)
+    made = []
+    arr = features._stored(path, lambda: made.append(1) or good, (2, 5))
+    assert made == [1]
+    np.testing.assert_array_equal(np.asarray(arr), good)
+    np.testing.assert_array_equal(np.load(path), good)  # the file on disk was replaced too
+    assert np.asarray(features._stored(path, lambda: pytest.fail("rebuilt a good file"), (2, 5))).shape == (2, 5, 7)
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_feature_cache_on_a_full_disk(tmp_path, monkeypatch):
+    from breakhis import features
+    from breakhis.errors import UserError
+
+    good = np.ones((1, 4096, 64), dtype=np.float16)
+    good[0, 0, 0] = 0
+    monkeypatch.setattr(np, "save", _enospc)  # before: OSError ... written, a traceback
+    path = tmp_path / "features" / "x.npy"
+    with pytest.raises(UserError, match=r"no space left on /.* for the feature cache at .*x\.npy \(needs about 1 MB\)"):
+        features._stored(path, lambda: good, (1, 4096))
+    assert not list(path.parent.iterdir())  # no half-written file left
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="the decode cache reserves its blocks with posix_fallocate")
+def test_decode_cache_on_a_full_disk(demo_root, tmp_path, capsys, monkeypatch):
+    # the kernel's answer when the disk is full (before: the workers wrote into a sparse memmap: SIGBUS, BrokenProcessPool)
+    monkeypatch.setattr(os, "posix_fallocate", _enospc)
+    assert guard(train.main, tiny(demo_root, tmp_path / "cache") + ["--results", str(tmp_path / "res")]) == 2
+    one_line_error(capsys, "no space left on /", "for the decode cache at", "(needs about 1 MB)")  # 192 fields of 36x55
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+# --- 14 (issue 20 D): damaged files and outputs that cannot be written are one line, never a traceback --------
+
+@pytest.mark.parametrize("content", [[1, 2], "a string", 7, {"DIGEST": {"temperature": "abc"}},
+                                     {"DIGEST": {"temperature": -1}}, {"DIGEST": "not an entry"}])
+def test_malformed_exports_json(copy_run, tmp_path, content, capsys):
+    program = tmp_path / "m.pt2"
+    program.write_bytes(b"any bytes")
+    text = json.dumps(content).replace("DIGEST", _sha256(program))
+    (copy_run / "exports.json").write_text(text)  # before: AttributeError, TypeError or ValueError tracebacks
+    assert guard(evaluate.main, [str(copy_run), "--model", str(program), "--json"]) == 2
+    err = one_line_error(capsys, "exports.json")
+    if isinstance(content, dict) and isinstance(content["DIGEST"], dict):
+        assert f"temperature {content['DIGEST']['temperature']!r}" in err
+
+
+@pytest.mark.parametrize("crafted", [{"pairs": [1]}, {"pairs": [{"paths": "ab"}]}, {"pairs": []}, [1], "x"])
+def test_crafted_near_duplicate_file_is_searched_again(fresh_demo, tmp_path, crafted):
+    from breakhis.data.cache import build_cache
+    from breakhis.data.dataset import index_tree
+    from breakhis.data.near import cache_pairs
+
+    idx = index_tree(fresh_demo)
+    cache = build_cache(idx.root, [r.path for r in idx.records], (16, 24), cache_dir=tmp_path / "c", workers=1, progress=False)
+    path = cache.folder / "near-5.json"
+    path.write_text(json.dumps(crafted))  # before: TypeError or KeyError from the split
+    pairs, note = cache_pairs(cache, idx.records)
+    assert isinstance(note, str) and all(isinstance(x, dict) and len(x["paths"]) == 2 for x in pairs)
+    stored = json.loads(path.read_text())
+    assert isinstance(stored, dict) and isinstance(stored["note"], str)  # rewritten as the search left it
+    assert all(isinstance(x, dict) and set(x["paths"]) <= {r.path for r in idx.records} for x in stored["pairs"])
+
+
+def _images(demo_root, n=3):
+    return sorted(Path(demo_root).rglob("*.png"))[:n]
+
+
+def test_score_out_that_cannot_be_written_is_refused_before_scoring(copy_run, demo_root, tmp_path, capsys, monkeypatch):
+    import breakhis.newimages
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(breakhis.newimages, "decode_images", lambda *a, **k: pytest.fail("scored before the check"))
+    # before: every image was scored, then the write failed with a traceback
+    argv = [str(copy_run), *map(str, _images(demo_root)), "--out", str(blocker / "scores.csv"), "--json"]
+    assert guard(score.main, argv) == 2
+    one_line_error(capsys, "--out", "cannot write there")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names are bytes on Linux")
+def test_non_utf8_file_name_is_scored_and_written_escaped(copy_run, demo_root, tmp_path, capsys):
+    src = _images(demo_root, 1)[0]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9-" + os.fsencode(src.name))  # Latin-1 bytes: not UTF-8
+    with open(odd, "wb") as f:
+        f.write(src.read_bytes())
+    out = tmp_path / "s.csv"
+    # before: UnicodeEncodeError after scoring everything, and no CSV
+    assert guard(score.main, [str(copy_run), str(folder), "--out", str(out), "--json"]) == 0
+    rows = list(csv_module.DictReader(io_module.StringIO(out.read_bytes().decode("utf-8"))))  # valid UTF-8
+    assert len(rows) == 1 and rows[0]["path"] == str(folder) + "/caf\\xe9-" + src.name
+    assert 0 <= float(rows[0]["p_malignant"]) <= 1 and not rows[0]["error"]
+
+
+def test_logbook_over_a_folder_with_a_config_json_list(base_run, tmp_path, capsys):
+    for name in ("a", "b"):
+        shutil.copytree(base_run, tmp_path / "runs" / name)
+    (tmp_path / "runs" / "b" / "config.json").write_text("[1, 2]\n")  # before: AttributeError from load_run
+    assert guard(evaluate.main, [str(tmp_path / "runs")]) == 2
+    one_line_error(capsys, str(tmp_path / "runs" / "b" / "config.json"), "not a JSON object")

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..io import write_json
+from ..io import no_space, reserve, write_json
 from ..report import progress_bar
 
 FORMAT_VERSION = 1  # bump when the pixels or the index format change: every key changes
@@ -177,6 +177,11 @@ def build_cache(root, paths, size: tuple[int, int], cache_dir=None, workers: int
                                         "size": list(size), "paths": rel, "info": info})
         _fsync_files(tmp)
         _move_into_place(tmp, final, key, rel, size)
+    except OSError as e:  # a full disk: one line, not a traceback
+        full = no_space(e, "decode cache", final, len(rel) * size[0] * size[1] * 3)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -269,6 +274,7 @@ def _decode_all(root: Path, paths: list[str], size: tuple[int, int], npy: Path, 
     """Decode every path into rows of a new .npy at `npy`; returns the info dicts in order."""
     n = len(paths)
     out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, *size, 3))
+    reserve(npy)  # a sparse file on a full disk would kill the writers with SIGBUS (BrokenProcessPool)
     if workers <= 0:
         workers = default_workers()
     info: list[dict | None] = [None] * n

@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import atomic_path, read_json, write_json
 from .cache import Cache
 from .dataset import Record, parse_name
@@ -105,6 +106,15 @@ def near_duplicates(records: list[Record], hashes: dict[str, int], max_distance:
     return sorted(out, key=lambda x: x["paths"])
 
 
+def _well_formed(stored) -> bool:
+    """Whether a near-<d>.json is what cache_pairs writes (anything else is damaged cache data, searched again)."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("pairs"), list) or not isinstance(stored.get("note"), str):
+        return False
+    return all(isinstance(x, dict) and isinstance(x.get("paths"), list) and len(x["paths"]) == 2
+               and all(isinstance(q, str) for q in x["paths"]) and isinstance(x.get("patients"), list)
+               and all(isinstance(q, str) for q in x["patients"]) for x in stored["pairs"])
+
+
 def cache_pairs(cache: Cache, records: list[Record], max_distance: int = MAX_DISTANCE) -> tuple[list[dict], str]:
     """(near_duplicates among `records`, a note), from the cache's stored hashes.
 
@@ -113,8 +123,11 @@ def cache_pairs(cache: Cache, records: list[Record], max_distance: int = MAX_DIS
     comparing 31 million pairs again. Blank fields are not compared; when the fields all look alike the
     search stops, the note says so, and no pair is returned (nothing can be linked on such evidence)."""
     path = cache.folder / f"near-{max_distance}.json"
-    stored = read_json(path) if path.is_file() else None
-    if not isinstance(stored, dict) or not isinstance(stored.get("pairs"), list):
+    try:
+        stored = read_json(path) if path.is_file() else None
+    except UserError:  # not JSON: damaged cache data, searched again
+        stored = None
+    if not _well_formed(stored):
         hashes = cache_hashes(cache)
         by_path = {p: int(h) for p, (h, blank), i in zip(cache.paths, hashes, cache.info) if i["ok"] and not blank}
         blank = len(cache.paths) - len(by_path)

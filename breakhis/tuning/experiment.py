@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..fit import fit
 from ..io import number, read_csv, read_json, sha256_of, write_json
 from ..registry import EPOCH_METRICS, SELECT_METRICS
+from ..seal import seal, verify
 from .output import RAY_LOG, ProgressLine, QuietUserErrors, best_value
 from .space import Space, check_grid, load_space, param_space, sample_overrides
 
@@ -286,7 +287,7 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
     return list(zip(analysis.trials, ResultGrid(analysis)))
 
 
-STATE_DIGESTS = "state.sha256.json"  # ours: SHA-256 of Ray's experiment files as the last tune.py run left them
+STATE_DIGESTS = "state.sha256.json"  # ours: SHA-256 of Ray's experiment files as the last tune.py run left them, sealed
 OWN_FILES = {"tune.json", "trials.csv", "best.json", STATE_DIGESTS, RAY_LOG}
 
 
@@ -295,24 +296,36 @@ def _ray_state_files(exp_dir: Path) -> list[Path]:
     return sorted(p for p in exp_dir.iterdir() if p.is_file() and p.name not in OWN_FILES)
 
 
+def _state_message(files: dict) -> tuple:
+    return "tune-state", json.dumps(files, sort_keys=True)
+
+
 def seal_state(exp_dir: Path) -> None:
-    """Record the SHA-256 of Ray's experiment state, so that --resume can tell it is what we left."""
-    write_json(exp_dir / STATE_DIGESTS, {p.name: sha256_of(p) for p in _ray_state_files(exp_dir)})
+    """Record the SHA-256 of Ray's experiment state under this user's seal (an HMAC, seal.py), so that
+    --resume can tell it is what this user's tune.py left: a digest anyone can rewrite proves nothing."""
+    files = {p.name: sha256_of(p) for p in _ray_state_files(exp_dir)}
+    write_json(exp_dir / STATE_DIGESTS, {"files": files, "hmac": seal(*_state_message(files))})
 
 
 def check_state(exp_dir: Path, trust: bool) -> None:
-    """Before Tuner.restore unpickles the experiment state: it must be the state tune.py sealed when it
-    last stopped (a crafted file could run code), unless the user trusts it (--trust-state)."""
+    """Before Tuner.restore unpickles the experiment state: it must be the state this user's tune.py sealed
+    when it last stopped (a crafted file could run code), unless the user trusts it (--trust-state)."""
     if trust:
         return
-    sealed = read_json(exp_dir / STATE_DIGESTS)
+    stored = read_json(exp_dir / STATE_DIGESTS)
+    sealed = stored.get("files") if isinstance(stored, dict) else None
     now = {p.name: sha256_of(p) for p in _ray_state_files(exp_dir)}
-    if not isinstance(sealed, dict) or sealed != now:
-        changed = sorted(k for k in set(now) | set(sealed or {}) if (sealed or {}).get(k) != now.get(k))
-        raise UserError(f"--resume: Ray's experiment state in {exp_dir} is not what tune.py left there "
-                        f"({'no ' + STATE_DIGESTS if not isinstance(sealed, dict) else 'changed: ' + ', '.join(changed[:3])}; "
-                        f"a killed tune.py cannot record it). Restoring it unpickles these files, which can run code: "
-                        f"pass --trust-state if this experiment is your own")
+    if not isinstance(sealed, dict):
+        why = f"no {STATE_DIGESTS}, or not one tune.py wrote"
+    elif not verify(stored.get("hmac"), *_state_message(sealed)):
+        why = f"{STATE_DIGESTS} does not carry your seal: it was rewritten, or written by someone else"
+    elif sealed != now:
+        why = "changed: " + ", ".join(sorted(k for k in set(now) | set(sealed) if sealed.get(k) != now.get(k))[:3])
+    else:
+        return
+    raise UserError(f"--resume: Ray's experiment state in {exp_dir} is not what your tune.py left there "
+                    f"({why}; a killed tune.py cannot record it). Restoring it unpickles these files, which can run "
+                    f"code: pass --trust-state if this experiment is your own")
 
 
 def new_experiment(results: Path, name: str) -> Path:
