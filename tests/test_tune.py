@@ -18,7 +18,6 @@ from breakhis.io import read_csv, read_json
 from breakhis.tuning import experiment as tune_exp
 from breakhis.tuning import space
 
-pytestmark = pytest.mark.slow  # end to end: tune.py with Ray trials
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -287,6 +286,7 @@ def experiment(ray_cluster, tree, tmp_path_factory):
     return code, exp, rows, argv, cache
 
 
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
 def test_trials_csv(experiment):
     code, exp, rows, _, _ = experiment
     assert code == 0
@@ -316,6 +316,7 @@ def test_trials_csv(experiment):
     assert read_json(Path(wild["run"]) / "status.json")["status"] == "stopped"
 
 
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
 def test_best_json_is_retrained_by_train_py(experiment, tmp_path):
     _, exp, rows, _, cache = experiment
     best = json.loads((exp / "best.json").read_text())
@@ -332,6 +333,7 @@ def test_best_json_is_retrained_by_train_py(experiment, tmp_path):
     assert again.to_dict() == {**best["config"], "epochs": 1}
 
 
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
 def test_finished_experiment_is_not_overwritten(experiment):
     _, exp, _, argv, _ = experiment
     before = (exp / "trials.csv").read_text()
@@ -339,6 +341,7 @@ def test_finished_experiment_is_not_overwritten(experiment):
     assert (exp / "trials.csv").read_text() == before
 
 
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
 def test_results_table_marks_best_stopped_and_failed(experiment):
     from rich.console import Console
 
@@ -373,6 +376,7 @@ def _interrupt_after_first_epoch(exp: Path):
     threading.Thread(target=watch, daemon=True).start()
 
 
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
 def test_resume_after_interruption(ray_cluster, tree, tmp_path):
     space = write(tmp_path / "space.py", 'SPACE = {"seed": [0, 1]}\nBASE = {"lr": 1e-7}\n')
     res = ["--results", str(tmp_path / "results")]
@@ -421,6 +425,7 @@ SPACE = {"preset": ["ok", "broken"]}
     assert space.check_grid(space.load_space(EXPERIMENTS / "logbook.py"), {}) == len(space.load_space(EXPERIMENTS / "logbook.py").presets)
 
 
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
 def test_frozen_sweep_reads_features_the_driver_computed_once(ray_cluster, tree, tmp_path):
     """tune.py --freeze: the driver computes the backbone's features once; the trials (class weights
     here) share them, so the feature folder holds one file per partition (test too: the trials score on
@@ -442,7 +447,7 @@ SPACE = {"class_weights": [(0.5, 0.5), (0.5, 0.85)], "dropout": [(0.25, 0.125)]}
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # end to end: tune.py in its own process with Ray trials
 def test_a_newcomer_at_80_columns_sees_the_swept_values_whole_and_no_ray_noise(tree, tmp_path):
     """tune.py in a fresh process (its own Ray) at COLUMNS=80: every swept value is whole in the table and the
     progress lines, Ray's own log lines go to the experiment's ray.log, paths are relative to where the user
