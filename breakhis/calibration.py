@@ -148,6 +148,12 @@ def fit_temperature(probs, y) -> float:
     return float(math.exp(res.x))
 
 
+def is_fitted_temperature(t) -> bool:
+    """Whether t is a temperature this toolkit can have written: a finite number within T_RANGE (what the fit
+    searches; -1 would invert every prediction, 1e308 flatten them). Read-back files are checked with it."""
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and T_RANGE[0] <= t <= T_RANGE[1]
+
+
 def at_limit(temperature: float) -> bool:
     """True when a fitted temperature sits at an end of T_RANGE: the NLL still fell there (e.g. validation
     probabilities saturated at 0 and 1 in float32, so log p no longer carries the logits)."""

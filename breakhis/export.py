@@ -17,13 +17,12 @@ and the temperature, and an entry without a valid one is not trusted.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
 
-from .calibration import T_RANGE
+from .calibration import T_RANGE, is_fitted_temperature
 from .errors import UserError
 from .io import atomic_path, read_json, sha256_of, write_json
 from .seal import seal, verify
@@ -81,8 +80,7 @@ def _records(run_dir: Path) -> dict:
 def _temperature(entry: dict, where: Path) -> float:
     """An entry's temperature: a number the toolkit can have written (1, or a fit within T_RANGE)."""
     t = entry.get("temperature", 1.0)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
-            or not T_RANGE[0] <= t <= T_RANGE[1]:
+    if not is_fitted_temperature(t):
         raise UserError(f"{where}: temperature {t!r} is not one the toolkit writes (a number in "
                         f"[{T_RANGE[0]:g}, {T_RANGE[1]:g}]); the run folder is damaged: delete the file and export again")
     return float(t)

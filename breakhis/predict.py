@@ -70,9 +70,10 @@ class TrainedRun:
         return self._model
 
     def checkpoint(self) -> torch.nn.Module:
-        """A fresh copy of the run's best checkpoint (model.safetensors): e.g. for Grad-CAM, which needs
-        gradients an exported program does not have. A run built without a folder has only its model."""
-        if self.dir is None:
+        """The run's best checkpoint (model.safetensors), e.g. for Grad-CAM, which needs gradients an exported
+        program does not have: the model already loaded when it is the checkpoint, else loaded now. A run
+        built without a folder has only its model."""
+        if self.dir is None or (self._model is not None and not self.model_file):
             return self._model
         model = model_for(self.cfg, initial=False)
         runs.load_weights(model, self.dir / "model.safetensors", self.cfg.backbone)
@@ -120,8 +121,9 @@ class TrainedRun:
         loader and model, at the run's temperature; no labels (the loss is meaningless)."""
         loader = Loader.for_run(images, rows, np.zeros(len(rows), np.int64), self.cfg, train=False,
                                 dtype=self.amp or torch.float32)
-        ev = self._undo_program_temperature(evaluate(self.model, loader, self.loss, amp=self.amp, tta=tta))
-        return scaled(ev, self.temperature, self.cfg)
+        ev = evaluate(self.model, loader, self.loss, amp=self.amp, tta=tta)
+        # one rescaling: from the program's own temperature (1 for a checkpoint) to the run's
+        return scaled(ev, (self.temperature or 1.0) / getattr(self.model, "temperature", 1.0), self.cfg)
 
     def _undo_program_temperature(self, ev: dict) -> dict:
         """An exported program divides its logits by the temperature it carries: back to the raw logits."""

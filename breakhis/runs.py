@@ -18,7 +18,6 @@ A run folder is self-describing (results/<name>/):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import re
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from .calibration import T_RANGE
+from .calibration import T_RANGE, is_fitted_temperature
 from .config import FIELDS, TrainConfig, make_config, renamed
 from .errors import UserError
 from .io import atomic_path, read_json, write_bytes, write_json
@@ -209,9 +208,7 @@ def saved_temperature(run_dir: Path) -> float | None:
     if saved is None:
         return None
     t = saved.get("temperature") if isinstance(saved, dict) else None
-    # the fit searches T_RANGE: a value outside it (-1 inverts every prediction, 1e308 flattens them) is not ours
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) \
-            or not T_RANGE[0] <= t <= T_RANGE[1]:
+    if not is_fitted_temperature(t):
         raise UserError(f"{run_dir / CALIBRATION}: damaged (temperature {t!r}, need a number in "
                         f"[{T_RANGE[0]:g}, {T_RANGE[1]:g}], the range the fit searches); delete it, or "
                         f"fit it again with evaluate.py {run_dir} --calibrate --save-temperature")
