@@ -24,6 +24,7 @@ from scipy.stats import norm
 from scipy.stats import t as student_t
 from sklearn import metrics as skm
 
+from . import random_effects
 from .counts import CI_KEYS, PatientCounts, check_binary, patient_counts, patient_index, weighted_figures
 from .errors import UserError
 
@@ -95,7 +96,7 @@ def _units(d: PatientCounts, key: str) -> int:
 
 
 # proportions whose numerator and denominator add up over patients: (numerator, denominator) columns of the
-# per-patient counts (tp, fp, fn, tn); they get a cluster-adjusted Wilson interval (see cluster_wilson)
+# per-patient counts (tp, fp, fn, tn); where patients mix classes they get a cluster-adjusted Wilson interval
 _RATIOS = {"accuracy": ((0, 3), (0, 1, 2, 3)), "precision": ((0,), (0, 1)), "recall": ((0,), (0, 2)),
            "specificity": ((3,), (1, 3))}
 
@@ -176,10 +177,27 @@ def class_patients(y, patients) -> dict[str, int]:
     return {"benign": int((~malignant).sum()), "malignant": int(malignant.sum())}
 
 
-INTERVAL_METHOD = ("patient-cluster intervals: Wilson (cluster-adjusted, t quantile) for accuracy, precision, "
-                   "recall, specificity; logit +- t * bootstrap SE for balanced accuracy, F1, AUROC, AUCPR, "
-                   "patient recognition rate, ECE, Brier; Wilson for patient accuracy")
+# fewer patients than this carry a figure (its class, or the scarcer class for AUROC, AUCPR, balanced accuracy): no
+# interval ("–" and the reason). At 2 benign patients the specificity interval spans 0.5-0.95 of [0, 1] (bench coverage)
+MIN_PATIENTS = 3
+INTERVAL_METHOD = ("patient intervals: a per-class patient random-effects model (logit-normal, weakly informative "
+                   "priors) for accuracy, balanced accuracy, precision, recall, specificity, F1, patient recognition "
+                   "rate; logit +- t * bootstrap SE over patients for AUROC, AUCPR, Brier; debiased ECE with a "
+                   "bootstrap interval that reaches 0; Wilson for patient accuracy; none where the figure rests on "
+                   f"fewer than {MIN_PATIENTS} patients of a class")
 FEW_PATIENTS = 10  # fewer patients than this in a class: the intervals are rough, and the output says so
+
+
+def worst_average_precision(n_pos: float, n_neg: float) -> float:
+    """The average precision of the worst ranking of n_pos positive and n_neg negative images (every positive
+    below every negative): sum over k = 1..n_pos of k / (n_neg + k), over n_pos. No ranking scores less."""
+    n_pos, n_neg = int(round(n_pos)), int(round(n_neg))
+    if n_pos <= 0:
+        return math.nan
+    k = np.arange(1, n_pos + 1, dtype=np.float64)
+    return float((k / (n_neg + k)).mean())
+
+
 # the interval rules of bootstrap_ci and calibration.calibration_ci: "cluster" the default (INTERVAL_METHOD),
 # "percentile" the plain percentile bootstrap, kept to compare coverage (python -m breakhis.bench coverage)
 METHODS = ("cluster", "percentile")
@@ -196,16 +214,18 @@ def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | 
                  method: str = "cluster") -> dict[str, tuple[float, float]]:
     """Intervals (1 - alpha) by resampling patients with replacement (all images of a drawn patient come along).
 
-    method "cluster" (the default; rules for patient-clustered data): intervals whose coverage holds at BreakHis
-    sizes (8-40 test patients, a handful of benign ones; `python -m breakhis.bench coverage`):
-      accuracy, precision, recall, specificity (ratios of sums over patients): cluster-adjusted Wilson
-        with a t quantile (cluster_wilson);
-      balanced accuracy, F1, AUROC, AUCPR, patient recognition rate: logit(estimate) +- t * bootstrap
-        standard error over patients (_logit_t); at 0 or 1, BCa (bias-corrected and accelerated,
-        jackknife over patients);
+    method "cluster" (the default; rules for patient-clustered data, measured over the regimes of
+    `python -m breakhis.bench coverage`: 8-40 test patients, about 30% benign, errors spread or concentrated):
+      accuracy, balanced accuracy, precision, recall, specificity, F1, patient recognition rate: the
+        patient random-effects model of each class's hit rate (random_effects.py);
+      AUROC, AUCPR: logit(estimate) +- t * bootstrap standard error over patients (_logit_t); at 0 or 1,
+        BCa (bias-corrected and accelerated, jackknife over patients); AUCPR never below the average
+        precision of the worst ranking of the set (worst_average_precision);
       patient accuracy (one vote per patient): Wilson score interval;
-      any figure whose resamples never vary: the Wilson interval over the patients that carry it,
-        never a zero-width interval.
+      where patients mix classes (not BreakHis): accuracy, precision, recall, specificity by the
+        cluster-adjusted Wilson interval (cluster_wilson), the others by logit-t;
+      any figure carried by fewer than MIN_PATIENTS patients of a class (the scarcer one where it needs
+        both): (nan, nan), shown as "–" with the reason (metrics.summarize).
     method "percentile": the plain percentile interval (kept to compare coverage: bench coverage).
     Default figures: every key of CI_KEYS, computed vectorised from per-patient counts. With fn,
     fn(y, p) -> dict of scalars is called on each resample's images (slower, percentile only); the
@@ -222,10 +242,18 @@ def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | 
         point = {k: float(v[0]) for k, v in weighted_figures(np.ones((1, n_pat)), d, CI_KEYS).items()}
         jack = weighted_figures(np.ones((n_pat, n_pat)) - np.eye(n_pat), d, CI_KEYS) if n_pat > 1 else \
             {k: np.zeros(0) for k in CI_KEYS}
+        # the random-effects model takes a patient's images to be of one class (as in BreakHis); where patients
+        # mix classes, recall and specificity rest on the same patients: the cluster rules of before
+        one_class = bool((np.minimum(d.counts[:, [0, 2]].sum(1), d.counts[:, [1, 3]].sum(1)) == 0).all())
+        modelled = random_effects.intervals(d.counts, alpha, seed) if one_class else {}
         out = {}
         for k in CI_KEYS:
             units = _units(d, k)
-            if k in _RATIOS:
+            if units < MIN_PATIENTS:
+                lo, hi = (math.nan, math.nan)
+            elif k in modelled:
+                lo, hi = modelled[k]
+            elif k in _RATIOS:
                 a, b = _RATIOS[k]
                 lo, hi = cluster_wilson(d.counts[:, list(a)].sum(1), d.counts[:, list(b)].sum(1), alpha)
             elif k == "patient_accuracy":
@@ -233,6 +261,9 @@ def bootstrap_ci(y, p, patients, fn: Callable[[np.ndarray, np.ndarray], dict] | 
             else:
                 lo, hi = smooth_interval(point[k], dist[k], jack[k], units, n_pat, alpha)
             out[k] = (lo, hi)
+        if math.isfinite(out["aucpr"][0]):  # never below what the worst ranking of these images gives
+            floor = worst_average_precision(*(d.counts[:, [0, 2]].sum(), d.counts[:, [1, 3]].sum()))
+            out["aucpr"] = (max(out["aucpr"][0], floor), max(out["aucpr"][1], floor))
         return out
     if fn is None:
         dist = weighted_figures(multiplicity(draws), d, CI_KEYS)

@@ -151,9 +151,68 @@ def test_interval_ignores_resamples_without_a_class():
     ci = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0, method="percentile")
     assert ci["specificity"] == (1.0, 1.0)
     assert ci["recall"] == (1.0, 1.0) and ci["precision"] == (1.0, 1.0)
-    ci = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0)  # one benign patient is one vote, not a certainty
-    assert ci["specificity"] == pytest.approx(_wilson_by_hand(1, 1))
-    assert ci["recall"] == pytest.approx(_wilson_by_hand(4, 4, z=student_t.ppf(0.975, 3)))
+    ci = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0)
+    # one benign patient is one vote, not a certainty, and no interval at all: the old rule gave Wilson's [0.21, 1]
+    for k in ("specificity", "balanced_accuracy", "auroc", "aucpr"):
+        assert all(math.isnan(v) for v in ci[k]), k
+    lo, hi = _posterior_rate_reference(np.full(4, 10), np.full(4, 10))  # four malignant patients, 10 of 10 each
+    assert ci["recall"][1] == 1.0 or ci["recall"][1] == pytest.approx(hi, abs=0.01)
+    assert ci["recall"][0] == pytest.approx(lo, abs=0.015)
+
+
+def _posterior_rate_reference(k, n, samples=50_000, seed=5):
+    """The 95% posterior interval of a class's population rate E[expit(theta)], theta ~ N(beta, sigma^2), by
+    importance sampling from the priors (beta ~ N(0, 4^2), sigma ~ half-N(0, 3^2)), each patient's binomial
+    likelihood and the rate integrated by the trapezoid rule over theta in [-40, 50] (not the module's grids)."""
+    from scipy.special import expit, log_expit
+    from scipy.stats import norm as normal
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    rng = np.random.default_rng(seed)
+    beta, sigma = rng.normal(0, 4, samples), np.maximum(np.abs(rng.normal(0, 3, samples)), 0.1)
+    theta = np.linspace(-40, 50, 1801)
+    ll = k[:, None] * log_expit(theta)[None] + (n - k)[:, None] * log_expit(-theta)[None]  # (P, G)
+    rows, times = np.unique(ll, axis=0, return_counts=True)  # patients with equal counts share a likelihood
+    lik = np.exp(rows - rows.max(axis=1, keepdims=True))
+    log_w, rate = np.zeros(samples), np.zeros(samples)
+    for c in range(0, samples, 2000):
+        dens = normal.pdf(theta[None], beta[c:c + 2000, None], sigma[c:c + 2000, None])
+        dens /= dens.sum(axis=1, keepdims=True)
+        log_w[c:c + 2000] = (times[:, None] * np.log(np.maximum(lik @ dens.T, 1e-300))).sum(axis=0)
+        rate[c:c + 2000] = dens @ expit(theta)
+    wt = np.exp(log_w - log_w.max())
+    order = np.argsort(rate)
+    cdf = np.cumsum(wt[order]) / wt.sum()
+    return tuple(float(rate[order][np.searchsorted(cdf, q)]) for q in (0.025, 0.975))
+
+
+@pytest.mark.slow
+def test_random_effects_rate_matches_an_independent_posterior():
+    """The grid posterior of random_effects.rate_draws against importance sampling and the trapezoid rule
+    on a spread class (hits 9/10, 20/20, 3/12, 15/15, 7/8) and a near-perfect one."""
+    from breakhis import random_effects
+    for k, n in (([9, 20, 3, 15, 7], [10, 20, 12, 15, 8]), ([30, 29, 40, 12, 25, 33], [30, 30, 40, 12, 25, 33])):
+        draws = random_effects.rate_draws(np.array(k), np.array(n), np.random.default_rng(0), draws=40_000)
+        lo, hi = _posterior_rate_reference(k, n)
+        assert np.percentile(draws, 2.5) == pytest.approx(lo, abs=0.012)
+        assert np.percentile(draws, 97.5) == pytest.approx(hi, abs=0.012)
+
+
+@pytest.mark.slow
+def test_concentrated_errors_widen_the_interval_downward():
+    """24 patients of one good model, 7 benign: the errors sit in two malignant patients (the rest perfect).
+    The interval of recall must reach well below what the perfect patients alone suggest, and hold the
+    pooled value, as an independent computation of the model's posterior does."""
+    sizes = np.r_[[40] * 7, [60] * 17]
+    y = np.repeat(np.r_[[0] * 7, [1] * 17], sizes)
+    patients = np.repeat([f"P{i}" for i in range(24)], sizes)
+    p = np.where(y == 1, 0.9, 0.1)
+    for name in ("P7", "P8"):  # 30 of the 60 images of each wrong
+        p[np.flatnonzero(patients == name)[:30]] = 0.2
+    ci = intervals.bootstrap_ci(y, p, patients, n_boot=500)
+    recall = 1 - 60 / (17 * 60)
+    assert ci["recall"][0] < recall < ci["recall"][1]
+    lo, hi = _posterior_rate_reference([60 - 30, 60 - 30] + [60] * 15, [60] * 17)
+    assert ci["recall"] == pytest.approx((lo, hi), abs=0.015)
 
 
 def test_cluster_wilson_by_hand():
