@@ -198,6 +198,23 @@ def breakdown(y, p, keys, threshold=0.5, patients=None, n_boot: int = 0, seed: i
 
 
 
+def class_warnings(per_class: dict[str, int], ci: dict) -> list[str]:
+    """One line per class with few patients (per_class {"benign": n, "malignant": n}): which figures have no
+    interval (ci (nan, nan): fewer than intervals.MIN_PATIENTS carry them), or that theirs are rough."""
+    out = []
+    for c, k in per_class.items():
+        if k >= intervals.FEW_PATIENTS:
+            continue
+        missing = [key for key, (lo, _) in ci.items() if not math.isfinite(lo)]
+        if k < intervals.MIN_PATIENTS and missing:
+            out.append(f"only {k} {c} patient(s) in this set: no interval for {', '.join(missing)} (shown as –); "
+                       f"an interval over so few patients would span most of [0, 1]")
+        else:
+            out.append(f"only {k} {c} patient(s) in this set: figures that rest on them (e.g. "
+                       f"{'specificity' if c == 'benign' else 'recall'}) have wide, rough intervals")
+    return out
+
+
 def summarize(y, p, patients, threshold=0.5, n_boot: int = 1000, seed: int = 0,
               groups: dict[str, Sequence] | None = None) -> dict:
     """One JSON-able dict: binary_metrics + patient_metrics + "ci" {metric: [lo, hi]} and
@@ -207,11 +224,9 @@ def summarize(y, p, patients, threshold=0.5, n_boot: int = 1000, seed: int = 0,
     if n_boot:
         out["ci"] = intervals.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=seed, threshold=threshold)
         out["ci_settings"] = intervals.interval_settings(n_boot, seed)
-        few = {c: k for c, k in intervals.class_patients(y, patients).items() if k < intervals.FEW_PATIENTS}
-        if few:
-            out["warnings"] = [f"only {k} {c} patient(s) in this set: figures that rest on them (e.g. "
-                               f"{'specificity' if c == 'benign' else 'recall'}) have wide, rough intervals"
-                               for c, k in few.items()]
+        out["warnings"] = class_warnings(intervals.class_patients(y, patients), out["ci"])
+        if not out["warnings"]:
+            del out["warnings"]
     if groups:
         out["by"] = {name: breakdown(y, p, vals, threshold, patients, n_boot=n_boot, seed=seed)
                      for name, vals in groups.items()}

@@ -69,9 +69,11 @@ def progress_bar(on: bool, what: str, total: int | None, *, done: int = 0, unit:
 
 
 def fmt_ci(value, ci) -> str:
-    """'0.898 [0.861, 0.930]'."""
-    if not ci or ci[0] is None:
+    """'0.898 [0.861, 0.930]'; '0.998 [–]' where the interval was left out (too few patients: the warnings say)."""
+    if not ci:
         return fmt(value)
+    if ci[0] is None or (isinstance(ci[0], float) and math.isnan(ci[0])):
+        return f"{fmt(value)} [–]"
     return f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
@@ -121,7 +123,7 @@ class TrainProgress:
 ROWS = [("accuracy", "Test accuracy"), ("balanced_accuracy", "Balanced accuracy"), ("precision", "Precision"),
         ("recall", "Recall (sensitivity)"), ("specificity", "Specificity"), ("f1", "F1"), ("auroc", "AUROC"),
         ("aucpr", "AUCPR"), ("patient_recognition_rate", "Patient recognition rate"),
-        ("patient_accuracy", "Patient accuracy"), ("ece", "ECE (15 bins, top-label)"), ("brier", "Brier score")]
+        ("patient_accuracy", "Patient accuracy"), ("ece", "ECE (15 bins, top-label)"), ("ece_debiased", "ECE debiased"), ("brier", "Brier score")]
 
 
 def evaluation_table(metrics: dict, split: str = "test", title: str = "Model Evaluation") -> Table:

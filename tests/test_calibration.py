@@ -186,9 +186,11 @@ def test_every_binary_run_records_ece_brier_and_a_reliability_diagram(run):
         y, probs = saved_probs(run, part)
         assert m[part]["ece"] == pytest.approx(guo_ece(y, probs[:, 1]), abs=1e-6)
         assert m[part]["brier"] == pytest.approx(brier_score_loss(y, probs[:, 1]), abs=1e-6)
-        for k in ("ece", "brier"):
-            lo, hi = m[part]["ci"][k]
-            assert lo <= m[part][k] <= hi
+        assert 0 <= m[part]["ece_debiased"] <= m[part]["ece"] + 1e-12
+        lo, hi = m[part]["ci"]["ece_debiased"]
+        assert 0 <= lo <= hi
+        lo, hi = m[part]["ci"]["brier"]
+        assert lo <= m[part]["brier"] <= hi
     assert (run / "plots" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -332,3 +334,41 @@ def test_an_ece_near_zero_gets_an_interval_not_an_overflow():
         yy = np.concatenate([y[patients == k] for k in pick])
         boots.append(abs(yy.mean() - 0.7501))  # one bin: ECE = |accuracy - confidence| of the malignant calls
     assert hi <= 2 * np.quantile(boots, 0.995)
+
+
+def test_unfold_inverts_the_folded_normal_mean():
+    """unfold(g, sd) is the d whose folded normal |N(d, sd^2)| has mean |g| (scipy's foldnorm as reference)."""
+    from scipy.stats import foldnorm
+    for d, sd in ((0.0, 1.0), (0.3, 1.0), (1.0, 0.5), (2.5, 0.01), (0.02, 0.004)):
+        mean = foldnorm.mean(d / sd, scale=sd)
+        assert C.unfold(np.array([mean]), np.array([sd]))[0] == pytest.approx(d, abs=2e-3 * sd + 1e-9)
+    assert C.unfold(np.array([0.5]), np.array([1.0]))[0] == 0.0  # below sqrt(2/pi): noise alone explains it
+
+
+def _calibrated_set(rng, patients=24, benign=7):
+    """A calibrated model on patient-clustered images: labels drawn from p itself, so the true ECE is 0."""
+    sizes = rng.integers(10, 121, patients)
+    effect = np.repeat(rng.normal(0, 0.8, patients), sizes)
+    logit = np.repeat(np.r_[np.full(benign, -2.5), np.full(patients - benign, 2.5)], sizes) + effect
+    logit += rng.normal(0, 0.8, logit.size)
+    p = 1 / (1 + np.exp(-logit))
+    y = (rng.random(p.size) < p).astype(int)
+    return y, p, np.repeat([f"P{i}" for i in range(patients)], sizes)
+
+
+def test_the_ece_interval_of_a_calibrated_model_reaches_zero():
+    """True ECE 0: the plug-in ECE is the noise; the old interval (logit-t around it) could never hold 0,
+    the new one starts at 0 in most sets and its estimate is smaller (numpy by hand for the plug-in)."""
+    rng = np.random.default_rng(3)
+    reaches, below = 0, 0
+    for seed in range(20):
+        y, p, patients = _calibrated_set(rng)
+        conf = np.maximum(p, 1 - p)
+        correct = ((p >= 0.5) == y).astype(float)
+        b = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+        plug = sum(abs((correct - conf)[b == k].sum()) for k in range(15)) / y.size
+        assert C.ece(y, p) == pytest.approx(plug)
+        lo, hi = C.calibration_ci(y, p, patients, n_boot=300, seed=seed)["ece"]
+        reaches += lo == 0.0
+        below += C.debiased_ece(y, p, patients) < plug
+    assert reaches >= 16 and below == 20

@@ -219,6 +219,14 @@ def test_few_patients_in_a_class_are_warned_about():
     y = np.array([0] * 6 + [1] * 30)
     patients = np.array(["b0"] * 3 + ["b1"] * 3 + [f"m{i}" for i in range(10) for _ in range(3)])
     out = M.summarize(y, np.where(y == 1, 0.8, 0.2), patients, n_boot=50)
-    assert out["warnings"] == ["only 2 benign patient(s) in this set: figures that rest on them (e.g. specificity) "
+    # 2 benign patients: no interval for what rests on them (the old rule gave specificity [0.34, 1.00]), "–" shown
+    assert out["warnings"] == ["only 2 benign patient(s) in this set: no interval for balanced_accuracy, specificity, "
+                               "auroc, aucpr (shown as –); an interval over so few patients would span most of [0, 1]"]
+    assert out["ci"]["specificity"] == [None, None] and out["ci"]["recall"][0] is not None
+    from breakhis import report
+    assert report.fmt_ci(out["specificity"], out["ci"]["specificity"]) == "1.000 [–]"
+    out = M.summarize(y[6:].tolist() + [0] * 12, np.r_[np.full(30, 0.8), np.full(12, 0.2)],
+                      patients[6:].tolist() + [f"b{i}" for i in range(4) for _ in range(3)], n_boot=50)
+    assert out["warnings"] == ["only 4 benign patient(s) in this set: figures that rest on them (e.g. specificity) "
                                "have wide, rough intervals"]
     assert out["ci_settings"]["unit"] == "patient" and out["ci_settings"]["resamples"] == 50
