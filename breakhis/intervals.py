@@ -348,9 +348,10 @@ def interval_settings(n_boot: int, seed: int, alpha: float = 0.05) -> dict:
 
 def t_verdict(metric: str, diff: float, se: float, df: float, test: str) -> dict:
     """A difference with its standard error and t degrees of freedom -> the two-sided p, the 95% interval
-    and the verdict (p <= 0.05); a zero se gives p 1 for no difference, else 0, and a zero-width interval."""
+    and the verdict (p <= 0.05). A zero se (every run of both rows scored alike, e.g. 23/24 three times
+    against 22/24 three times) measures no run-to-run variance at all: p is nan and no verdict, never 0."""
     if se == 0:
-        p_value, ci = (1.0 if diff == 0 else 0.0), (diff, diff)
+        p_value, ci = (1.0 if diff == 0 else math.nan), (math.nan, math.nan)
     else:
         p_value = float(2 * student_t.sf(abs(diff) / se, df))
         half = float(student_t.ppf(0.975, df)) * se
