@@ -105,15 +105,33 @@ def test_peak_table(monkeypatch):
 
 # ---------------------------------------------------------------------------- python -m breakhis.bench coverage
 def test_bench_coverage_prints_coverage_and_false_positives(capsys):
-    assert main(["coverage", "--reps", "3", "--boot", "40", "--patients", "8,24", "--json"]) == 0
+    assert main(["coverage", "--reps", "2", "--boot", "40", "--patients", "8,24", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out["coverage"]) == {"8", "24"}
-    for size in ("8", "24"):
+    regs = out["regimes"]
+    assert {(r["accuracy"], r["icc"], r["patients"], r["images"]) for r in regs} >= {(0.97, 0.7, 24, "10-120"),
+                                                                                 (0.85, 0.1, 8, "10-120"), (0.97, 0.4, 8, "3-30")}
+    for r in regs:
         for method in ("percentile", "cluster"):
-            assert all(v is None or 0 <= v <= 1 for v in out["coverage"][size][method].values())
+            for d in r[method].values():
+                assert 0 <= d["coverage"] <= 1 and d["below"] + d["above"] == pytest.approx(1 - d["coverage"])
+    good = next(r for r in regs if r["accuracy"] == 0.97)
+    assert 0.96 < good["truth"]["accuracy"] < 0.98  # 0.97 at 30% benign; this design has 2 of 8
+    assert [e["true_ece"] < 0.002 for e in out["ece"]][:2] == [True, True]
     fp = out["false_positives"]
-    assert fp["replicates"] == 3 and all(0 <= v <= 1 for k, v in fp.items() if isinstance(v, float))
-    assert 0.5 < out["truth"]["accuracy"] < 1
+    assert fp["replicates"] == 2 and all(0 <= v <= 1 for k, v in fp.items() if isinstance(v, float))
+
+
+def test_bench_coverage_truth_matches_a_large_sample():
+    """The population's exact figures against one very large simulated test set (scikit-learn's formulas)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from breakhis.bench import coverage as cov
+    mu = cov.mu_for(0.85)
+    true = cov.truth(mu, 0.4, 0.3, seed=1)
+    y, p, _ = cov.draw(np.random.default_rng(2), mu, 0.4, 6000, 14000)
+    assert true["accuracy"] == pytest.approx(((p >= 0.5) == (y == 1)).mean(), abs=0.004)
+    assert true["auroc"] == pytest.approx(roc_auc_score(y, p), abs=0.003)
+    assert true["aucpr"] == pytest.approx(average_precision_score(y, p), abs=0.003)
+    assert true["recall"] == pytest.approx((p[y == 1] >= 0.5).mean(), abs=0.004)
 
 
 # ---------------------------------------------------------------------------- python -m breakhis.bench frozen

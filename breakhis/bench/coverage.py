@@ -1,21 +1,29 @@
-"""Do the intervals and the logbook's tests keep their promises at BreakHis sizes? A simulation.
+"""Do the intervals and the logbook's tests keep their promises where BreakHis models are? A simulation.
 
-    python -m breakhis.bench coverage                      # 200 replicates, 8 / 24 / 40 patients
-    python -m breakhis.bench coverage --reps 500 --json    # last line: one JSON object
+    python -m breakhis.bench coverage                      # 100 test sets per regime (about 6 minutes here)
+    python -m breakhis.bench coverage --reps 300 --json    # last line: one JSON object
 
-Test sets are drawn from a known population: each patient is benign or malignant (7 benign in 24,
-as in a BreakHis test partition), has 20 to 60 images, and a patient effect u ~ N(0, 1) shifts the
-logit of every one of its images (images of one patient are alike: the reason intervals resample
-patients); an image's logit is +-1.2 + u + N(0, 1). The population's true figures come from 20,000
-patients. For each size, each replicate draws a test set and computes the 95% interval of every
-figure by the plain percentile bootstrap over patients and by the default, method "cluster" (intervals.bootstrap_ci:
-cluster-adjusted Wilson for ratios, logit-t with the bootstrap standard error for AUROC and the like,
-Wilson for per-patient votes); coverage is the share of replicates whose interval holds the true value.
+The population (one model, one test population): a patient is benign (30% of patients, as BreakHis)
+or malignant, has n images with n log-uniform in 10-120 (3-30 for a per-magnification set), and an
+image's score is s = +-mu + u + e, u ~ N(0, ICC) the patient's effect (shared by its images: the
+reason intervals resample patients), e ~ N(0, 1 - ICC). The model's malignant probability is the
+Bayes posterior of s at a 30% benign prior, p = expit(k * (log(7/3) + 2 mu s)): calibrated at k = 1,
+over-confident above. mu is set so that the image accuracy at p >= 0.5 is 0.97 (a good BreakHis
+model) or 0.85; ICC 0.1 spreads the errors over many patients, 0.7 concentrates them in a few.
 
-Recipes: two rows trained by the same recipe (three seeds each; a seed shifts a run's logits by
-N(0, 0.15) and each patient's by N(0, 0.3)) are compared on one shared test set of 24 patients.
-Under this true null, the paired bootstrap of two checkpoints calls a difference "significant"
-far more often than 5%; the logbook's recipe test (Welch over the runs) should stay near 5%.
+The true figures are those of the infinite population, computed exactly (normal integrals; Monte Carlo
+over 400,000 patients for the patient-vote accuracy), at the benign share of the test set's design
+(7 of 24). A regime is (accuracy, ICC, test patients, images per patient); each replicate draws one
+stratified test set, and every figure's 95% interval is checked against the truth: coverage, the
+share of intervals wholly below and wholly above it, and the mean width, for the default rules
+(intervals.bootstrap_ci "cluster") next to the plain percentile bootstrap over patients.
+
+ECE: at 24 patients, calibrated and over-confident models (true ECE 0.0001 to 0.1), the interval of
+calibration.ece_interval against the percentile interval of the plug-in ECE.
+
+Recipes: two rows trained by the same recipe (a true null), each run a seed: a seed shifts a run's
+logits by N(0, 0.15), each patient's by N(0, 0.3) (a recipe x patient effect where the rows' runs share
+it), on one shared test set of 24 patients; share of "significant" Welch verdicts over 3 and 5 runs.
 """
 from __future__ import annotations
 
@@ -27,97 +35,177 @@ from collections.abc import Sequence
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from scipy.stats import ttest_ind
+from scipy.optimize import brentq
+from scipy.special import expit
+from scipy.stats import norm, ttest_ind
 
-from .. import intervals
+from .. import calibration, intervals
 from .. import metrics as M
 from ..counts import CI_KEYS
 from ..errors import UserError
 from ..io import jsonable
 
-BENIGN_SHARE = 7 / 24  # benign patients in a BreakHis test partition (about 7 of 24)
+BENIGN = 0.3  # share of benign patients (BreakHis: 24 of 82) and the model's prior
 COMPARED = ("percentile", "cluster")  # intervals.bootstrap_ci methods, in the table's column order
+ACCURACIES, ICCS = (0.97, 0.85), (0.1, 0.4, 0.7)
+SIZES = {"10-120": (10, 120), "3-30": (3, 30)}  # images per patient: a whole test set, a per-magnification set
 
 
-def simulate(rng: np.random.Generator, benign: int, malignant: int, run_shift: float = 0.0,
-             patient_noise: np.ndarray | None = None, effects: np.ndarray | None = None,
-             sizes: np.ndarray | None = None, noise: list | None = None):
-    """Labels (N,), malignant probabilities (N,) and patient ids (N,) of one test set (see the docstring).
+def mu_for(accuracy: float) -> float:
+    """The class separation mu whose image accuracy at p >= 0.5 is `accuracy` (30% benign)."""
+    cut = math.log((1 - BENIGN) / BENIGN) / 2
 
-    effects, sizes and noise fix the patients and images (the same test set seen by another run);
-    run_shift and patient_noise are a run's seed effects on the logits."""
+    def gap(mu: float) -> float:
+        t = -cut / mu
+        return (1 - BENIGN) * norm.sf(t - mu) + BENIGN * norm.cdf(t + mu) - accuracy
+    return brentq(gap, 0.01, 10.0)
+
+
+def draw(rng: np.random.Generator, mu: float, icc: float, benign: int, malignant: int, images=(10, 120),
+         k: float = 1.0):
+    """Labels (N,), malignant probabilities (N,) and patient ids (N,) of one test set (module docstring)."""
     n = benign + malignant
     cls = np.r_[np.zeros(benign, int), np.ones(malignant, int)]
-    effects = rng.normal(0, 1, n) if effects is None else effects
-    sizes = rng.integers(20, 61, n) if sizes is None else sizes
-    noise = [rng.normal(0, 1, k) for k in sizes] if noise is None else noise
-    extra = np.zeros(n) if patient_noise is None else patient_noise
-    logits = [np.where(c, 1.2, -1.2) + u + e + run_shift + x for c, u, e, x in zip(cls, effects, noise, extra)]
+    sizes = np.round(np.exp(rng.uniform(math.log(images[0]), math.log(images[1]), n))).astype(int)
     y = np.repeat(cls, sizes)
-    p = 1 / (1 + np.exp(-np.concatenate(logits)))
-    patients = np.repeat([f"P{i:05d}" for i in range(n)], sizes)
-    return y, p, patients
+    s = np.where(y == 1, mu, -mu) + np.repeat(rng.normal(0, math.sqrt(icc), n), sizes)
+    s += rng.normal(0, math.sqrt(1 - icc), y.size)
+    p = expit(k * (math.log((1 - BENIGN) / BENIGN) + 2 * mu * s))
+    return y, p, np.repeat(np.arange(n), sizes)
 
 
-def truth(rng: np.random.Generator, n: int = 20_000) -> dict[str, float]:
-    """The population's figures, from n patients with the same share of benign ones."""
-    benign = round(n * BENIGN_SHARE)
-    y, p, patients = simulate(rng, benign, n - benign)
-    return {**M.binary_metrics(y, p), **M.patient_metrics(y, p, patients)}
-
-
-def coverage(sizes: Sequence[int], reps: int, n_boot: int, seed: int) -> dict:
-    """{size: {method: {metric: share of intervals holding the true value}}}."""
+def truth(mu: float, icc: float, benign_share: float, images=(10, 120), k: float = 1.0, seed: int = 0) -> dict:
+    """The figures of the infinite population whose patients are benign_share benign (module docstring)."""
+    pi = 1 - benign_share  # malignant share of the images: image counts do not depend on the class
+    t = -math.log((1 - BENIGN) / BENIGN) / (2 * mu)  # p >= 0.5 where s >= t
+    rec, spec = norm.sf(t - mu), norm.cdf(t + mu)
+    prec = pi * rec / (pi * rec + (1 - pi) * (1 - spec))
+    s = np.linspace(-15, 15, 300_001)
+    ds = s[1] - s[0]
+    f1, f0 = norm.pdf(s - mu), norm.pdf(s + mu)
+    tpr, fpr = norm.sf(s - mu), norm.sf(s + mu)
+    ap = float((pi * tpr / np.maximum(pi * tpr + (1 - pi) * fpr, 1e-300) * f1 * ds).sum())
+    p = expit(k * (math.log((1 - BENIGN) / BENIGN) + 2 * mu * s))
+    post = expit(math.log(pi / (1 - pi)) + 2 * mu * s)  # P(malignant | s) in this population
+    w = (pi * f1 + (1 - pi) * f0) * ds
+    conf = np.maximum(p, 1 - p)
+    hit = np.where(p >= 0.5, post, 1 - post)
+    b = np.searchsorted(np.linspace(0, 1, calibration.N_BINS + 1)[1:-1], conf)
+    out = {"accuracy": pi * rec + (1 - pi) * spec, "balanced_accuracy": (rec + spec) / 2, "precision": prec,
+           "recall": rec, "specificity": spec, "f1": 2 * prec * rec / (prec + rec),
+           "auroc": float(norm.cdf(mu * math.sqrt(2))), "aucpr": ap,
+           "patient_recognition_rate": benign_share * spec + (1 - benign_share) * rec,
+           "ece": float(np.abs(np.bincount(b, weights=w * (hit - conf), minlength=calibration.N_BINS)).sum() / w.sum()),
+           "brier": float((w * (post * (1 - p) ** 2 + (1 - post) * p ** 2)).sum() / w.sum())}
     rng = np.random.default_rng(seed)
-    true = truth(rng)
-    out = {}
-    for size in sizes:
-        benign = max(2, round(size * BENIGN_SHARE))
-        hits = {m: {k: 0 for k in CI_KEYS} for m in COMPARED}
-        counted = {m: {k: 0 for k in CI_KEYS} for m in COMPARED}
+    votes = []
+    for cls in (0, 1):  # the patient vote (mean probability >= 0.5) has no closed form: 200,000 patients each
+        y, pp, pats = draw(rng, mu, icc, 0 if cls else 200_000, 200_000 if cls else 0, images, k)
+        idx = np.unique(pats, return_inverse=True)[1]
+        mean = np.bincount(idx, weights=pp) / np.bincount(idx)
+        votes.append(float(((mean >= 0.5) == bool(cls)).mean()))
+    out["patient_accuracy"] = benign_share * votes[0] + (1 - benign_share) * votes[1]
+    return out
+
+
+def regimes(patients: Sequence[int]) -> list[tuple[float, float, int, str]]:
+    """(accuracy, ICC, test patients, images per patient) swept: every accuracy x ICC x size with 10-120
+    images, and the per-magnification set (3-30 images) at the smallest size."""
+    out = [(a, i, n, "10-120") for a in ACCURACIES for i in ICCS for n in patients]
+    return out + [(a, 0.4, min(patients), "3-30") for a in ACCURACIES]
+
+
+def _tally(hits: dict, key: str, ci, true: float) -> None:
+    lo, hi = ci
+    if math.isfinite(lo) and math.isfinite(hi):
+        h = hits.setdefault(key, [0, 0, 0, 0.0])  # counted, wholly below the truth, wholly above, summed width
+        h[0] += 1
+        h[1] += hi < true
+        h[2] += lo > true
+        h[3] += hi - lo
+
+
+def _shares(hits: dict) -> dict:
+    return {k: {"coverage": 1 - (b + a) / n, "below": b / n, "above": a / n, "width": w / n, "counted": n}
+            for k, (n, b, a, w) in hits.items()}
+
+
+def coverage(patients: Sequence[int], reps: int, n_boot: int, seed: int) -> list[dict]:
+    """One entry per regime: the truth and, per method, {figure: coverage, below, above, width, counted}."""
+    out = []
+    for r_i, (acc, icc, n_pat, images) in enumerate(regimes(patients)):
+        benign = max(2, round(n_pat * BENIGN))
+        mu = mu_for(acc)
+        true = truth(mu, icc, benign / n_pat, SIZES[images], seed=seed + r_i)
+        rng = np.random.default_rng([seed, r_i])
+        hits = {m: {} for m in COMPARED}
         for r in range(reps):
-            y, p, patients = simulate(rng, benign, size - benign)
+            y, p, pats = draw(rng, mu, icc, benign, n_pat - benign, SIZES[images])
             for method in COMPARED:
-                ci = intervals.bootstrap_ci(y, p, patients, n_boot=n_boot, seed=r, method=method)
+                ci = intervals.bootstrap_ci(y, p, pats, n_boot=n_boot, seed=r, method=method)
                 for k in CI_KEYS:
-                    lo, hi = ci[k]
-                    if math.isfinite(lo) and math.isfinite(hi):
-                        counted[method][k] += 1
-                        hits[method][k] += lo <= true[k] <= hi
-        out[size] = {m: {k: hits[m][k] / counted[m][k] if counted[m][k] else math.nan for k in CI_KEYS}
-                     for m in hits}
-    return {"truth": true, "coverage": out}
+                    _tally(hits[method], k, ci[k], true[k])
+        out.append({"accuracy": acc, "icc": icc, "patients": n_pat, "benign": benign, "images": images,
+                    "truth": {k: true[k] for k in CI_KEYS}, **{m: _shares(hits[m]) for m in COMPARED}})
+    return out
 
 
-def false_positives(reps: int, n_boot: int, seed: int, patients: int = 24, runs: int = 3) -> dict:
-    """Share of 'significant' verdicts between two rows of the same recipe (a true null), by test."""
-    rng = np.random.default_rng(seed + 1)
-    benign = round(patients * BENIGN_SHARE)
-    checkpoint = recipe = 0
-    for r in range(reps):
-        effects, sizes = rng.normal(0, 1, patients), rng.integers(20, 61, patients)
-        noise = [rng.normal(0, 1, k) for k in sizes]
+def ece_coverage(reps: int, n_boot: int, seed: int, n_pat: int = 24) -> list[dict]:
+    """Coverage of the ECE interval at n_pat patients, calibrated and over-confident models (ICC 0.4)."""
+    benign = round(n_pat * BENIGN)
+    out = []
+    for r_i, (acc, k) in enumerate(((0.97, 1.0), (0.85, 1.0), (0.97, 1.66), (0.85, 1.29), (0.85, 3.0))):
+        mu = mu_for(acc)
+        true = truth(mu, 0.4, benign / n_pat, k=k)["ece"]
+        rng = np.random.default_rng([seed, 100 + r_i])
+        hits = {"percentile": {}, "debiased": {}}
+        plug = debiased = 0.0
+        for r in range(reps):
+            y, p, pats = draw(rng, mu, 0.4, benign, n_pat - benign, k=k)
+            _tally(hits["percentile"], "ece", calibration.calibration_ci(y, p, pats, n_boot, r, method="percentile")["ece"], true)
+            _tally(hits["debiased"], "ece", calibration.ece_interval(y, p, pats, n_boot, r), true)
+            plug += calibration.ece(y, p) / reps
+            debiased += calibration.debiased_ece(y, p, pats) / reps
+        out.append({"accuracy": acc, "k": k, "true_ece": true, "mean_plug_in": plug, "mean_debiased": debiased,
+                    **{m: _shares(h)["ece"] for m, h in hits.items()}})
+    return out
 
-        def run(effects=effects, sizes=sizes, noise=noise):
-            return simulate(rng, benign, patients - benign, run_shift=rng.normal(0, 0.15),
-                            patient_noise=rng.normal(0, 0.3, patients), effects=effects, sizes=sizes, noise=noise)
 
-        a, b = [run() for _ in range(runs)], [run() for _ in range(runs)]
-        y, patients_ = a[0][0], a[0][2]
-        test = intervals.paired_bootstrap(y, a[0][1], b[0][1], patients_, metric="accuracy", n_boot=n_boot, seed=r)
-        checkpoint += test["significant"]
-        acc_a = [M.binary_metrics(y, p)["accuracy"] for _, p, _ in a]
-        acc_b = [M.binary_metrics(y, p)["accuracy"] for _, p, _ in b]
-        recipe += ttest_ind(acc_a, acc_b, equal_var=False).pvalue <= 0.05
-    return {"checkpoints (paired bootstrap, 1 run each)": checkpoint / reps,
-            f"recipes (Welch over {runs} runs each)": recipe / reps, "replicates": reps, "patients": patients}
+def false_positives(reps: int, seed: int, n_pat: int = 24, runs: Sequence[int] = (3, 5)) -> dict:
+    """Share of 'significant' Welch verdicts between two rows of the same recipe (a true null), by runs per
+    row, without and with a recipe x patient effect (each run's N(0, 0.3) shift of each patient's logits)."""
+    rng = np.random.default_rng([seed, 200])
+    benign = round(n_pat * BENIGN)
+    mu = mu_for(0.85)
+    out = {}
+    for n_runs in runs:
+        for patient_effect in (0.0, 0.3):
+            significant = 0
+            for _ in range(reps):
+                y, _, pats = draw(rng, mu, 0.4, benign, n_pat - benign)
+                base = rng.normal(0, 1, y.size)  # the test set's own scores, shared by every run
+                idx = np.unique(pats, return_inverse=True)[1]
+                sign = np.where(y == 1, 1.0, -1.0)
+
+                def run() -> float:
+                    s = sign * mu + base + rng.normal(0, 0.15) + rng.normal(0, patient_effect, idx.max() + 1)[idx]
+                    return float(((s >= 0) == (y == 1)).mean())
+
+                a, b = [run() for _ in range(n_runs)], [run() for _ in range(n_runs)]
+                significant += ttest_ind(a, b, equal_var=False).pvalue <= 0.05
+            out[f"Welch over {n_runs} runs, recipe x patient sd {patient_effect}"] = significant / reps
+    return {**out, "replicates": reps, "patients": n_pat}
+
+
+def _cell(d: dict) -> str:
+    return f"{d['coverage']:.0%} ({d['below']:.0%}/{d['above']:.0%}) {d['width']:.3f}" if d else "–"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m breakhis.bench coverage", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=200, help="simulated test sets per size (default 200)")
-    ap.add_argument("--boot", type=int, default=500, help="bootstrap resamples per interval (default 500)")
+    ap.add_argument("--reps", type=int, default=100, help="simulated test sets per regime (default 100)")
+    ap.add_argument("--boot", type=int, default=300, help="bootstrap resamples per interval (default 300)")
     ap.add_argument("--patients", default="8,24,40", help="test-set sizes in patients (default 8,24,40)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulation")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -130,15 +218,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--patients: at least 4 each; --reps at least 1; --boot at least 10")
     console = Console(stderr=a.json)
     cov = coverage(sizes, a.reps, a.boot, a.seed)
-    fp = false_positives(a.reps, a.boot, a.seed)
-    table = Table(title=f"Coverage of nominal 95% intervals, {a.reps} simulated test sets per size, {a.boot} resamples")
-    table.add_column("figure")
-    for size in sizes:
-        table.add_column(f"{size} patients\npercentile", justify="right")
-        table.add_column(f"{size} patients\nours", justify="right")
-    for k in CI_KEYS:
-        table.add_row(k, *(f"{cov['coverage'][s][m][k]:.1%}" for s in sizes for m in COMPARED))
-    console.print(table)
+    for reg in cov:
+        t = Table(title=f"accuracy {reg['accuracy']}, ICC {reg['icc']}, {reg['patients']} patients "
+                        f"({reg['benign']} benign), {reg['images']} images each: coverage (below/above) width")
+        t.add_column("figure")
+        t.add_column("truth", justify="right")
+        for m in COMPARED:
+            t.add_column("ours" if m == "cluster" else m, justify="right")
+        for k in CI_KEYS:
+            t.add_row(k, f"{reg['truth'][k]:.4f}", *(_cell(reg[m].get(k)) for m in COMPARED))
+        console.print(t)
+    ece = ece_coverage(a.reps, a.boot, a.seed)
+    t = Table(title="ECE at 24 patients: coverage (below/above) width")
+    for col in ("model", "true ECE", "mean plug-in", "mean debiased", "percentile (plug-in)", "ours"):
+        t.add_column(col, justify="right")
+    for e in ece:
+        t.add_row(f"acc {e['accuracy']}, k {e['k']}", f"{e['true_ece']:.4f}", f"{e['mean_plug_in']:.4f}",
+                  f"{e['mean_debiased']:.4f}", _cell(e["percentile"]), _cell(e["debiased"]))
+    console.print(t)
+    fp = false_positives(a.reps, a.seed)
     t2 = Table(title="False positives under a true null (same recipe, other seeds; nominal 5%)")
     t2.add_column("test")
     t2.add_column("significant", justify="right")
@@ -147,6 +245,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             t2.add_row(k, f"{v:.1%}")
     console.print(t2)
     if a.json:
-        print(json.dumps(jsonable({"coverage": cov["coverage"], "truth": cov["truth"], "false_positives": fp,
-                                     "reps": a.reps, "boot": a.boot})))
+        print(json.dumps(jsonable({"regimes": cov, "ece": ece, "false_positives": fp, "reps": a.reps,
+                                   "boot": a.boot})))
     return 0
