@@ -124,6 +124,7 @@ def test_bench_coverage_prints_coverage_and_false_positives(capsys):
 def test_bench_coverage_truth_matches_a_large_sample():
     """The population's exact figures against one very large simulated test set (scikit-learn's formulas)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
+
     from breakhis.bench import coverage as cov
     mu = cov.mu_for(0.85)
     true = cov.truth(mu, 0.4, 0.3, seed=1)

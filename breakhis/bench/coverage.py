@@ -40,7 +40,6 @@ from scipy.special import expit
 from scipy.stats import norm, ttest_ind
 
 from .. import calibration, intervals
-from .. import metrics as M
 from ..counts import CI_KEYS
 from ..errors import UserError
 from ..io import jsonable
@@ -187,8 +186,8 @@ def false_positives(reps: int, seed: int, n_pat: int = 24, runs: Sequence[int] =
                 idx = np.unique(pats, return_inverse=True)[1]
                 sign = np.where(y == 1, 1.0, -1.0)
 
-                def run() -> float:
-                    s = sign * mu + base + rng.normal(0, 0.15) + rng.normal(0, patient_effect, idx.max() + 1)[idx]
+                def run(y=y, sign=sign, base=base, idx=idx, sd=patient_effect) -> float:
+                    s = sign * mu + base + rng.normal(0, 0.15) + rng.normal(0, sd, idx.max() + 1)[idx]
                     return float(((s >= 0) == (y == 1)).mean())
 
                 a, b = [run() for _ in range(n_runs)], [run() for _ in range(n_runs)]
