@@ -278,13 +278,17 @@ def paired(a: Row, b: Row, metric: str, n_boot: int, seed: int = 0) -> dict:
                                       threshold=cat(tas), threshold_b=cat(tbs))
 
 
-def recipes(a: Row, b: Row, metric: str) -> dict:
-    """Is recipe a better than recipe b? Welch's t-test on the runs' own figures (repeats over seeds, or
-    splits with --resplit), so that the seed-to-seed variance is part of the verdict. The paired
-    bootstrap over patients only asks whether these particular checkpoints differ."""
-    xa = [r[metric] for r in a.per_run if r.get(metric) is not None and math.isfinite(r[metric])]
-    xb = [r[metric] for r in b.per_run if r.get(metric) is not None and math.isfinite(r[metric])]
-    return intervals.welch(metric, xa, xb, f"recipes: Welch t over runs ({len(xa)} vs {len(xb)})")
+def recipes(a: Row, b: Row, metric: str, n_boot: int, seed: int = 0) -> dict:
+    """Is recipe a better than recipe b? intervals.recipe_test over the rows' runs (repeats over seeds, or
+    splits with --resplit): the seed-to-seed variance and the sampling of the test patients are both part
+    of the verdict (Welch over the runs alone was fooled when recipes differ in which patients they get
+    wrong). The paired bootstrap over patients only asks whether these particular checkpoints differ."""
+    def runs(row: Row) -> list[tuple]:
+        return [(r.y, r.p, r.patients, r.threshold) for r, f in zip(row.runs, row.per_run)
+                if f.get(metric) is not None and math.isfinite(f[metric])]
+    ra, rb = runs(a), runs(b)
+    return intervals.recipe_test(metric, ra, rb, n_boot, seed,
+                                 f"recipes: runs ({len(ra)} vs {len(rb)}) and test patients")
 
 
 def folds_test(a: Row, b: Row, metric: str) -> dict:
@@ -331,7 +335,7 @@ def rank(rows: list[Row], metric: str, n_boot: int, seed: int = 0) -> list[Row]:
                 if len(row.folds) > 1 and len(members[0].folds) > 1:
                     row.versus = folds_test(row, members[0], metric)
                 elif len(row.per_run) > 1 and len(members[0].per_run) > 1:
-                    row.versus = recipes(row, members[0], metric)
+                    row.versus = recipes(row, members[0], metric, n_boot, seed)
                 else:
                     row.versus = {**paired(row, members[0], metric, n_boot, seed),
                                   "test": "checkpoints: paired bootstrap over patients"}

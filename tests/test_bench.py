@@ -117,8 +117,10 @@ def test_bench_coverage_prints_coverage_and_false_positives(capsys):
     good = next(r for r in regs if r["accuracy"] == 0.97)
     assert 0.96 < good["truth"]["accuracy"] < 0.98  # 0.97 at 30% benign; this design has 2 of 8
     assert [e["true_ece"] < 0.002 for e in out["ece"]][:2] == [True, True]
-    fp = out["false_positives"]
-    assert fp["replicates"] == 2 and all(0 <= v <= 1 for k, v in fp.items() if isinstance(v, float))
+    tests = out["recipe_tests"]
+    assert {(e["runs"], e["recipe_x_patient_sd"], e["true_gain"]) for e in tests} == {
+        (n, sd, g) for n in (3, 5) for sd in (0.0, 0.5) for g in (0.0, 0.02)}
+    assert all(0 <= e["welch"] <= 1 and 0 <= e["ours"] <= 1 for e in tests)
 
 
 def test_bench_coverage_truth_matches_a_large_sample():

@@ -310,3 +310,36 @@ def test_holm_leaves_nan_as_nan_and_counts_it():
     adjusted = intervals.holm([math.nan, 0.02, 0.3])
     assert math.isnan(adjusted[0]) and adjusted[1:] == pytest.approx([3 * 0.02, 2 * 0.3])
 
+
+
+def test_recipe_test_by_hand():
+    """Two rows of three runs on one test set of 12 patients. By hand with numpy: the patient draws are
+    default_rng(seed).integers(0, P, (B, P)) over the sorted patients (intervals.patient_draws' documented
+    rule), each run's accuracy at those weights, the variance of the rows' mean difference over the draws
+    plus each row's run variance over its runs, Satterthwaite's df, and scipy's t."""
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(5, 30, 12)
+    names = np.array([f"P{i:02d}" for i in range(12)])
+    patients = np.repeat(names, sizes)
+    y = np.repeat(rng.integers(0, 2, 12), sizes)
+    rows = [[(y, rng.random(y.size) * 0.6 + 0.4 * y, patients, 0.5) for _ in range(3)] for _ in range(2)]
+    got = intervals.recipe_test("accuracy", rows[0], rows[1], n_boot=400, seed=9)
+
+    w = np.zeros((400, 12))
+    draws = np.random.default_rng(9).integers(0, 12, (400, 12))
+    for b in range(400):
+        np.add.at(w[b], draws[b], 1)
+    def correct(run):
+        yy, p, pats, t = run
+        return np.array([((p[pats == q] >= t) == (yy[pats == q] == 1)).sum() for q in names])
+    def acc(run, weights):
+        return weights @ correct(run) / (weights @ sizes)
+    x = [np.array([acc(r, np.ones(12)) for r in row]) for row in rows]
+    boot = np.mean([acc(r, w) for r in rows[0]], axis=0) - np.mean([acc(r, w) for r in rows[1]], axis=0)
+    parts = [(boot.var(ddof=1), 11), (x[0].var(ddof=1) / 3, 2), (x[1].var(ddof=1) / 3, 2)]
+    var = sum(v for v, _ in parts)
+    df = var ** 2 / sum(v ** 2 / k for v, k in parts)
+    diff = x[0].mean() - x[1].mean()
+    assert got["diff"] == pytest.approx(diff)
+    assert got["p_value"] == pytest.approx(2 * student_t.sf(abs(diff) / math.sqrt(var), df))
+    assert got["ci"][1] - got["ci"][0] == pytest.approx(2 * student_t.ppf(0.975, df) * math.sqrt(var))

@@ -21,9 +21,10 @@ share of intervals wholly below and wholly above it, and the mean width, for the
 ECE: at 24 patients, calibrated and over-confident models (true ECE 0.0001 to 0.1), the interval of
 calibration.ece_interval against the percentile interval of the plug-in ECE.
 
-Recipes: two rows trained by the same recipe (a true null), each run a seed: a seed shifts a run's
-logits by N(0, 0.15), each patient's by N(0, 0.3) (a recipe x patient effect where the rows' runs share
-it), on one shared test set of 24 patients; share of "significant" Welch verdicts over 3 and 5 runs.
+Recipes: two rows of 3 or 5 runs on one shared test set of 24 patients, the same recipe (a true null) or
+row a 2 points more accurate, with and without a recipe x patient effect (the rows differ in which
+patients they get wrong); share of "significant" verdicts of Welch over the runs and of
+intervals.recipe_test (runs and test patients).
 """
 from __future__ import annotations
 
@@ -170,30 +171,37 @@ def ece_coverage(reps: int, n_boot: int, seed: int, n_pat: int = 24) -> list[dic
     return out
 
 
-def false_positives(reps: int, seed: int, n_pat: int = 24, runs: Sequence[int] = (3, 5)) -> dict:
-    """Share of 'significant' Welch verdicts between two rows of the same recipe (a true null), by runs per
-    row, without and with a recipe x patient effect (each run's N(0, 0.3) shift of each patient's logits)."""
+def recipe_tests(reps: int, n_boot: int, seed: int, n_pat: int = 24, runs: Sequence[int] = (3, 5)) -> list[dict]:
+    """Share of 'significant' verdicts between two rows of runs on one test set of n_pat patients, by Welch over
+    the runs and by intervals.recipe_test: under a true null (same recipe) and with row a 2 points more
+    accurate; without and with a recipe x patient effect (each row's N(0, 0.5) shift of each patient's score,
+    shared by its runs: the rows differ in which patients they get wrong). A run adds a seed shift N(0, 0.15)
+    to every score and N(0, 0.2) to each patient's."""
     rng = np.random.default_rng([seed, 200])
     benign = round(n_pat * BENIGN)
-    mu = mu_for(0.85)
-    out = {}
+    out = []
     for n_runs in runs:
-        for patient_effect in (0.0, 0.3):
-            significant = 0
-            for _ in range(reps):
-                y, _, pats = draw(rng, mu, 0.4, benign, n_pat - benign)
-                base = rng.normal(0, 1, y.size)  # the test set's own scores, shared by every run
-                idx = np.unique(pats, return_inverse=True)[1]
-                sign = np.where(y == 1, 1.0, -1.0)
-
-                def run(y=y, sign=sign, base=base, idx=idx, sd=patient_effect) -> float:
-                    s = sign * mu + base + rng.normal(0, 0.15) + rng.normal(0, sd, idx.max() + 1)[idx]
-                    return float(((s >= 0) == (y == 1)).mean())
-
-                a, b = [run() for _ in range(n_runs)], [run() for _ in range(n_runs)]
-                significant += ttest_ind(a, b, equal_var=False).pvalue <= 0.05
-            out[f"Welch over {n_runs} runs, recipe x patient sd {patient_effect}"] = significant / reps
-    return {**out, "replicates": reps, "patients": n_pat}
+        for recipe_patient in (0.0, 0.5):
+            for gain in (0.0, 0.02):
+                mus = (mu_for(0.85 + gain), mu_for(0.85))
+                welch_hits = ours_hits = 0
+                for r in range(reps):
+                    y, _, pats = draw(rng, mus[1], 0.4, benign, n_pat - benign)
+                    base = rng.normal(0, 1, y.size)  # the test set's own scores, shared by every run
+                    sign = np.where(y == 1, 1.0, -1.0)
+                    rows = []
+                    for mu in mus:
+                        row_effect = rng.normal(0, recipe_patient, n_pat)[pats]
+                        rows.append([(y, expit(math.log((1 - BENIGN) / BENIGN) + 2 * mu * (
+                            sign * mu + base + row_effect + rng.normal(0, 0.15) + rng.normal(0, 0.2, n_pat)[pats])),
+                            pats, 0.5) for _ in range(n_runs)])
+                    acc = [[float(((p >= 0.5) == (yy == 1)).mean()) for yy, p, _, _ in row] for row in rows]
+                    welch_hits += ttest_ind(acc[0], acc[1], equal_var=False).pvalue <= 0.05
+                    ours_hits += intervals.recipe_test("accuracy", rows[0], rows[1], n_boot, r)["significant"]
+                out.append({"runs": n_runs, "recipe_x_patient_sd": recipe_patient, "true_gain": gain,
+                            "welch": welch_hits / reps, "ours": ours_hits / reps, "replicates": reps,
+                            "patients": n_pat})
+    return out
 
 
 def _cell(d: dict) -> str:
@@ -235,15 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_row(f"acc {e['accuracy']}, k {e['k']}", f"{e['true_ece']:.4f}", f"{e['mean_plug_in']:.4f}",
                   f"{e['mean_debiased']:.4f}", _cell(e["percentile"]), _cell(e["debiased"]))
     console.print(t)
-    fp = false_positives(a.reps, a.seed)
-    t2 = Table(title="False positives under a true null (same recipe, other seeds; nominal 5%)")
-    t2.add_column("test")
-    t2.add_column("significant", justify="right")
-    for k, v in fp.items():
-        if isinstance(v, float):
-            t2.add_row(k, f"{v:.1%}")
+    tests = recipe_tests(a.reps, a.boot, a.seed)
+    t2 = Table(title="Recipe tests on one test set of 24 patients: share called significant "
+                     "(true gain 0: false positives, nominal 5%; 0.02: power)")
+    for col in ("runs per row", "recipe x patient sd", "true gain", "Welch over runs", "ours (runs + patients)"):
+        t2.add_column(col, justify="right")
+    for e in tests:
+        t2.add_row(str(e["runs"]), str(e["recipe_x_patient_sd"]), str(e["true_gain"]), f"{e['welch']:.1%}",
+                   f"{e['ours']:.1%}")
     console.print(t2)
     if a.json:
-        print(json.dumps(jsonable({"regimes": cov, "ece": ece, "false_positives": fp, "reps": a.reps,
+        print(json.dumps(jsonable({"regimes": cov, "ece": ece, "recipe_tests": tests, "reps": a.reps,
                                    "boot": a.boot})))
     return 0
