@@ -343,3 +343,25 @@ def test_recipe_test_by_hand():
     assert got["diff"] == pytest.approx(diff)
     assert got["p_value"] == pytest.approx(2 * student_t.sf(abs(diff) / math.sqrt(var), df))
     assert got["ci"][1] - got["ci"][0] == pytest.approx(2 * student_t.ppf(0.975, df) * math.sqrt(var))
+
+
+def test_aucpr_interval_never_below_the_worst_ranking():
+    """7 patients (3 benign) of a weak model: the logit-t interval of AUCPR reached below what the worst
+    ranking of these images can score (the old rule); the floor is checked against scikit-learn."""
+    from sklearn.metrics import average_precision_score
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(3, 15, 7)
+    y = np.repeat(np.r_[[0] * 3, [1] * 4], sizes)
+    patients = np.repeat(np.arange(7), sizes)
+    p = np.clip(rng.normal(0.5 + 0.05 * (y - 0.5) + np.repeat(rng.normal(0, 0.3, 7), sizes), 0.2), 0, 1)
+    worst = average_precision_score(y, 1.0 - y)  # every malignant image ranked below every benign one
+    assert intervals.worst_average_precision((y == 1).sum(), (y == 0).sum()) == pytest.approx(worst)
+    lo, hi = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0)["aucpr"]
+    assert lo >= worst - 1e-12 and hi > lo
+    # the rule before the floor: logit-t from the same draws, which fell below it
+    d = counts.patient_counts(y, p, patients, 0.5)
+    w = intervals.multiplicity(intervals.patient_draws(7, 300, 0))
+    boots = counts.weighted_figures(w, d, ["aucpr"])["aucpr"]
+    jack = counts.weighted_figures(np.ones((7, 7)) - np.eye(7), d, ["aucpr"])["aucpr"]
+    old_lo, _ = intervals.smooth_interval(average_precision_score(y, p), boots, jack, 3, 7, 0.05)
+    assert old_lo < worst
