@@ -354,7 +354,8 @@ def test_aucpr_interval_never_below_the_worst_ranking():
     y = np.repeat(np.r_[[0] * 3, [1] * 4], sizes)
     patients = np.repeat(np.arange(7), sizes)
     p = np.clip(rng.normal(0.5 + 0.05 * (y - 0.5) + np.repeat(rng.normal(0, 0.3, 7), sizes), 0.2), 0, 1)
-    worst = average_precision_score(y, 1.0 - y)  # every malignant image ranked below every benign one
+    ranks = np.argsort(np.argsort(rng.random(y.size))) / y.size  # distinct scores: no ties for sklearn to group
+    worst = average_precision_score(y, np.where(y == 1, ranks, 1 + ranks))  # every malignant image below every benign
     assert intervals.worst_average_precision((y == 1).sum(), (y == 0).sum()) == pytest.approx(worst)
     lo, hi = intervals.bootstrap_ci(y, p, patients, n_boot=300, seed=0)["aucpr"]
     assert lo >= worst - 1e-12 and hi > lo
