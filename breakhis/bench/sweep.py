@@ -10,8 +10,9 @@ default, random init so nothing is downloaded, no augmentation so one feature vi
   sweep          `tune.py` in its own process, as a user runs it: a grid of --trials learning rates
                  (geometric, 1e-4 to 1e-2) under ASHA (grace 5, factor 3), the features warm
   limit          the same trials' epochs alone: each trial's head trained for the epochs that trial
-                 ran in the sweep (history.csv), in a plain loop in this process (train_one_epoch
-                 and evaluate on FeatureLoaders, no run folder, no Ray)
+                 ran in the sweep (history.csv), in a plain loop in this process, one thread as in a
+                 trial's worker (train_one_epoch, evaluate and the epoch's validation figures on
+                 FeatureLoaders; heads built before the clock starts; no run folder, no Ray)
 
 Per trial, the overhead is its time in its worker (trial.json: from the trial function's start to its
 return, the scoring of its best checkpoint included) minus its epochs (history.csv's seconds);
@@ -45,7 +46,7 @@ from ..device import amp_dtype
 from ..engine import evaluate, make_loss, train_one_epoch
 from ..errors import UserError
 from ..features import FeatureLoader, feature_path, run_features
-from ..fit import build_features, preflight, with_inputs
+from ..fit import build_features, preflight, val_metrics, with_inputs
 from ..io import read_csv, read_json
 from ..loader import DeviceImages
 from ..models import Classifier, model_for
@@ -108,10 +109,15 @@ def limit(settings: dict, lrs_epochs: list[tuple[float, int]]) -> float:
     images = DeviceImages.for_run(prep.cache.images, cfg0, device, None)
     feats = {p: run_features(model.backbone, prep, cfg0, device, amp, images, parts=(p,))[p]  # warm: read back
              for p in ("train", "val")}
-    t0 = time.perf_counter()
+    heads = []  # built before the clock starts: the limit is the epochs alone
     for lr, epochs in lrs_epochs:
         cfg = with_inputs(make_config({**settings, "lr": lr}))
         head = Classifier(torch.nn.Identity(), model_for(cfg).head)  # the trial's own initial head (same seed)
+        heads.append((cfg, head, epochs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a trial's worker (Ray: one thread for a trial of at most one CPU)
+    t0 = time.perf_counter()
+    for cfg, head, epochs in heads:
         train = FeatureLoader.for_run(feats["train"], prep, "train", cfg)
         val = FeatureLoader.for_run(feats["val"], prep, "val", cfg)
         opt = build_optimizer(head.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
@@ -121,8 +127,11 @@ def limit(settings: dict, lrs_epochs: list[tuple[float, int]]) -> float:
             train.set_epoch(epoch)
             train_one_epoch(head, train, opt, sched, loss)
             ev = evaluate(head, val, loss)
+            val_metrics(ev, cfg.task)  # the figures an epoch reports (ASHA reads them)
             sched.step_epoch(ev["loss"])
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from .. import runs
 from ..config import TrainConfig, make_config
 from ..counts import CI_KEYS
+from ..data.prepare import Prepared, prepare
 from ..errors import UserError
 from ..fit import fit
 from ..io import number, read_csv, read_json, sha256_of, write_json
@@ -120,10 +121,42 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
 
 # --- the trial (runs in a Ray worker) ---------------------------------------------------------
 
+_PREPARED: dict[str, Prepared] = {}  # per worker process: the data of the trials it ran (reuse_actors)
+DATA_FIELDS = ("data", "task", "magnification", "split_ratio", "split_seed", "group", "fold", "val_fraction",
+               "split_file", "skip_bad", "image_size", "cache_size", "cache_dir")  # what data.prepare reads
+TRIAL_FILE = "trial.json"  # in a trial's run folder: its seconds in its worker, for the sweep's time line
+
+
+def worker_data(cfg: TrainConfig) -> Prepared:
+    """The trial's data (index, decode cache, split), prepared once per worker process for every trial
+    that shares the settings prepare reads: a worker runs many trials one after another (reuse_actors),
+    and the tree's index, the cache's memory map and the split are the same for all of them."""
+    key = json.dumps({k: getattr(cfg, k) for k in DATA_FIELDS}, sort_keys=True, default=list)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one tree at a time: a worker holds one memory map, not one per setting seen
+        _PREPARED[key] = prepare(cfg, progress=False)
+    return _PREPARED[key]
+
+
+def write_trial_file(run_dir: Path, t0: float, start: float) -> None:
+    """trial.json: the trial's seconds in its worker (from the trial function's start: model build, data,
+    epochs, scoring) and its epochs' own seconds (history.csv), so that the driver can say where the time
+    went (output.timeline)."""
+    epochs = sum(number(h.get("seconds")) or 0.0 for h in read_csv(run_dir / "history.csv"))
+    write_json(run_dir / TRIAL_FILE, {"seconds": time.perf_counter() - t0, "epoch_seconds": epochs, "start": start,
+                                      "end": time.time(), "pid": os.getpid()})
+
+
 def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, metric: str = "val_acc",
           mode: str = "max") -> None:
     """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch; with
-    --folds, one fit() per fold into runs/<trial_id>/fold<N>/, reporting the mean over folds once."""
+    --folds, one fit() per fold into runs/<trial_id>/fold<N>/, reporting the mean over folds once.
+
+    Scored with point figures only, and no plots (fit's ci, draw): tune.py finalizes its winner again
+    with both. When ASHA stops the trial, Ray ends the trial's thread at its next report (a SystemExit
+    there); the trial then scores its best checkpoint itself, in its worker, marks the run stopped and
+    ends the thread as Ray asked."""
+    t0, start = time.perf_counter(), time.time()
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
     node = ray.get_runtime_context().get_node_id()  # which Ray node ran it: trials.csv shows the spread
@@ -141,15 +174,29 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
         return
     resume = start_trial_run(run_dir)
     last: dict = {}
+    stopped: list[int] = []
 
-    def on_epoch(row: dict) -> None:
+    def on_epoch(row: dict) -> bool:
         row = {**row, "run": str(run_dir), "node": node}
         if row["epoch"] >= cfg.epochs:
             last.update(row)  # reported after finalize, so that ASHA's stop at max_t cannot cut it short
-        else:
+            return False
+        try:
             tune.report(row)
+        except SystemExit:  # ASHA stopped the trial: its loop ends here (fit scores the best checkpoint)
+            stopped.append(row["epoch"])
+            return True
+        return False
 
-    metrics = fit(cfg, run_dir, on_epoch=on_epoch, progress=False, resume=resume)  # warm: the driver built the cache
+    # warm: the driver built the decode and feature caches; a continued run reads its own split.json
+    metrics = fit(cfg, run_dir, on_epoch=on_epoch, progress=False, resume=resume,
+                  data=None if resume else worker_data(cfg), ci=False, draw=False)
+    if stopped:
+        runs.set_status(run_dir, runs.STOPPED, epoch=stopped[0],
+                        message=f"stopped early by ASHA after epoch {stopped[0]} of {cfg.epochs}")
+        write_trial_file(run_dir, t0, start)
+        raise SystemExit(0)  # what Ray's report raised: the thread ends, and the worker takes the next trial
+    write_trial_file(run_dir, t0, start)
     if last:
         tune.report({**last, **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
 
@@ -190,7 +237,7 @@ def fold_trial(cfg: TrainConfig, trial_dir: Path, node: str, metric: str, mode: 
         if finished(run_dir):
             metrics = read_json(run_dir / "metrics.json") or {}
         else:
-            metrics = fit(fold_cfg, run_dir, progress=False, resume=start_trial_run(run_dir), cv=cv)
+            metrics = fit(fold_cfg, run_dir, progress=False, resume=start_trial_run(run_dir), cv=cv, ci=False, draw=False)
         values.append([number(h.get(metric)) for h in read_csv(run_dir / "history.csv")])
         tests.append(test_scalars(metrics))
     keys = [k for k in TEST_KEYS if all(k in t for t in tests)]
