@@ -219,6 +219,18 @@ def save_best(run_dir: Path, model, state: Progress) -> None:
         state.saved = True
 
 
+def recover_best(run_dir: Path) -> None:
+    """A head_only run stopped before its loop ended without a chance to write model.safetensors (a killed
+    process): the file from last.pt's best head and the run's initial backbone (frozen throughout), so that
+    the run can be scored. Nothing for other runs, or when the file is there."""
+    if (run_dir / "model.safetensors").is_file() or not (run_dir / "last.pt").is_file():
+        return
+    st = runs.load_state(run_dir / "last.pt")
+    if st.get("head_only") and st.get("best_head") is not None:
+        cfg = runs.load_config(run_dir)  # resolved: the backbone's own normalisation and size
+        runs.save_weights(model_for(cfg, shared=cfg.cached_features), run_dir / "model.safetensors", head=st["best_head"])
+
+
 @dataclass
 class Training:
     """What one run trains with, built before its folder is written to (so that a refusal leaves nothing)."""

@@ -138,13 +138,14 @@ def worker_data(cfg: TrainConfig) -> Prepared:
     return _PREPARED[key]
 
 
-def write_trial_file(run_dir: Path, t0: float, start: float) -> None:
+def write_trial_file(run_dir: Path, t0: float, start: float, waited: float) -> None:
     """trial.json: the trial's seconds in its worker (from the trial function's start: model build, data,
     epochs, scoring) and its epochs' own seconds (history.csv), so that the driver can say where the time
-    went (output.timeline)."""
+    went (output.timeline); waited: of those, the seconds spent in tune.report, which returns once the
+    driver has taken the previous report."""
     epochs = sum(number(h.get("seconds")) or 0.0 for h in read_csv(run_dir / "history.csv"))
-    write_json(run_dir / TRIAL_FILE, {"seconds": time.perf_counter() - t0, "epoch_seconds": epochs, "start": start,
-                                      "end": time.time(), "pid": os.getpid()})
+    write_json(run_dir / TRIAL_FILE, {"seconds": time.perf_counter() - t0, "epoch_seconds": epochs,
+                                      "report_seconds": waited, "start": start, "end": time.time(), "pid": os.getpid()})
 
 
 def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, metric: str = "val_acc",
@@ -157,6 +158,9 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
     there); the trial then scores its best checkpoint itself, in its worker, marks the run stopped and
     ends the thread as Ray asked."""
     t0, start = time.perf_counter(), time.time()
+    # Ray reuses this worker for the next trial once this one's thread ends, and waits this many seconds for
+    # it (read in this process when Ray resets it; Ray's default, 2 s, can cut a stopped trial's scoring short)
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
     node = ray.get_runtime_context().get_node_id()  # which Ray node ran it: trials.csv shows the spread
@@ -175,17 +179,21 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
     resume = start_trial_run(run_dir)
     last: dict = {}
     stopped: list[int] = []
+    waited = [0.0]  # seconds in tune.report
 
     def on_epoch(row: dict) -> bool:
         row = {**row, "run": str(run_dir), "node": node}
         if row["epoch"] >= cfg.epochs:
             last.update(row)  # reported after finalize, so that ASHA's stop at max_t cannot cut it short
             return False
+        t = time.perf_counter()
         try:
             tune.report(row)
         except SystemExit:  # ASHA stopped the trial: its loop ends here (fit scores the best checkpoint)
             stopped.append(row["epoch"])
             return True
+        finally:
+            waited[0] += time.perf_counter() - t
         return False
 
     # warm: the driver built the decode and feature caches; a continued run reads its own split.json
@@ -194,9 +202,9 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
     if stopped:
         runs.set_status(run_dir, runs.STOPPED, epoch=stopped[0],
                         message=f"stopped early by ASHA after epoch {stopped[0]} of {cfg.epochs}")
-        write_trial_file(run_dir, t0, start)
+        write_trial_file(run_dir, t0, start, waited[0])
         raise SystemExit(0)  # what Ray's report raised: the thread ends, and the worker takes the next trial
-    write_trial_file(run_dir, t0, start)
+    write_trial_file(run_dir, t0, start, waited[0])
     if last:
         tune.report({**last, **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
 
@@ -325,6 +333,10 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
         log.addFilter(QuietUserErrors())
     # Ray's newer console output prints its own banner even when silent; ProgressLine is ours
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # no CSV, JSON and TensorBoard copies of every report in Ray's trial folders: the driver writes them per
+    # report while the trial waits for it, and each run folder holds its own history.csv and event files
+    # (a second set of event files would show every trial twice in `tensorboard --logdir results/tune/<name>`)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     restore = resume and Tuner.can_restore(str(exp_dir))
     tuner = make_tuner(setup, exp_dir, resources, resume=restore,
                        callbacks=[ProgressLine(setup.metric, setup.mode, setup.max_epochs)])

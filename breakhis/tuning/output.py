@@ -138,7 +138,8 @@ def timeline(exp_dir: Path, phases: dict[str, float]) -> dict:
     Ray start; the trials, wall clock; the results: trials.csv, the winner's intervals and plots) and,
     summed over the trials from their trial.json, the trials' epochs (history.csv's seconds) and their
     overhead (everything else a trial did in its worker: model build, data, checkpoints, scoring).
-    Trials that left no trial.json (failed, or older) are not in the sums; `trials_timed` counts those that are."""
+    Trials that left no trial.json (failed, older, or cut short when the experiment ended and scored by the
+    driver) are not in the sums; `trials_timed` counts those that are."""
     own = [read_json(p) or {} for p in sorted(exp_dir.glob("runs/*/trial.json"))]
     own = [t for t in own if isinstance(t.get("seconds"), (int, float)) and isinstance(t.get("epoch_seconds"), (int, float))]
     over = sorted(t["seconds"] - t["epoch_seconds"] for t in own)
