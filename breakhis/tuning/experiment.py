@@ -347,7 +347,7 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
 
 
 STATE_DIGESTS = "state.sha256.json"  # ours: SHA-256 of Ray's experiment files as the last tune.py run left them, sealed
-OWN_FILES = {"tune.json", "trials.csv", "best.json", STATE_DIGESTS, RAY_LOG}
+OWN_FILES = {"tune.json", "trials.csv", "best.json", "timing.json", STATE_DIGESTS, RAY_LOG}
 
 
 def _ray_state_files(exp_dir: Path) -> list[Path]:
