@@ -7,6 +7,7 @@
     python evaluate.py results/<run> --export model.pt2     # torch.export program for deployment
     python evaluate.py results/<run> --model model.pt2      # evaluate with that exported program
     python evaluate.py results/<run> --cam 8                # Grad-CAM overlays of 8 test images
+    python evaluate.py results/tune/<name>/runs/<trial> --plots   # a tune trial's plots, drawn on demand
     python evaluate.py results/<run> --calibrate --save-temperature   # temperature scaling fitted on val
     python evaluate.py results/ --sort auroc --markdown logbook.md   # the logbook: all runs compared
 
@@ -47,6 +48,9 @@ def parse(argv) -> EvalOptions:
                          "exported itself, by SHA-256, unless --trust-model)")
     ap.add_argument("--trust-model", action="store_true",
                     help="load --model even if this run did not export it: loading a .pt2 file can run code stored in it")
+    ap.add_argument("--plots", action="store_true",
+                    help="draw RUN/plots/: learning curves, ROC, PR, confusion matrix and reliability diagram of --part "
+                         "(at --threshold and the run's temperature); tune trials are trained without plots")
     ap.add_argument("--cam", type=int, default=0, metavar="N", help="write Grad-CAM overlays of N test images")
     ap.add_argument("--calibrate", action="store_true",
                     help="fit temperature scaling on the run's validation predictions; show the test figures before and after")
@@ -107,7 +111,7 @@ def show(out: dict, by: str | None) -> None:
         report.console.print(f"[bold red]NOT A TEST FIGURE:[/] {out['not_a_test_figure']} (--include-seen)")
     if out.get("by"):
         report.console.print(report.breakdown_table(out["by"], f"By {by}"))
-    for p in out.get("cam", []):
+    for p in out.get("plots", []) + out.get("cam", []):
         report.console.print(f"wrote {p}")
 
 

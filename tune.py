@@ -52,7 +52,9 @@ def parse(argv):
     ap.add_argument("--mode", choices=("min", "max"), help="default: the space's MODE, else min for losses, max otherwise")
     ap.add_argument("--concurrent", type=int, help="at most this many trials at once (default: as resources allow)")
     ap.add_argument("--gpus-per-trial", type=float, help="GPU share of a trial, e.g. 0.25 (default 1; 0 without a GPU)")
-    ap.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores of a trial (default 1)")
+    ap.add_argument("--cpus-per-trial", type=float,
+                    help="CPU cores of a trial (default 1; 0.5 for a frozen backbone on cached features, whose "
+                         "trials are small enough to share a core)")
     ap.add_argument("--name", help="experiment name under RESULTS/tune (default: space name and time)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
     ap.add_argument("--trust-state", action="store_true",
@@ -75,12 +77,14 @@ def shown(path: Path) -> str:
 
 
 def main(argv=None) -> int:
+    t0 = time.perf_counter()
     a = parse(argv)
     from breakhis.data.prepare import prepare
     from breakhis.fit import build_features, preflight
+    from breakhis.io import write_json
     from breakhis.report import console
     from breakhis.tuning import experiment as tuning
-    from breakhis.tuning.output import ray_log
+    from breakhis.tuning.output import ray_log, timeline, timeline_line
 
     results = Path(a.results).resolve() / "tune"
 
@@ -102,17 +106,29 @@ def main(argv=None) -> int:
         setup.save(exp_dir)
 
     # --- Ray: start or join, resources per trial, run (Ray's own log lines into the experiment's ray.log) ---
+    phases = {"driver_setup": time.perf_counter() - t0}
+    cpus = a.cpus_per_trial or (0.5 if base_cfg.cached_features else 1.0)
     with ray_log(exp_dir, a.verbose):
+        t1 = time.perf_counter()
         tuning.start_ray(a.address, verbose=a.verbose)
-        resources, note = tuning.trial_resources(a.gpus_per_trial, a.cpus_per_trial)
+        resources, note = tuning.trial_resources(a.gpus_per_trial, cpus)
+        phases["ray_start"] = time.perf_counter() - t1
         console.print(f"experiment {shown(exp_dir)}: {setup.metric} ({setup.mode}), up to {setup.max_epochs} epochs "
                       f"per trial, ASHA grace {setup.grace_period} factor {setup.reduction_factor}; {note}",
                       highlight=False, soft_wrap=True)
+        t1 = time.perf_counter()
         try:
             pairs = tuning.run_experiment(setup, exp_dir, resources, resume=a.resume)
         finally:
             tuning.seal_state(exp_dir)  # what --resume will check before Ray unpickles it
-    return report(pairs, setup, exp_dir, a.results)
+        phases["trials"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    code = report(pairs, setup, exp_dir, a.results)
+    phases["results"] = time.perf_counter() - t1
+    where = timeline(exp_dir, phases)
+    write_json(exp_dir / "timing.json", where)
+    console.print(timeline_line(where), highlight=False, soft_wrap=True)
+    return code
 
 
 def settings(a, results: Path):
@@ -144,6 +160,19 @@ def settings(a, results: Path):
     return setup, None, name
 
 
+def complete_winner(run: Path) -> None:
+    """The best trial's run folder(s) finalized again with what trials skip: the intervals in metrics.json
+    and the plots (the same checkpoint and data, so the same point figures as in trials.csv)."""
+    from breakhis import runs
+    from breakhis.predict import finalize
+    from breakhis.report import console
+    from breakhis.tuning.experiment import fold_runs
+
+    with console.status("the winner's intervals and plots"):
+        for run_dir in [run] if runs.is_run(run) else fold_runs(run):
+            finalize(run_dir, progress=False)
+
+
 def report(pairs, setup, exp_dir: Path, results_flag: str) -> int:
     """trials.csv, best.json and the table; the lines that say what next, each one copyable line."""
     from breakhis import runs
@@ -153,6 +182,8 @@ def report(pairs, setup, exp_dir: Path, results_flag: str) -> int:
 
     rows = collect(pairs, setup, exp_dir)
     best = write_results(exp_dir, rows, setup)
+    if best:
+        complete_winner(Path(best["run"]))
     keys = list(load_space(setup.space).space)
     console.print(results_table(rows, setup, keys, title=f"{exp_dir.name}: {setup.metric} ({setup.mode})"))
     console.print(f"trials.csv: {shown(exp_dir / 'trials.csv')}", highlight=False, soft_wrap=True)

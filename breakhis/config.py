@@ -98,6 +98,7 @@ class TrainConfig:
     select: str = _f("val_acc", "checkpoint selection metric", choices=registry.SELECT_METRICS)
     patience: int = _f(0, "stop after this many epochs without improvement of --select (0: off)")
     seed: int = _f(0, "seed of initialisation, sampling and augmentation")
+    tensorboard: bool = _f(True, "write TensorBoard event files beside history.csv (tensorboard --logdir results/)")
     # --- speed ---
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _f("auto", "mixed precision: auto (bf16 if supported, else fp16; off on CPU), bf16, fp16 or off", choices=("auto", "bf16", "fp16", "off"))

@@ -22,9 +22,9 @@ from .cam import save_cams
 from .data.prepare import Prepared, prepare
 from .errors import UserError
 from .export import export_program
-from .io import jsonable, number, read_json
+from .io import jsonable, number, read_csv, read_json
 from .options import EvalOptions
-from .predict import TrainedRun, score
+from .predict import TrainedRun, save_run_plots, score
 
 
 def threshold(run: TrainedRun, rule: str, *, tta: bool = False, temperature: float | None = None) -> float:
@@ -140,6 +140,9 @@ def evaluate_run(run: TrainedRun, opts: EvalOptions) -> dict:
                 "select": saved.get("select"), part: result, "temperature": use})
     if opts.by:
         out["by"] = breakdown(run, ev, part, opts.by, t, opts.n_boot, opts.boot_seed)
+    if opts.plots:
+        out["plots"] = [str(p) for p in save_run_plots(run.dir, read_csv(run.dir / "history.csv"), ev, run.cfg.task,
+                                                       confusion=result.get("confusion"), threshold=t)]
     if opts.cam:
         out["cam"] = [str(p) for p in save_cams(run, ev, part, run.dir / "plots", opts.cam)]
     if opts.calibrate:

@@ -116,6 +116,31 @@ def _usable(path: Path, lead: tuple[int, int]) -> np.ndarray | None:
     return arr
 
 
+_LOADED: dict[tuple, torch.Tensor] = {}  # per process: features read back, by (file, its mtime and size, device)
+
+
+def _loaded_key(path: Path, device: torch.device) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return str(path), st.st_mtime_ns, st.st_size, str(device)
+
+
+def _on_device(path: Path, make, lead: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The stored features (_stored) as a tensor on device, read and checked once per process while the
+    file is unchanged: a tune worker runs many trials on the same features one after another
+    (reuse_actors). Callers only read the tensor."""
+    key = _loaded_key(path, device)
+    if key is None or key not in _LOADED:
+        arr = _stored(path, make, lead)
+        key = _loaded_key(path, device)
+        if len(_LOADED) >= 8:  # train, val, test (and tta views) of one or two settings at a time
+            _LOADED.clear()
+        _LOADED[key] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+    return _LOADED[key]
+
+
 def _stored(path: Path, make, lead: tuple[int, int]) -> np.ndarray:
     """The array at path, memory-mapped; made (make() -> (V, n, F) array with (V, n) = lead) and written
     atomically when missing or not usable (_usable)."""
@@ -173,8 +198,8 @@ def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, de
                 arrays.append(compute(backbone, loader, rows, len(pos), amp, tta=dihedral))
             return np.concatenate(arrays)  # (K, n, F), or (8, n, F) with tta
 
-        arr = _stored(feature_path(prep, cfg, part, amp, dihedral, stain), make, (8 if dihedral else views, len(pos)))
-        t = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+        t = _on_device(feature_path(prep, cfg, part, amp, dihedral, stain), make, (8 if dihedral else views, len(pos)),
+                       device)
         out[part] = t if part == "train" or dihedral else t[0]
     return out
 

@@ -7,6 +7,7 @@ metrics.json, plots) is predict.py's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sklearn
 import torch
 
 from . import metrics as M
@@ -25,6 +27,7 @@ from .data.prepare import Prepared, prepare
 from .device import amp_dtype, needs_grad_scaler, prepare_model, resolve_device, seed_everything
 from .engine import NonFiniteLoss, evaluate, make_loss, train_one_epoch
 from .errors import UserError
+from .events import Events
 from .features import FeatureLoader, part_batches, run_features
 from .io import write_csv
 from .loader import DeviceImages, Loader
@@ -36,7 +39,14 @@ from .report import TrainProgress
 
 
 def val_metrics(ev: dict, task: str) -> dict:
-    """The validation figures of one epoch (history.csv columns; registry.SELECT_METRICS names them)."""
+    """The validation figures of one epoch (history.csv columns; registry.SELECT_METRICS names them).
+    scikit-learn's argument checks are skipped (same numbers): at ~20 ms per epoch they cost more than
+    an epoch of a head on cached features."""
+    with sklearn.config_context(skip_parameter_validation=True):
+        return _val_metrics(ev, task)
+
+
+def _val_metrics(ev: dict, task: str) -> dict:
     y, probs = ev["labels"], ev["probs"]
     if task == "subtype":
         m = M.multiclass_metrics(y, probs, class_names(task))
@@ -102,9 +112,9 @@ def check_data(prep: Prepared, cfg: TrainConfig) -> None:
                         f"lower --batch-size or pass --no-drop-last")
 
 
-def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None = None,
+def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], bool | None] | None = None,
         data: Prepared | None = None, progress: bool = True, resume: bool = False, repeats: dict | None = None,
-        cv: dict | None = None) -> dict:
+        cv: dict | None = None, ci: bool = True, draw: bool = True) -> dict:
     """Train one run into run_dir and finalize it; returns the metrics dict (as metrics.json).
 
     Everything that can be refused (device, data, model, weights) is built before the folder is
@@ -112,6 +122,9 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
     a started one is marked failed with the message (runs.abandon). Ctrl-C marks it interrupted, or
     removes it when no epoch was saved. "finished" is written last, after the scoring.
     repeats / cv: the record of the --seeds / --folds call this run is one of (runs.start_run).
+    on_epoch(row) after each epoch's checkpoint: a true return ends the loop there (a tune trial ASHA
+    stopped), and the run is scored as at its last epoch. ci / draw: the intervals and plots of the
+    final scoring (predict.finalize; off in tune trials).
     A config with --folds is several runs: expand it with cfg.per_fold() first.
     """
     if cfg.folds:
@@ -119,10 +132,19 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | N
     run_dir = Path(run_dir)
     try:
         return _fit(cfg, run_dir, on_epoch=on_epoch, data=data, progress=progress, resume=resume, repeats=repeats,
-                    cv=cv)
+                    cv=cv, ci=ci, draw=draw)
     except Exception as e:
         runs.abandon(run_dir, e)
         raise
+
+
+@contextlib.contextmanager
+def _finally(action: Callable[[], None]):
+    """Run action when the block ends, however it ends (an exception, Ctrl-C, a trial's stop)."""
+    try:
+        yield
+    finally:
+        action()
 
 
 @dataclass
@@ -133,26 +155,46 @@ class Progress:
     best_epoch: int = 0
     stale: int = 0             # epochs since it improved (--patience)
     epoch: int = 0             # the last finished epoch
+    best_head: dict | None = None  # head_only runs: the head's tensors at the best epoch (CPU)
+    saved: bool = True             # head_only runs: best_head is in model.safetensors
+
+
+def head_only(cfg: TrainConfig) -> bool:
+    """Whether the backbone stays frozen for the whole run, so that only the head ever changes: then last.pt
+    holds the head alone, and model.safetensors (backbone + best head) is written once, when the loop ends,
+    instead of at every improvement (for resnet18 each write is 45 MB; for a head on cached features the
+    writes cost more than the epochs)."""
+    return cfg.freeze and not cfg.unfreeze_at
 
 
 def restore(run_dir: Path, model, optimizer, schedule, scaler) -> Progress:
     """Continue an interrupted run: everything back as last.pt saved it after its last finished epoch."""
     runs.remove_temps(run_dir)  # e.g. a last.pt write cut off by SIGKILL
     st = runs.load_state(run_dir / "last.pt")
-    model.load_state_dict(st["model"])
+    if st.get("head_only"):  # the backbone is the initial one (frozen throughout): only the head was saved
+        model.head.load_state_dict(st["model"])
+    else:
+        model.load_state_dict(st["model"])
     optimizer.load_state_dict(st["optimizer"])
     schedule.load_state_dict(st["schedule"])
     scaler.load_state_dict(st["scaler"])
     torch.set_rng_state(st["rng"])
     runs.set_status(run_dir, runs.RUNNING, epoch=st["epoch"], message="resumed")
-    return Progress(st["history"], st["best"], st["best_epoch"], st["stale"], st["epoch"])
+    return Progress(st["history"], st["best"], st["best_epoch"], st["stale"], st["epoch"], st.get("best_head"),
+                    saved=st.get("best_head") is None)
 
 
-def checkpoint(run_dir: Path, row: dict, select: str, state: Progress, model, optimizer, schedule, scaler) -> None:
-    """After an epoch: the best weights when --select improved, history.csv, last.pt, status.json."""
+def checkpoint(run_dir: Path, row: dict, select: str, state: Progress, model, optimizer, schedule, scaler,
+               lean: bool = False) -> None:
+    """After an epoch: the best weights when --select improved, history.csv, last.pt, status.json.
+    lean (head_only runs): the best head is kept in memory and in last.pt; save_best writes it."""
     if improved(row[select], state.best, select):
         state.best, state.best_epoch, state.stale = row[select], row["epoch"], 0
-        runs.save_weights(model, run_dir / "model.safetensors")
+        if lean:
+            state.best_head = {k: v.detach().to("cpu", copy=True) for k, v in model.head.state_dict().items()}
+            state.saved = False
+        else:
+            runs.save_weights(model, run_dir / "model.safetensors")
         row["is_best"] = True
     else:
         state.stale += 1
@@ -162,10 +204,31 @@ def checkpoint(run_dir: Path, row: dict, select: str, state: Progress, model, op
     state.epoch = row["epoch"]
     write_csv(run_dir / "history.csv", state.history)
     runs.save_state(run_dir / "last.pt", {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "model": model.head.state_dict() if lean else model.state_dict(), "head_only": lean,
+        "best_head": state.best_head, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": state.history, "best": state.best,
         "best_epoch": state.best_epoch, "stale": state.stale, "epoch": state.epoch})
     runs.set_status(run_dir, runs.RUNNING, epoch=state.epoch)
+
+
+def save_best(run_dir: Path, model, state: Progress) -> None:
+    """head_only runs: model.safetensors, the whole Classifier (a complete checkpoint, as every run has)
+    with the best epoch's head, once the loop ends for whatever reason; nothing before a first best."""
+    if state.best_head is not None and not state.saved:
+        runs.save_weights(model, run_dir / "model.safetensors", head=state.best_head)
+        state.saved = True
+
+
+def recover_best(run_dir: Path) -> None:
+    """A head_only run stopped before its loop ended without a chance to write model.safetensors (a killed
+    process): the file from last.pt's best head and the run's initial backbone (frozen throughout), so that
+    the run can be scored. Nothing for other runs, or when the file is there."""
+    if (run_dir / "model.safetensors").is_file() or not (run_dir / "last.pt").is_file():
+        return
+    st = runs.load_state(run_dir / "last.pt")
+    if st.get("head_only") and st.get("best_head") is not None:
+        cfg = runs.load_config(run_dir)  # resolved: the backbone's own normalisation and size
+        runs.save_weights(model_for(cfg, shared=cfg.cached_features), run_dir / "model.safetensors", head=st["best_head"])
 
 
 @dataclass
@@ -205,7 +268,7 @@ def build(cfg: TrainConfig, run_dir: Path, data: Prepared | None, resume: bool, 
     # the stain reference: the run's own on resume, else fitted now (training images only), before the folder is written
     stain_params = stain.load(run_dir, cfg) if resume else stain.fit_run(cfg, prep)
     images = DeviceImages.for_run(prep.cache.images, cfg, device, stain_params)
-    model = model_for(cfg)
+    model = model_for(cfg, shared=cfg.cached_features)  # a backbone that never trains: built once per process
     set_frozen(model, cfg.freeze)
     model.to(device)
     fast = prepare_model(model, device, cfg.channels_last, cfg.compile, cfg.compile_mode)
@@ -219,10 +282,11 @@ def build(cfg: TrainConfig, run_dir: Path, data: Prepared | None, resume: bool, 
                     make_loss(cfg.class_weights, cfg.label_smoothing, device))
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | None, data: Prepared | None,
-         progress: bool, resume: bool, repeats: dict | None, cv: dict | None) -> dict:
+def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], bool | None] | None, data: Prepared | None,
+         progress: bool, resume: bool, repeats: dict | None, cv: dict | None, ci: bool, draw: bool) -> dict:
     t = build(cfg, run_dir, data, resume, progress)
     cfg = t.cfg
+    lean = head_only(cfg)
 
     # --- the run folder: from here on it describes the run ---
     if resume:
@@ -234,8 +298,9 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
     # --- loop ---
     epoch, scoring = done.epoch, False
     bar = TrainProgress(cfg.epochs, len(t.train), enabled=progress)
+    events = Events(run_dir, cfg.tensorboard, resume_at=done.epoch + 1 if resume else None)
     try:
-        with bar:
+        with bar, _finally(lambda: save_best(run_dir, t.model, done) if lean else None):
             bar.skip_to(epoch)
             for epoch in range(done.epoch + 1, cfg.epochs + 1):
                 if cfg.patience and done.stale >= cfg.patience:  # checked first: a resumed early stop stays stopped
@@ -257,14 +322,20 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                 row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
                        **val_metrics(ev, cfg.task), "img_s": tr["img_s"], "seconds": time.perf_counter() - t0}
                 t.schedule.step_epoch(ev["loss"])
-                checkpoint(run_dir, row, cfg.select, done, *t.state)
+                checkpoint(run_dir, row, cfg.select, done, *t.state, lean=lean)
+                events.epoch(row)
                 bar.epoch_done(row, cfg.select)
-                if on_epoch:
-                    on_epoch(row)
+                if on_epoch and on_epoch(row):
+                    break
         # --- score the best checkpoint; the run is finished only once its figures exist ---
         runs.set_status(run_dir, runs.RUNNING, epoch=done.epoch, message="scoring the best checkpoint")
         scoring = True
-        metrics = finalize(run_dir, t.prep, progress=progress, images=t.images)
+        best = None
+        if lean and done.best_head is not None:  # the weights save_best wrote, still in memory: not read back
+            t.model.head.load_state_dict(done.best_head)
+            best = t.model
+        metrics = finalize(run_dir, t.prep, progress=progress, images=t.images, ci=ci, draw=draw, model=best)
+        events.end(cfg.to_dict(), metrics)
     except KeyboardInterrupt:
         if not done.epoch and not resume:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was saved: no folder that promises a resume
@@ -273,6 +344,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], None] | 
                         message=f"Ctrl-C during {'the scoring' if scoring else f'epoch {epoch}'}; "
                                 f"continue with: python train.py --resume {run_dir}")
         raise
+    finally:
+        events.close()
     runs.set_status(run_dir, runs.FINISHED, epoch=done.epoch)
     (run_dir / "last.pt").unlink(missing_ok=True)
     runs.remove_temps(run_dir)

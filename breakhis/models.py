@@ -267,33 +267,57 @@ def build_model(backbone: str, num_classes: int = 2, head: tuple[int, ...] = (10
     state = _read_state_dict(Path(weights)) if weights else None
     whole = state is not None and any(k.startswith("head.") for k in state) \
         and all(k.startswith(("backbone.", "head.")) for k in state)
-    if is_timm(backbone):
-        model = _create_timm(backbone, pretrained and state is None, image_size)
-        if state is not None and not whole:
-            _load_timm(model, state, f"--weights {weights}: the tensors of this file and {backbone}")
-        features = model.num_features
-        net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
-        return _load_whole(net, state, weights, backbone, head, num_classes) if whole else net
-    classifier = BACKBONES[backbone]  # a validated name (TrainConfig.validate); another is a bug: KeyError
-    model = get_model(backbone, weights=None)
-    if state is not None and not whole:
-        _load_backbone(model, state, classifier, f"--weights {weights}: the tensors of this file and {backbone}")
-    elif state is None and pretrained:
-        _load_backbone(model, {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in _download(backbone).items()},
-                       classifier, f"torchvision's {backbone} weights")
-    features = _final_linear(model, classifier).in_features
-    model.set_submodule(classifier, nn.Identity())
+    model, features = _backbone(backbone, pretrained, weights, None if whole else state, image_size)
     net = Classifier(model, make_head(features, num_classes, tuple(head), tuple(dropout)))
     return _load_whole(net, state, weights, backbone, head, num_classes) if whole else net
 
 
-def model_for(cfg: TrainConfig, *, initial: bool = True) -> Classifier:
+def _backbone(backbone: str, pretrained: bool, weights: str, state: dict | None, image_size: int) -> tuple[nn.Module, int]:
+    """(the backbone giving (B, F) features, F): torchvision or timm, with state (a backbone's tensors from
+    --weights), else pretrained weights, else its random initialisation."""
+    if is_timm(backbone):
+        model = _create_timm(backbone, pretrained and state is None and not weights, image_size)
+        if state is not None:
+            _load_timm(model, state, f"--weights {weights}: the tensors of this file and {backbone}")
+        return model, model.num_features
+    classifier = BACKBONES[backbone]  # a validated name (TrainConfig.validate); another is a bug: KeyError
+    model = get_model(backbone, weights=None)
+    if state is not None:
+        _load_backbone(model, state, classifier, f"--weights {weights}: the tensors of this file and {backbone}")
+    elif pretrained and not weights:
+        _load_backbone(model, {_DENSENET_KEY.sub(r"\1\2", k): v for k, v in _download(backbone).items()},
+                       classifier, f"torchvision's {backbone} weights")
+    features = _final_linear(model, classifier).in_features
+    model.set_submodule(classifier, nn.Identity())
+    return model, features
+
+
+_SHARED: dict[tuple, tuple[nn.Module, int, torch.Tensor]] = {}  # model_for(shared=True): per process
+
+
+def model_for(cfg: TrainConfig, *, initial: bool = True, shared: bool = False) -> Classifier:
     """The model a run's config describes, the one place its settings become a model.
 
     initial: the model training starts from, seeded with cfg.seed (a random initialisation depends
     on it, and so does the feature cache's key), with cfg's pretrained weights or --weights file;
     otherwise the architecture alone (no download, no file read), for a run's checkpoint to be
-    loaded into."""
+    loaded into.
+    shared (initial, for a backbone that never trains: cached features, no --weights file): the backbone
+    is built once per process for each (backbone, pretrained, seed, image size) and the same module is
+    given to every model asking for it (a tune worker runs many trials one after another); the head is
+    built from the random state that backbone's build left, so its initial weights are those of an
+    unshared model_for. Callers must not change the backbone (it is frozen)."""
+    if initial and shared and not cfg.weights:
+        key = (cfg.backbone, cfg.pretrained, cfg.seed, cfg.image_size)
+        if key not in _SHARED:
+            seed_everything(cfg.seed)
+            if len(_SHARED) >= 2:  # a few backbones at a time: each can be hundreds of MB
+                _SHARED.clear()
+            _SHARED[key] = (*_backbone(cfg.backbone, cfg.pretrained, "", None, cfg.image_size), torch.get_rng_state())
+        backbone, features, rng = _SHARED[key]
+        seed_everything(cfg.seed)  # python and numpy as model_for leaves them; torch as the backbone's build left it
+        torch.set_rng_state(rng)
+        return Classifier(backbone, make_head(features, cfg.num_classes, tuple(cfg.head), tuple(cfg.dropout)))
     if initial:
         seed_everything(cfg.seed)
     return build_model(cfg.backbone, cfg.num_classes, cfg.head, cfg.dropout, pretrained=cfg.pretrained and initial,

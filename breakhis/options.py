@@ -23,7 +23,7 @@ from .metrics import check_threshold_rule
 BY = ("magnification", "subtype", "patient")
 PARTS = ("val", "test")
 # options that need one run's model: refused when several runs are compared (the logbook reads predictions.csv)
-MODEL_OPTIONS = ("tta", "data", "by", "export", "model", "cam", "calibrate")
+MODEL_OPTIONS = ("tta", "data", "by", "export", "model", "cam", "calibrate", "plots")
 
 
 def _flag(name: str) -> str:
@@ -52,6 +52,7 @@ class EvalOptions:
     model: str | None = None        # evaluate an exported program of the run instead of its checkpoint
     trust_model: bool = False       # load `model` even if the run did not record it (it can run code)
     cam: int = 0                    # Grad-CAM overlays of this many images
+    plots: bool = False             # draw RUN/plots/ from the scored partition (tune trials are trained without them)
     calibrate: bool = False         # fit a temperature on val, show the test figures before and after
     save_temperature: bool = False  # with calibrate: keep it in calibration.json
     sort: str = "accuracy"          # logbook: the figure that ranks the rows (on validation)
@@ -81,6 +82,9 @@ class EvalOptions:
         if self.data and number(self.threshold) is None:
             raise UserError(f"--threshold {self.threshold} with --data: give a number (the other tree has no "
                             f"validation split)")
+        if self.plots and self.data:
+            raise UserError(f"--plots draws RUN/plots/ from the run's own partitions; with --data {self.data} they would "
+                            f"show another tree: drop --plots (or --data)")
         if self.include_seen and not self.data:
             raise UserError("--include-seen keeps the run's own patients of another tree: add --data OTHER_TREE")
         if self.export and not str(self.export).endswith(".pt2"):

@@ -23,6 +23,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
 
 from . import calibration as C
@@ -39,6 +40,8 @@ from .io import jsonable, number, read_csv, write_csv, write_json
 from .loader import DeviceImages, Loader
 from .models import model_for
 from .stain import StainParams
+
+N_BOOT = 1000  # patient-bootstrap resamples of the intervals finalize writes into metrics.json
 
 
 class TrainedRun:
@@ -137,17 +140,17 @@ class TrainedRun:
 
 def open_run(run_dir: str | Path, *, device: str | None = None, data: Prepared | None = None,
              images: DeviceImages | None = None, model_file: str | None = None, trust: bool = False,
-             progress: bool = True) -> TrainedRun:
+             progress: bool = True, model: torch.nn.Module | None = None) -> TrainedRun:
     """The run at run_dir, checked before any work: a run folder with a checkpoint, its config, a
     device that exists, its stain.json and calibration.json (when it has them). device: default the
     run's own. data/images: what training just used (fit), to save preparing and normalising them
-    again. model_file: an exported program to use instead of the checkpoint, trusted only when the run
+    again. model: the run's best checkpoint already in memory (fit). model_file: an exported program to use instead of the checkpoint, trusted only when the run
     recorded it (export.load_exported), or with trust."""
     run_dir = runs.check_run(run_dir)
     cfg = runs.load_config(run_dir)
     dev = resolve_device(device or cfg.device)
     cfg = dataclasses.replace(cfg, device=str(dev))
-    run = TrainedRun(cfg, dev, run_dir=run_dir, model_file=model_file, trust=trust, data=data, images=images,
+    run = TrainedRun(cfg, dev, run_dir=run_dir, model=model, model_file=model_file, trust=trust, data=data, images=images,
                      stain_params=stain.load(run_dir, cfg), temperature=runs.saved_temperature(run_dir),
                      progress=progress)
     if model_file:
@@ -166,24 +169,28 @@ def scaled(ev: dict, temperature: float | None, cfg: TrainConfig) -> dict:
     return {**ev, "probs": probs, "loss": float(loss_fn(log_p, torch.from_numpy(np.asarray(ev["labels"])).long()))}
 
 
-def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics of one partition's predictions: image level, patient level, intervals, per magnification."""
+def score(ev: dict, records: list, task: str, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+          groups: bool = True) -> dict:
+    """Metrics of one partition's predictions: image level, patient level, per magnification (groups), and
+    with n_boot > 0 their intervals over patients (n_boot 0: the point figures alone, the same numbers)."""
     y, probs = ev["labels"], ev["probs"]
     patients = [r.patient for r in records]
     if task == "subtype":
         names, pats, mags = class_names(task), np.array(patients), np.array([r.magnification for r in records])
         out = M.multiclass_metrics(y, probs, names)
-        if n_boot and len(set(patients)) > 1:  # intervals over patients, overall and per magnification
+        boot = bool(n_boot) and len(set(patients)) > 1  # intervals over patients, overall and per magnification
+        if boot:
             out["ci"] = intervals.multiclass_ci(y, probs, pats, n_boot=n_boot, seed=seed)
             out["ci_settings"] = intervals.interval_settings(n_boot, seed)
-            out["by"] = {"magnification": {str(m): {**M.multiclass_metrics(y[mags == m], probs[mags == m], names),
-                                                    "ci": intervals.multiclass_ci(y[mags == m], probs[mags == m], pats[mags == m],
-                                                                          n_boot=n_boot, seed=seed)}
-                                           for m in sorted(set(mags.tolist()))}}
+        out["by"] = {} if not groups else {"magnification": {str(m): {**M.multiclass_metrics(y[mags == m], probs[mags == m], names),
+                                                **({"ci": intervals.multiclass_ci(y[mags == m], probs[mags == m],
+                                                                                  pats[mags == m], n_boot=n_boot,
+                                                                                  seed=seed)} if boot else {})}
+                                       for m in sorted(set(mags.tolist()))}}
         out = jsonable(out)
     else:
         out = M.summarize(y, probs[:, 1], patients, threshold=threshold, n_boot=n_boot, seed=seed,
-                          groups={"magnification": [r.magnification for r in records]})
+                          groups={"magnification": [r.magnification for r in records]} if groups else None)
         cal = C.summary(y, probs[:, 1], patients, n_boot=n_boot, seed=seed)  # ECE and Brier, intervals alike
         out.update({k: v for k, v in cal.items() if k != "ci"})
         if "ci" in cal:
@@ -205,11 +212,17 @@ def prediction_rows(ev: dict, records: list, part: str, task: str, threshold: fl
 
 
 def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True,
-             images: DeviceImages | None = None) -> dict:
+             images: DeviceImages | None = None, ci: bool = True, draw: bool = True,
+             model: torch.nn.Module | None = None) -> dict:
     """Score the best checkpoint on val and test; write metrics.json, predictions.csv and plots/.
     data/images: what training used (see open_run). The figures are those of the raw logits: a
-    temperature fitted later (calibration.json) never changes them."""
-    run = open_run(run_dir, data=data, images=images, progress=progress)
+    temperature fitted later (calibration.json) never changes them.
+    model: the trained model in memory (fit: the best epoch's weights), instead of loading model.safetensors again.
+    ci (the intervals and the per-magnification figures), draw (plots/): off for a tune trial, whose table needs the point figures alone (the same
+    numbers): the patient bootstrap (1000 resamples) and five matplotlib figures are most of a
+    frozen trial's cost. tune.py finalizes its winner again with both; evaluate.py computes the
+    intervals itself and draws a run's plots with --plots."""
+    run = open_run(run_dir, data=data, images=images, progress=progress, model=model)
     history = read_csv(run.dir / "history.csv")
     best_rows = [h for h in history if h.get("is_best") == "True"]
     chosen = {k: number(v) for k, v in best_rows[-1].items() if k.startswith("val_")} if best_rows else {}
@@ -221,15 +234,25 @@ def finalize(run_dir: Path, data: Prepared | None = None, progress: bool = True,
     for part in ("val", "test"):
         if run.data.parts[part]:
             evs[part] = run.predict(part, temperature=1.0)
-            out[part] = score(evs[part], run.data.parts[part], run.cfg.task)
+            with sklearn.config_context(skip_parameter_validation=True):  # the same numbers, less overhead
+                out[part] = score(evs[part], run.data.parts[part], run.cfg.task, n_boot=N_BOOT if ci else 0, groups=ci)
             rows += prediction_rows(evs[part], run.data.parts[part], part, run.cfg.task)
     write_json(run.dir / "metrics.json", jsonable(out))
     write_csv(run.dir / "predictions.csv", rows)
-    test = evs.get("test") if run.cfg.task == "binary" else None
-    plots.save_plots(run.dir / "plots", [{k: _cell(v) for k, v in h.items()} for h in history],
-                     y=None if test is None else test["labels"], p=None if test is None else test["probs"][:, 1],
-                     class_names=class_names(run.cfg.task), confusion=(out.get("test") or {}).get("confusion"))
+    if draw:
+        save_run_plots(run.dir, history, evs.get("test"), run.cfg.task, (out.get("test") or {}).get("confusion"))
     return out
+
+
+def save_run_plots(run_dir: Path, history: list[dict], ev: dict | None, task: str, confusion=None,
+                   threshold: float = 0.5) -> list[Path]:
+    """plots/ of a run: learning curves (history.csv rows), and from one partition's predictions `ev`
+    the ROC and PR curves and reliability diagram (binary task) and the confusion matrix (confusion,
+    else computed at threshold). Returns the files written."""
+    binary = ev is not None and task == "binary"
+    return plots.save_plots(run_dir / "plots", [{k: _cell(v) for k, v in h.items()} for h in history],
+                            y=ev["labels"] if binary else None, p=ev["probs"][:, 1] if binary else None,
+                            class_names=class_names(task), confusion=confusion, threshold=threshold)
 
 
 def _cell(v):

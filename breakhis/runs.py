@@ -183,7 +183,8 @@ def check_run(path: str | Path) -> Path:
         raise UserError(f"{p} is not a run folder (no config.json and split.json); "
                         f"give a folder written by train.py, e.g. results/<run>")
     if not (p / "model.safetensors").is_file():
-        raise UserError(f"run {p} has no model.safetensors yet (it stopped before its first epoch finished)")
+        raise UserError(f"run {p} has no model.safetensors yet (it stopped before its first epoch finished; a frozen "
+                        f"backbone's run writes it when its loop ends: a killed one gets it from train.py --resume {p})")
     return p
 
 
@@ -238,9 +239,14 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 # --- weights and training state ---------------------------------------------------------------
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """The model's state dict as safetensors (see models.portable_state_dict)."""
-    write_bytes(path, save(portable_state_dict(model)))
+def save_weights(model: torch.nn.Module, path: Path, head: dict[str, torch.Tensor] | None = None) -> None:
+    """The model's state dict as safetensors (see models.portable_state_dict); head: the head's tensors
+    to store instead of the model's current ones (fit.save_best: the best epoch's head)."""
+    state = portable_state_dict(model)
+    if head is not None:
+        state.update({f"head.{k}": v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                      for k, v in head.items()})
+    write_bytes(path, save(state))
 
 
 def load_weights(model: Classifier, path: Path, backbone: str) -> None:

@@ -306,3 +306,16 @@ def test_bench_pipeline_creates_a_work_folder_it_is_given(demo_root, tmp_path, c
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert work.is_dir() and {"index_report", "split"} <= set(json.dumps(out).replace('"', " ").split())
+
+
+def test_bench_sweep_prints_the_sweep_against_its_epochs_alone(demo_root, cache_dir, capsys):
+    """A two-trial sweep bench: tune.py in its own process, its trials timed by their trial.json, the limit."""
+    assert main(["sweep", "--data", str(demo_root), "--trials", "2", "--max-epochs", "2", "--image-size", "32",
+                 "--batch-size", "8", "--cache-dir", str(cache_dir), "--json"]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["trials"] == 2 and len(figures["per_trial"]) == 2 and figures["limit_s"] > 0
+    assert figures["epochs"] == sum(t["epochs"] for t in figures["per_trial"]) >= 2
+    assert {"driver_setup", "ray_start", "trials", "results"} <= set(figures["phases"])
+    assert all(t["overhead"] == pytest.approx(t["seconds"] - t["epoch_seconds"]) for t in figures["per_trial"])
+    assert "per-trial overhead, median / max" in out and "limit: the same epochs in one loop" in out

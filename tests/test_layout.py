@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "breakhis"
-LAZY_OK = ("matplotlib", "ray")  # heavy, optional at import time: Grad-CAM draws only when asked; space files load without Ray
+# heavy, optional at import time: Grad-CAM draws only when asked; space files load without Ray; TensorBoard is
+# imported by a run that writes events, and training goes on without it (events.py)
+LAZY_OK = ("matplotlib", "ray", "torch.utils.tensorboard")
 
 
 def modules() -> dict[str, Path]:

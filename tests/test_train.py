@@ -312,3 +312,82 @@ def test_timm_bad_input_is_one_line_and_writes_nothing(demo_root, cache_dir, tmp
     assert len(err) == 3 and "close matches: timm:convnext_atto" in err[0] and "--freeze" in err[1]
     assert "missing: stem.0.weight" in err[2] and "unexpected: extra.w" in err[2]
     assert not res.exists() and not any(cache_dir.iterdir())  # refused before any folder or decode cache
+
+
+# a frozen run (REF_SETTINGS on REF_TREE) as the code before issue 21 computed it: lean checkpoints and the
+# per-worker caches must leave its history and figures as they were
+REF_TREE = {"patients": 12, "images_per_patient": 6, "size": (64, 48)}
+REF_SETTINGS = {"backbone": "resnet18", "pretrained": False, "image_size": 32, "batch_size": 8, "epochs": 4, "head": (32,),
+                "dropout": (0.2,), "lr": 1e-3, "freeze": True, "augment": False, "device": "cpu", "milestones": (2,)}
+REF_LOSSES = [(0.659979772567749, 0.7263847390810648), (0.6635612487792969, 0.7379026512304941),
+              (0.6479551792144775, 0.7313975592454275), (0.6260631561279297, 0.7258389492829641)]  # (train, val)
+REF_TEST = {"accuracy": 0.3333333333333333, "auroc": 0.5416666666666667, "f1": 0.5, "loss": 0.8901022242175208,
+            "ece": 0.3757513297928704, "brier": 0.3626061585633834}
+REF_CI_ACCURACY = [0.011329922985203134, 0.9561700770147967]
+
+
+def test_frozen_run_equals_the_reference_and_lean_scoring_the_same_point_figures(tmp_path, capsys):
+    """train.py's frozen run: history, test figures and intervals as before; a trial's lean scoring (no
+    intervals, no plots) gives the same point figures; evaluate.py --plots draws them; a full finalize
+    afterwards adds the intervals and leaves the point figures."""
+    from breakhis.data.demo import make_demo
+    from breakhis.predict import finalize
+
+    tree = make_demo(tmp_path / "tree", **REF_TREE)
+    cfg = make_config({**REF_SETTINGS, "data": str(tree), "cache_dir": str(tmp_path / "cache")})
+    full, lean = tmp_path / "full", tmp_path / "lean"
+    full.mkdir()
+    lean.mkdir()
+    m = fit(cfg, full, progress=False)
+    history = read_csv(full / "history.csv")
+    assert [(float(h["train_loss"]), float(h["val_loss"])) for h in history] == pytest.approx(REF_LOSSES, rel=1e-5)
+    assert {k: m["test"][k] for k in REF_TEST} == pytest.approx(REF_TEST, rel=1e-5)
+    assert m["test"]["ci"]["accuracy"] == pytest.approx(REF_CI_ACCURACY, rel=1e-5) and m["best_epoch"] == 1
+    assert len(list((full / "plots").glob("*.png"))) == 5
+
+    points = fit(cfg, lean, progress=False, ci=False, draw=False)
+    assert "ci" not in points["test"] and "by" not in points["test"] and not (lean / "plots").exists()
+    for part in ("val", "test"):
+        assert {k: v for k, v in points[part].items() if k != "ci_settings"} == \
+            {k: v for k, v in m[part].items() if k not in ("ci", "ci_settings", "by", "warnings")}
+    assert read_csv(lean / "predictions.csv") == read_csv(full / "predictions.csv")
+    assert guard(evaluate.main, [str(lean), "--plots"]) == 0
+    assert sorted(p.name for p in (lean / "plots").glob("*.png")) == sorted(p.name for p in (full / "plots").glob("*.png"))
+    capsys.readouterr()
+    again = finalize(lean, progress=False)
+    assert again == m
+
+
+def test_frozen_run_keeps_the_head_alone_in_last_pt_and_resumes_as_uninterrupted(tmp_path):
+    """A backbone frozen for the whole run: last.pt holds the head (and the best head), model.safetensors is
+    written when the loop ends, Ctrl-C included; the resumed run equals the uninterrupted one."""
+    import torch
+    from safetensors.torch import load_file
+
+    from breakhis.data.demo import make_demo
+
+    tree = make_demo(tmp_path / "tree", **REF_TREE)
+    cfg = make_config({**REF_SETTINGS, "data": str(tree), "cache_dir": str(tmp_path / "cache"), "milestones": (3,)})
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    m = fit(cfg, whole, progress=False)
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            state = torch.load(cut / "last.pt", weights_only=True)
+            assert state["head_only"] and all(k.split(".")[0].isdigit() for k in state["model"])
+            assert not (cut / "model.safetensors").exists()  # not written at every improvement
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, cut, progress=False, on_epoch=stop_after_two)
+    assert read_json(cut / "status.json")["status"] == "interrupted"
+    assert set(load_file(str(cut / "model.safetensors"))) == set(load_file(str(whole / "model.safetensors")))
+    resumed = fit(runs.load_config(cut), cut, progress=False, resume=True)
+    cols = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "is_best", "best_value")
+    assert [{k: h[k] for k in cols} for h in read_csv(cut / "history.csv")] == \
+        [{k: h[k] for k in cols} for h in read_csv(whole / "history.csv")]
+    assert resumed["test"] == m["test"]
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -475,3 +475,63 @@ def test_a_newcomer_at_80_columns_sees_the_swept_values_whole_and_no_ray_noise(t
     assert (exp / "ray.log").is_file()
     assert "retrain it: python train.py --config results/tune/n/best.json\n" in out.stdout
     assert "trials.csv: results/tune/n/trials.csv\n" in out.stdout
+
+
+# trials.csv of LR_SPACE's sweep (LR_ARGV) as the code before issue 21 wrote it (every trial with intervals and
+# plots, stopped ones scored in the driver); ASHA's decisions and the point figures must not change
+LR_SPACE = '"""Four learning rates of a frozen head."""\nSPACE = {"lr": [1e-4, 3e-3, 3e-2, 3e-1]}\n'
+LR_REFERENCE = {  # lr: (status, epochs, best_val_loss, test_accuracy, test_auroc, test_loss)
+    "0.0001": ("finished", 4, 0.6858559648195902, 0.3333333333333333, 0.5138888888888888, 0.7452902793884277),
+    "0.003": ("stopped", 1, 0.7206866343816122, 0.3333333333333333, 0.5833333333333334, 0.8780099617110358),
+    "0.03": ("stopped", 1, 0.9287446190913519, 0.3333333333333333, 0.6388888888888888, 1.273568919963307),
+    "0.3": ("stopped", 1, 12.958567301432291, 0.3333333333333333, 0.5, 18.774635314941406),
+}
+
+
+@pytest.mark.slow  # end to end: Ray trials on a generated tree
+def test_frozen_trials_are_lean_complete_and_decide_as_before(ray_cluster, tmp_path):
+    """A frozen sweep, one trial at a time (ASHA's decisions then depend on the values alone): trials.csv and
+    best.json as the code before issue 21 wrote them; every trial a complete run folder with point figures,
+    events equal to its history.csv and hparams equal to its config.json, and trial.json; the winner alone
+    with intervals and plots; the sweep's time line in timing.json."""
+    from test_events import check_run_events
+
+    from breakhis.data.demo import make_demo
+
+    tree = make_demo(tmp_path / "tree", patients=12, images_per_patient=6, size=(64, 48))  # as LR_REFERENCE's
+    space_file = write(tmp_path / "space.py", LR_SPACE)
+    argv = ["--space", str(space_file), "--data", str(tree), "--cache-dir", str(tmp_path / "cache"),
+            "--results", str(tmp_path / "res"), "--name", "lr", "--max-epochs", "4", "--concurrent", "1", "--freeze",
+            "--no-augment", "--grace-period", "1", "--reduction-factor", "2", "--seed", "0", "--metric", "val_loss",
+            *FLAGS]
+    assert tune.main(argv) == 0
+    exp = tmp_path / "res" / "tune" / "lr"
+    with open(exp / "trials.csv") as f:
+        rows = {r["lr"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(LR_REFERENCE)
+    for lr, (status, epochs, best, acc, auroc, loss) in LR_REFERENCE.items():
+        r = rows[lr]
+        assert (r["status"], int(r["epochs"]), r["error"]) == (status, epochs, ""), lr
+        got = [float(r[k]) for k in ("best_val_loss", "test_accuracy", "test_auroc", "test_loss")]
+        assert got == pytest.approx([best, acc, auroc, loss], rel=1e-5), lr
+    best_json = json.loads((exp / "best.json").read_text())
+    assert (best_json["value"], best_json["config"]["lr"]) == (pytest.approx(0.6858559648195902, rel=1e-5), 1e-4)
+
+    winner = Path(best_json["run"])
+    for r in rows.values():
+        run = Path(r["run"])
+        assert runs.is_run(run) and (run / "model.safetensors").is_file() and not (run / "last.pt").exists()
+        assert read_json(run / "status.json")["status"] == r["status"]
+        check_run_events(run)
+        own = read_json(run / "trial.json")  # absent when the experiment's end cut the trial's worker short
+        assert own is None or own["seconds"] >= own["epoch_seconds"] > 0
+        test = read_json(run / "metrics.json")["test"]
+        assert test["accuracy"] == pytest.approx(float(r["test_accuracy"]))
+        if run == winner:
+            assert "ci" in test and len(list((run / "plots").glob("*.png"))) == 5
+        else:
+            assert "ci" not in test and not (run / "plots").exists()
+    timing = read_json(exp / "timing.json")
+    assert {"driver_setup", "ray_start", "trials", "results", "trial_epochs", "trial_overhead"} <= set(timing)
+    assert timing["trials_timed"] == len(list(exp.glob("runs/*/trial.json"))) >= 3
+    assert not list(exp.glob("*/events.out.tfevents.*"))  # no second copy of the events in Ray's trial folders

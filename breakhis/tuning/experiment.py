@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 from .. import runs
 from ..config import TrainConfig, make_config
 from ..counts import CI_KEYS
+from ..data.prepare import Prepared, prepare
 from ..errors import UserError
 from ..fit import fit
 from ..io import number, read_csv, read_json, sha256_of, write_json
@@ -120,10 +121,46 @@ def make_setup(space: Space, flags: dict, *, metric: str | None, mode: str | Non
 
 # --- the trial (runs in a Ray worker) ---------------------------------------------------------
 
+_PREPARED: dict[str, Prepared] = {}  # per worker process: the data of the trials it ran (reuse_actors)
+DATA_FIELDS = ("data", "task", "magnification", "split_ratio", "split_seed", "group", "fold", "val_fraction",
+               "split_file", "skip_bad", "image_size", "cache_size", "cache_dir")  # what data.prepare reads
+TRIAL_FILE = "trial.json"  # in a trial's run folder: its seconds in its worker, for the sweep's time line
+
+
+def worker_data(cfg: TrainConfig) -> Prepared:
+    """The trial's data (index, decode cache, split), prepared once per worker process for every trial
+    that shares the settings prepare reads: a worker runs many trials one after another (reuse_actors),
+    and the tree's index, the cache's memory map and the split are the same for all of them."""
+    key = json.dumps({k: getattr(cfg, k) for k in DATA_FIELDS}, sort_keys=True, default=list)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one tree at a time: a worker holds one memory map, not one per setting seen
+        _PREPARED[key] = prepare(cfg, progress=False)
+    return _PREPARED[key]
+
+
+def write_trial_file(run_dir: Path, t0: float, start: float, waited: float) -> None:
+    """trial.json: the trial's seconds in its worker (from the trial function's start: model build, data,
+    epochs, scoring) and its epochs' own seconds (history.csv), so that the driver can say where the time
+    went (output.timeline); waited: of those, the seconds spent in tune.report, which returns once the
+    driver has taken the previous report."""
+    epochs = sum(number(h.get("seconds")) or 0.0 for h in read_csv(run_dir / "history.csv"))
+    write_json(run_dir / TRIAL_FILE, {"seconds": time.perf_counter() - t0, "epoch_seconds": epochs,
+                                      "report_seconds": waited, "start": start, "end": time.time(), "pid": os.getpid()})
+
+
 def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, metric: str = "val_acc",
           mode: str = "max") -> None:
     """One trial: the same fit() as train.py, into runs/<trial_id>/, reporting once per epoch; with
-    --folds, one fit() per fold into runs/<trial_id>/fold<N>/, reporting the mean over folds once."""
+    --folds, one fit() per fold into runs/<trial_id>/fold<N>/, reporting the mean over folds once.
+
+    Scored with point figures only, and no plots (fit's ci, draw): tune.py finalizes its winner again
+    with both. When ASHA stops the trial, Ray ends the trial's thread at its next report (a SystemExit
+    there); the trial then scores its best checkpoint itself, in its worker, marks the run stopped and
+    ends the thread as Ray asked."""
+    t0, start = time.perf_counter(), time.time()
+    # Ray reuses this worker for the next trial once this one's thread ends, and waits this many seconds for
+    # it (read in this process when Ray resets it; Ray's default, 2 s, can cut a stopped trial's scoring short)
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     cfg = trial_config(base, config, presets, cwd)  # a bad sampled value fails this trial only
     run_dir = Path(exp_dir) / "runs" / tune.get_context().get_trial_id()
     node = ray.get_runtime_context().get_node_id()  # which Ray node ran it: trials.csv shows the spread
@@ -141,15 +178,33 @@ def trial(config: dict, *, base: dict, presets: dict, exp_dir: str, cwd: str, me
         return
     resume = start_trial_run(run_dir)
     last: dict = {}
+    stopped: list[int] = []
+    waited = [0.0]  # seconds in tune.report
 
-    def on_epoch(row: dict) -> None:
+    def on_epoch(row: dict) -> bool:
         row = {**row, "run": str(run_dir), "node": node}
         if row["epoch"] >= cfg.epochs:
             last.update(row)  # reported after finalize, so that ASHA's stop at max_t cannot cut it short
-        else:
+            return False
+        t = time.perf_counter()
+        try:
             tune.report(row)
+        except SystemExit:  # ASHA stopped the trial: its loop ends here (fit scores the best checkpoint)
+            stopped.append(row["epoch"])
+            return True
+        finally:
+            waited[0] += time.perf_counter() - t
+        return False
 
-    metrics = fit(cfg, run_dir, on_epoch=on_epoch, progress=False, resume=resume)  # warm: the driver built the cache
+    # warm: the driver built the decode and feature caches; a continued run reads its own split.json
+    metrics = fit(cfg, run_dir, on_epoch=on_epoch, progress=False, resume=resume,
+                  data=None if resume else worker_data(cfg), ci=False, draw=False)
+    if stopped:
+        runs.set_status(run_dir, runs.STOPPED, epoch=stopped[0],
+                        message=f"stopped early by ASHA after epoch {stopped[0]} of {cfg.epochs}")
+        write_trial_file(run_dir, t0, start, waited[0])
+        raise SystemExit(0)  # what Ray's report raised: the thread ends, and the worker takes the next trial
+    write_trial_file(run_dir, t0, start, waited[0])
     if last:
         tune.report({**last, **{f"test_{k}": v for k, v in test_scalars(metrics).items()}})
 
@@ -190,7 +245,7 @@ def fold_trial(cfg: TrainConfig, trial_dir: Path, node: str, metric: str, mode: 
         if finished(run_dir):
             metrics = read_json(run_dir / "metrics.json") or {}
         else:
-            metrics = fit(fold_cfg, run_dir, progress=False, resume=start_trial_run(run_dir), cv=cv)
+            metrics = fit(fold_cfg, run_dir, progress=False, resume=start_trial_run(run_dir), cv=cv, ci=False, draw=False)
         values.append([number(h.get(metric)) for h in read_csv(run_dir / "history.csv")])
         tests.append(test_scalars(metrics))
     keys = [k for k in TEST_KEYS if all(k in t for t in tests)]
@@ -278,6 +333,10 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
         log.addFilter(QuietUserErrors())
     # Ray's newer console output prints its own banner even when silent; ProgressLine is ours
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # no CSV, JSON and TensorBoard copies of every report in Ray's trial folders: the driver writes them per
+    # report while the trial waits for it, and each run folder holds its own history.csv and event files
+    # (a second set of event files would show every trial twice in `tensorboard --logdir results/tune/<name>`)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     restore = resume and Tuner.can_restore(str(exp_dir))
     tuner = make_tuner(setup, exp_dir, resources, resume=restore,
                        callbacks=[ProgressLine(setup.metric, setup.mode, setup.max_epochs)])
@@ -288,7 +347,7 @@ def run_experiment(setup: Setup, exp_dir: Path, resources: dict, *, resume: bool
 
 
 STATE_DIGESTS = "state.sha256.json"  # ours: SHA-256 of Ray's experiment files as the last tune.py run left them, sealed
-OWN_FILES = {"tune.json", "trials.csv", "best.json", STATE_DIGESTS, RAY_LOG}
+OWN_FILES = {"tune.json", "trials.csv", "best.json", "timing.json", STATE_DIGESTS, RAY_LOG}
 
 
 def _ray_state_files(exp_dir: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from ray.tune import Callback
 from rich.markup import escape
 
 from ..errors import UserError
-from ..io import number
+from ..io import number, read_json
 from ..report import console, fmt, show
 
 RAY_LOG = "ray.log"  # in the experiment folder: Ray's own log lines (unless --verbose)
@@ -72,12 +72,17 @@ class ProgressLine(Callback):
     def __init__(self, metric: str, mode: str, max_epochs: int):
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.best: dict[str, float | None] = {}
+        self.stopped: set[str] = set()  # trials ASHA stopped before max epochs
 
-    @staticmethod
-    def _counts(trials) -> str:
+    def _counts(self, trials) -> str:
+        """Where the sweep stands: trials done, stopped by ASHA, running, failed, pending, and the best
+        validation value so far (a point value: intervals are computed once, for the winner, at the end)."""
         c = Counter(t.status for t in trials)
-        return (f"{c['RUNNING']} running · {c['TERMINATED']} ended · {c['ERROR']} failed · "
-                f"{c['PENDING']} pending")
+        done = c["TERMINATED"] - len(self.stopped)
+        lead = best_value(list(self.best.values()), self.mode)
+        who = next((k for k, v in self.best.items() if v == lead), None) if lead is not None else None
+        return (f"{done} done · {len(self.stopped)} stopped by ASHA · {c['RUNNING']} running · {c['ERROR']} failed · "
+                f"{c['PENDING']} pending · best {self.metric} {fmt(lead)}" + (f" ({who})" if who else ""))
 
     def _print(self, text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)  # never a line break inside a setting or a path
@@ -104,6 +109,8 @@ class ProgressLine(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         epoch = (trial.last_result or {}).get("epoch") or 0
+        if epoch < self.max_epochs:
+            self.stopped.add(trial.trial_id)
         how = "finished" if epoch >= self.max_epochs else f"[yellow]stopped early after epoch {epoch}[/]"
         self._print(f"{trial.trial_id} {how}")
 
@@ -122,3 +129,31 @@ class QuietUserErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         return not isinstance(getattr(error, "cause", None), UserError)
+
+
+# --- where the time went (the end of a sweep) --------------------------------------------------
+
+def timeline(exp_dir: Path, phases: dict[str, float]) -> dict:
+    """The sweep's seconds: the driver's phases (driver setup: imports, index, decode and feature caches;
+    Ray start; the trials, wall clock; the results: trials.csv, the winner's intervals and plots) and,
+    summed over the trials from their trial.json, the trials' epochs (history.csv's seconds) and their
+    overhead (everything else a trial did in its worker: model build, data, checkpoints, scoring).
+    Trials that left no trial.json (failed, older, or cut short when the experiment ended and scored by the
+    driver) are not in the sums; `trials_timed` counts those that are."""
+    own = [read_json(p) or {} for p in sorted(exp_dir.glob("runs/*/trial.json"))]
+    own = [t for t in own if isinstance(t.get("seconds"), (int, float)) and isinstance(t.get("epoch_seconds"), (int, float))]
+    over = sorted(t["seconds"] - t["epoch_seconds"] for t in own)
+    return {**phases, "trials_timed": len(own), "trial_epochs": sum(t["epoch_seconds"] for t in own),
+            "trial_overhead": sum(over), "trial_overhead_median": over[len(over) // 2] if over else None,
+            "trial_overhead_max": over[-1] if over else None}
+
+
+def timeline_line(t: dict) -> str:
+    """timeline() as one line for the terminal."""
+    parts = [f"{name} {t[key]:.1f} s" for key, name in (("driver_setup", "driver setup"), ("ray_start", "Ray start"),
+                                                         ("trials", "trials"), ("results", "results")) if key in t]
+    line = "time: " + " · ".join(parts)
+    if t.get("trials_timed"):
+        line += (f"; in the {t['trials_timed']} trials: epochs {t['trial_epochs']:.1f} s, overhead {t['trial_overhead']:.1f} s "
+                 f"(per trial median {t['trial_overhead_median']:.2f} s, max {t['trial_overhead_max']:.2f} s)")
+    return line

@@ -19,6 +19,8 @@ from rich.table import Table
 from .. import runs
 from ..config import make_config
 from ..errors import UserError
+from ..events import Events
+from ..fit import recover_best
 from ..io import number, read_csv, read_json, write_csv, write_json
 from ..predict import finalize
 from ..report import fitted_table, fmt, show
@@ -33,7 +35,13 @@ def finalize_stopped(run_dir: Path, epochs: int, max_epochs: int) -> str:
     """Score a trial ASHA stopped (its best checkpoint on val and test); '' or the reason it could not."""
     try:
         if not (run_dir / "metrics.json").is_file():
-            finalize(run_dir, progress=False)
+            # a trial whose worker ended before it could score itself (the experiment's end stops the last ones)
+            recover_best(run_dir)  # a frozen trial's best head is in last.pt
+            metrics = finalize(run_dir, progress=False, ci=False, draw=False)  # point figures, as every trial
+            cfg = runs.load_config(run_dir)
+            events = Events(run_dir, cfg.tensorboard)  # the test figures and hparams its worker did not write
+            events.end(cfg.to_dict(), metrics)
+            events.close()
     except UserError as e:
         return f"not scored: {e}"
     if epochs < max_epochs:
