@@ -177,13 +177,14 @@ def report(pairs, setup, exp_dir: Path, results_flag: str) -> int:
     """trials.csv, best.json and the table; the lines that say what next, each one copyable line."""
     from breakhis import runs
     from breakhis.report import console
-    from breakhis.tuning.results import collect, results_table, write_results
+    from breakhis.tuning.results import collect, held_out, pick_best, results_table, write_results
     from breakhis.tuning.space import load_space
 
     rows = collect(pairs, setup, exp_dir)
-    best = write_results(exp_dir, rows, setup)
+    best = pick_best(rows, setup)
     if best:
-        complete_winner(Path(best["run"]))
+        complete_winner(Path(best["run"]))  # first: best.json carries the intervals it writes
+    best = write_results(exp_dir, rows, setup)
     keys = list(load_space(setup.space).space)
     console.print(results_table(rows, setup, keys, title=f"{exp_dir.name}: {setup.metric} ({setup.mode})"))
     console.print(f"trials.csv: {shown(exp_dir / 'trials.csv')}", highlight=False, soft_wrap=True)
@@ -194,8 +195,15 @@ def report(pairs, setup, exp_dir: Path, results_flag: str) -> int:
     if best is None:
         print(f"no trial finished; see the errors above and {shown(exp_dir / 'trials.csv')}", file=sys.stderr)
         return 1
-    console.print(f"best: {best['trial']} {setup.metric} {best[f'best_{setup.metric}']:.4f}, run {shown(best['run'])}",
+    h = held_out(best, rows, setup)
+    test = f"{h['test']:.4f}" if isinstance(h["test"], float) else "–"
+    if h["test_ci"]:
+        test += f" [{h['test_ci'][0]:.3f}, {h['test_ci'][1]:.3f}]"
+    console.print(f"best: {best['trial']} {setup.metric} {h['validation']:.4f} (best of {h['trials']} trials: "
+                  f"optimistic by selection), test {h['test_figure']} {test}, run {shown(best['run'])}",
                   highlight=False, soft_wrap=True)
+    console.print("the test figure chose nothing; for an unbiased estimate of the recipe retrain it on a new split "
+                  "(--split-seed) or with --folds", highlight=False, soft_wrap=True)
     console.print(f"retrain it: python train.py --config {shown(exp_dir / 'best.json')}", highlight=False, soft_wrap=True)
     return 0
 

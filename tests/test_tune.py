@@ -326,6 +326,13 @@ def test_best_json_is_retrained_by_train_py(experiment, tmp_path):
     assert best["value"] == pytest.approx(float(winner["best_val_loss"]))
     assert best["config"] == runs.load_config(Path(winner["run"])).to_dict()
     assert best["config"]["lr"] == 1e-7 and best["config"]["epochs"] == 3 and best["config"]["select"] == "val_loss"
+    # the winner's curse: its test figure, with the interval of its completed metrics.json, beside the validation one
+    test = json.loads((Path(winner["run"]) / "metrics.json").read_text())["test"]
+    held = best["held_out"]
+    assert held["validation"] == best["value"] and held["test_figure"] == "accuracy"
+    assert held["test"] == pytest.approx(test["accuracy"]) and held["test_ci"] == pytest.approx(test["ci"]["accuracy"])
+    scored = sum(r["status"] in ("finished", "stopped") and r["best_val_loss"] != "" for r in rows.values())
+    assert held["trials"] == scored and f"best of {scored} trials" in held["note"] and "--folds" in held["note"]
     code = guard(train.main, ["--config", str(exp / "best.json"), "--epochs", "1", "--results", str(tmp_path),
                               "--name", "again", "--quiet"])
     assert code == 0

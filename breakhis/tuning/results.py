@@ -6,7 +6,8 @@ trials.csv  one row per trial: its sampled settings, status (runs.STATUSES: fini
             folder, the Ray node id it last ran on, its error. With --folds: the mean over folds of
             each fold's best validation value and of its test metrics, "folds", and the trial folder
             (runs/<trial_id>/, holding fold<N>/; evaluate.py shows it as one cross-validation row)
-best.json   {"config": the best trial's resolved TrainConfig, "metric", "mode", "value", "run", "trial"};
+best.json   {"config": the best trial's resolved TrainConfig, "metric", "mode", "value", "run", "trial",
+            "held_out": its test figure with the interval beside the validation value (held_out)};
             `python train.py --config best.json` retrains it
 """
 from __future__ import annotations
@@ -130,14 +131,37 @@ def pick_best(rows: list[dict], setup: Setup) -> dict | None:
     return (max if setup.mode == "max" else min)(ok, key=lambda r: r[key])
 
 
+# the test figure beside a tuned validation metric (the winner's held-out counterpart); others show test accuracy
+HELD_OUT = {"val_acc": "accuracy", "val_recall": "recall", "val_auroc": "auroc", "val_f1": "f1"}
+
+
+def held_out(best: dict, rows: list[dict], setup: Setup) -> dict:
+    """The winner's validation figure next to its test figure (with the interval over test patients of its run's
+    metrics.json, written when the winner is completed; the mean over folds and no interval for a --folds
+    trial), and why they differ: the validation figure is the best of the scored trials, each at its best
+    epoch, so it is optimistic by that selection; the test patients chose nothing."""
+    figure = HELD_OUT.get(setup.metric, "accuracy")
+    run = Path(best["run"])
+    test = ((read_json(run / "metrics.json") or {}).get("test") or {}) if runs.is_run(run) else {}
+    ci = (test.get("ci") or {}).get(figure)
+    n = sum(r["status"] in SCORED and r[f"best_{setup.metric}"] is not None for r in rows)
+    return {"validation": best[f"best_{setup.metric}"], "test_figure": figure, "test": best.get(f"test_{figure}"),
+            "test_ci": list(ci) if ci and ci[0] is not None else None, "trials": n,
+            "note": f"the validation {setup.metric} is the best of {n} trials (each at its best epoch): optimistic "
+                    f"by that selection. The test {figure} chose nothing; for an unbiased estimate of the recipe, "
+                    f"retrain it on a new split (python train.py --config best.json --split-seed N) or with --folds"}
+
+
 def write_results(exp_dir: Path, rows: list[dict], setup: Setup) -> dict | None:
-    """trials.csv always; best.json once no trial is left unfinished. Returns the best row."""
+    """trials.csv always; best.json once no trial is left unfinished, with the winner's held-out figure
+    (held_out). Returns the best row."""
     write_csv(exp_dir / "trials.csv", rows)
     best = pick_best(rows, setup)
     if best and not any(r["status"] == runs.INTERRUPTED for r in rows):
         write_json(exp_dir / "best.json", {
             "config": best_config(Path(best["run"])), "metric": setup.metric, "mode": setup.mode,
-            "value": best[f"best_{setup.metric}"], "run": best["run"], "trial": best["trial"]})
+            "value": best[f"best_{setup.metric}"], "run": best["run"], "trial": best["trial"],
+            "held_out": held_out(best, rows, setup)})
     return best
 
 
