@@ -49,6 +49,8 @@ def show(out: dict) -> None:
                              f"run's {r['field']} (HxW) field, {r['smaller_than_field']} smaller than it were upsampled",
                              soft_wrap=True)
     report.console.print("no metrics: new images carry no labels")
+    if out.get("note"):
+        report.console.print(f"note: {escape(out['note'])}", soft_wrap=True)
     for p in [out["csv"], *out["cam"]]:
         report.console.print(f"wrote {escape(p)}", soft_wrap=True)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,7 @@ def seed_list(text: str | None, default: int) -> list[int]:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
     if a.list_backbones:
         print(list_backbones())
@@ -122,6 +124,17 @@ def main(argv=None) -> int:
             raise UserError(f"--resume {run_dir}: not a run folder (no config.json and split.json)")
         if runs.status_of(run_dir) == runs.FINISHED:
             raise UserError(f"--resume {run_dir}: the run already finished; train a new one instead")
+        if runs.owner_alive(run_dir) and runs.status_of(run_dir) == runs.RUNNING:
+            raise UserError(f"--resume {run_dir}: another process is training it right now ({run_dir / runs.OWNER})")
+        if not (run_dir / "last.pt").is_file():
+            cv = (runs.read_json(run_dir / runs.RUN_MARKER) or {}).get("_cv")
+            again = (f"it is a fold of the --folds call {cv['name']}: run that call again, with its flags and "
+                     f"--name {cv['name']}, to train this fold from the start and continue the others"
+                     if isinstance(cv, dict) and cv.get("name") else
+                     f"train it again: python train.py --config {run_dir}/config.json --name NEW_NAME")
+            raise UserError(f"--resume {run_dir}: nothing to resume, the run stopped before its first epoch was "
+                            f"saved (no last.pt); {again}")
+        runs.claim(run_dir)
         cfg = runs.load_config(run_dir)
         metrics = fit(cfg, run_dir, resume=True, progress=not a.quiet)
         report.console.print(report.evaluation_table(metrics))
@@ -143,28 +156,56 @@ def main(argv=None) -> int:
         write_folds(DEMO_DIR / "BreaKHis_v1")  # synthetic official-style folds, so that --fold and --folds can be tried
 
     if cfg.folds:
-        return train_folds(cfg, a.name, a.results, a.quiet)
+        return train_folds(cfg, a.name, a.results, a.quiet, argv)
     return train_seeds(cfg, seeds, a.name, a.results, a.resplit, a.quiet)
 
 
-def train_folds(cfg, name: str | None, results: str, quiet: bool) -> int:
-    """One run per official fold: every fold's data and folder name checked before the first one trains."""
-    from breakhis import runs
+def train_folds(cfg, name: str | None, results: str, quiet: bool, argv: list[str]) -> int:
+    """One run per official fold: every fold's data and folder checked before the first one trains.
+
+    Run again after an interruption or a kill, the same command with the same --name continues it (the
+    one command to give; printed on Ctrl-C): finished folds are kept, a fold with a last.pt resumes, a
+    fold killed before its first epoch was saved trains from the start, missing ones are trained; a fold
+    folder of other settings is refused. The runs keep the first call's cross-validation record (_cv)."""
+    from breakhis import report, runs
     from breakhis.data.prepare import prepare
     from breakhis.fit import check_data
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = name or f"{stamp}-{runs.label_of(cfg.backbone)}"
-    folds = [(fold_cfg, f"{base}-fold{fold_cfg.fold}") for fold_cfg in cfg.per_fold()]
-    for _, fold_name in folds:
-        runs.check_new(results, fold_name)
-    preps = []
-    for fold_cfg, _ in folds:  # the fold file lists the fold, no patient on both sides, partitions fit a batch
-        preps.append(prepare(fold_cfg, progress=not quiet))
-        check_data(preps[-1], fold_cfg)
+    again = shlex.join(["python", "train.py", *argv, *([] if name else ["--name", base])])
+    folds = [(fold_cfg, Path(results) / f"{base}-fold{fold_cfg.fold}") for fold_cfg in cfg.per_fold()]
+    for _, path in folds:
+        runs.check_name(str(path.relative_to(results)))
+    plans = [runs.fold_plan(path) for _, path in folds]
     cv = {"id": stamp, "folds": list(cfg.fold_list()), "name": base}
-    for i, ((fold_cfg, fold_name), prep) in enumerate(zip(folds, preps)):
-        code = train_one(fold_cfg, runs.new_run_dir(results, fold_name, fold_cfg.backbone), prep, quiet, cv=cv)
+    for (fold_cfg, path), plan in zip(folds, plans):
+        if plan != "new":
+            differ = runs.settings_differ(path, fold_cfg)
+            if differ:
+                raise UserError(f"{path} exists with other settings ({differ}): continue it with the settings it "
+                                f"was started with, or choose another --name")
+            cv = (runs.read_json(path / runs.RUN_MARKER) or {}).get("_cv") or cv
+    if any(p != "new" for p in plans):
+        words = {"new": "trained", "finished": "finished, kept", "resume": "resumed from its last.pt",
+                 "restart": "killed before its first epoch was saved: trained from the start"}
+        report.console.print("continuing the --folds call " + base + ": " + "; ".join(
+            f"fold {c.fold} {words[p]}" for (c, _), p in zip(folds, plans)), soft_wrap=True)
+    preps = {}
+    for (fold_cfg, _), plan in zip(folds, plans):  # the fold file lists the fold, no patient on both sides, a batch fits
+        if plan in ("new", "restart"):
+            preps[fold_cfg.fold] = prepare(fold_cfg, progress=not quiet)
+            check_data(preps[fold_cfg.fold], fold_cfg)
+    for i, ((fold_cfg, path), plan) in enumerate(zip(folds, plans)):
+        if plan == "finished":
+            continue
+        if plan == "resume":
+            runs.claim(path)
+            code = train_one(fold_cfg, path, None, quiet, again=again)
+        else:
+            path = runs.restart(path) if plan == "restart" else runs.new_run_dir(results, str(path.relative_to(results)),
+                                                                                  fold_cfg.backbone)
+            code = train_one(fold_cfg, path, preps[fold_cfg.fold], quiet, again=again, cv=cv)
         if code:
             rest = [c.fold for c, _ in folds[i + 1:]]
             if rest:
@@ -194,22 +235,24 @@ def train_seeds(cfg, seeds: list[int], name: str | None, results: str, resplit: 
     return 0
 
 
-def train_one(cfg, run_dir: Path, prep, quiet: bool, **record) -> int:
-    """fit() one run into run_dir and print its table; 130 after Ctrl-C (saying how to continue), else 0.
+def train_one(cfg, run_dir: Path, prep, quiet: bool, again: str = "", **record) -> int:
+    """fit() one run into run_dir (prep None: resume it) and print its table; 130 after Ctrl-C (saying
+    truthfully how to continue: again, the command that continues a --folds call), else 0.
     record: repeats= or cv=, what the run records of the call it is one of (runs.start_run)."""
     from breakhis import report
     from breakhis.fit import fit
 
     report.console.print(f"run folder: {run_dir}")
     try:
-        metrics = fit(cfg, run_dir, data=prep, progress=not quiet, **record)
+        metrics = fit(cfg, run_dir, data=prep, progress=not quiet, resume=prep is None, **record)
     except KeyboardInterrupt:
-        if run_dir.exists():
-            print(f"interrupted; the last finished epoch is saved. Continue with: python train.py --resume {run_dir}",
-                  file=sys.stderr)
+        if (run_dir / "last.pt").is_file():
+            print(f"interrupted; the last finished epoch is saved. Continue with: "
+                  f"{again or f'python train.py --resume {run_dir}'}", file=sys.stderr)
         else:
-            print(f"interrupted during the first epoch: nothing was saved (the folder {run_dir} was removed); "
-                  f"start again", file=sys.stderr)
+            print(f"interrupted before the first epoch was saved (in the data, feature or first-epoch pass): "
+                  f"nothing was saved (the folder {run_dir} was removed); start again"
+                  + (f" with: {again}" if again else " with the same command"), file=sys.stderr)
         return 130
     report.console.print(report.evaluation_table(metrics, title=f"Model Evaluation: {run_dir.name}"))
     return 0

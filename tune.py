@@ -90,6 +90,8 @@ def main(argv=None) -> int:
 
     # --- config: a new experiment's settings, or the stored ones of the experiment --resume continues ---
     setup, exp_dir, name = settings(a, results)
+    if a.address:  # nothing listening: said now, in seconds, before any data work or folder
+        tuning.probe_address(a.address)
 
     # --- data: index, split and decode once, before any trial starts; trials memory-map the cache ---
     base_cfg = tuning.absolute_paths(make_config(setup.base), setup.cwd)

@@ -46,6 +46,8 @@ class TrainConfig:
     val_fraction: float = _f(0.1, "--fold: fraction of the fold's training units moved to validation")
     split_file: str = _f("", "reuse a split manifest (split.json) instead of drawing one")
     skip_bad: bool = _f(False, "skip unreadable images (recorded in the manifest) instead of failing")
+    near_duplicates: str = _f("link", "near-duplicate fields across patients (verified copies, docs/data.md): link their patients "
+                              "on one side of the split, report them only, or off (not searched)", choices=("link", "report", "off"))
     # --- fast data path ---
     image_size: int = _f(224, "model input side, pixels")
     cache_size: str = _f("", "cached field size HxW in pixels (empty: chosen from --image-size, aspect kept)")

@@ -136,6 +136,10 @@ def fit(cfg: TrainConfig, run_dir: Path, *, on_epoch: Callable[[dict], bool | No
     except Exception as e:
         runs.abandon(run_dir, e)
         raise
+    except KeyboardInterrupt:  # Ctrl-C before the folder held a run (the data or feature pass): no folder left
+        if not resume and runs.unstarted(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

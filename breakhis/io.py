@@ -1,19 +1,24 @@
 """Files and values: atomic writes, JSON and CSV read back, JSON-able copies, number parsing.
 
 A write goes to a temporary file beside the target, which is then renamed into place: a reader
-never sees a half-written file; an interrupted write leaves only a `.tmp-*` file.
+never sees a half-written file; an interrupted write leaves only a `.tmp-<name>.<host>.<pid>.*`
+file, which the next write of the same target removes once that process is gone (temp_owner).
+create_new writes a file that must not exist yet (hard-linked into place: exclusive and atomic).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import errno
+import glob
 import hashlib
 import io
 import json
 import math
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +31,63 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+HOST = socket.gethostname()
+LEGACY_TEMP_S = 3600  # a temp file of the old naming (no host, no pid) older than this is dead
+
+
+def temp_prefix(path: Path) -> str:
+    """The name a temporary file of `path` starts with: it names the target, this host and this process."""
+    return f".tmp-{path.name}.{HOST}.{os.getpid()}."
+
+
+def temp_owner(tmp: Path, target: Path) -> str:
+    """Whether a temporary file beside target was left by a dead writer ("dead"), is being written ("alive"),
+    or cannot be told ("unknown": another host's). The old naming, .tmp-<name>.<random>, is dead once older
+    than LEGACY_TEMP_S."""
+    rest = tmp.name[len(f".tmp-{target.name}."):]
+    parts = rest.rsplit(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        try:
+            return "dead" if os.stat(tmp).st_mtime < time.time() - LEGACY_TEMP_S else "alive"
+        except FileNotFoundError:
+            return "alive"
+    host, pid = parts[0], int(parts[1])
+    if host != HOST:
+        return "unknown"
+    if pid == os.getpid():
+        return "alive"  # another thread of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        pass  # another user's process
+    return "alive"
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of `path` that dead writers left (an interrupted or killed write)."""
+    gone = []
+    try:
+        candidates = [p for p in path.parent.glob(f".tmp-{glob.escape(path.name)}.*") if p.is_file()]
+    except OSError:
+        return gone
+    for p in candidates:
+        if temp_owner(p, path) == "dead":
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed to `path`."""
+    """Yield a temporary path beside `path`; on success it is renamed to `path`. Temporary files of the
+    same target left by dead writers are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -45,6 +101,35 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def create_new(path: str | Path, data: bytes) -> None:
+    """Write a file that must not exist yet: written beside it, then hard-linked into place, which fails
+    when the name is taken (FileExistsError), so two writers never overwrite each other and a reader never
+    sees half a file. Where hard links are refused (some network or FAT filesystems), an exclusive create
+    (O_EXCL) is written in place instead."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                raise
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(out, "wb") as f:
+            f.write(data)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -65,8 +150,8 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is not valid JSON ({e}); the file is damaged") from None
 
 
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Rows as CSV with the union of their keys as columns, in first-seen order."""
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV text with the union of their keys as columns, in first-seen order."""
     cols: dict[str, None] = {}
     for r in rows:
         cols.update(dict.fromkeys(r))
@@ -74,7 +159,12 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=list(cols), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows as CSV with the union of their keys as columns, in first-seen order."""
+    write_text(path, csv_text(rows))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -161,7 +251,7 @@ def check_writable(path: str | Path, what: str) -> None:
     try:
         if not folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{folder} is a file, not a folder")
-        fd, probe = tempfile.mkstemp(prefix=f".tmp-{Path(path).name}.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(Path(path)), dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

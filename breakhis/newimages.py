@@ -15,6 +15,7 @@ Files are decoded and scored CHUNK at a time, so memory stays bounded for any nu
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from .data.images import breakhis_record, decode_images
 from .data.prepare import field_size
 from .errors import UserError
 from .evaluation import threshold as run_threshold
-from .io import check_writable, shown_path, write_csv
+from .io import check_writable, create_new, csv_text, shown_path
 from .predict import TrainedRun
 from .report import progress_bar
 
@@ -37,8 +38,8 @@ SCORES = "scores"  # the folder under a run that receives the CSVs by default
 
 
 def output_path(run_dir: Path, out: str | None) -> Path:
-    """The CSV to write: `out` (refused when it exists or is not a .csv), else RUN/scores/<time>.csv,
-    with a -2, -3... suffix when a file of that second exists."""
+    """The CSV to write: `out` (refused when it exists), else RUN/scores/<time>.csv, with a -2, -3...
+    suffix when a file of that second exists. Only a first choice: publish() takes the name exclusively."""
     if out:
         p = Path(out)
         if p.exists() or cam_folder(p).exists():
@@ -53,6 +54,23 @@ def output_path(run_dir: Path, out: str | None) -> Path:
         p = run_dir / SCORES / f"{stamp}-{k}.csv"
     check_writable(p, "the scores CSV (choose another place with --out)")
     return p
+
+
+def publish(csv: Path, text: str, explicit: bool) -> Path:
+    """Write the CSV under csv, or, when another call took that name while these images were scored (two
+    calls with one --out, or the default name in the same second), under the next free <stem>-N.csv:
+    exclusive creation (io.create_new), so neither result is overwritten. Returns the path written."""
+    data = text.encode()
+    for k in range(1, 10_000):
+        p = csv if k == 1 else csv.with_name(f"{csv.stem}-{k}{csv.suffix}")
+        if k > 1 and cam_folder(p).exists():
+            continue
+        try:
+            create_new(p, data)
+            return p
+        except FileExistsError:
+            continue
+    raise UserError(f"{csv}: no free name beside it ({'--out' if explicit else 'the default name'}); give --out")
 
 
 def cam_folder(csv: Path) -> Path:
@@ -158,7 +176,16 @@ def score_images(run: TrainedRun, paths: Sequence[str], *, threshold: str = "0.5
         # no labels: the most confident first (choose() with each image's own argmax as its label)
         pick = np.flatnonzero(good)[choose(probs[good], probs[good].argmax(1), cam)]
         pixels, _ = decode_images([paths[i] for i in pick], size, workers=cfg.workers)
-        result["cam"] = [str(f) for f in draw_cams(run.checkpoint(), run.images_of(pixels), np.arange(len(pick)),
-                                                     probs[pick], None, [paths[i] for i in pick], cfg, cam_folder(csv))]
-    write_csv(csv, rows)  # last: a failure before it leaves no CSV
+        # drawn beside, under a name of this process, and moved next to the CSV once its name is taken
+        drawn = csv.with_name(f".tmp-{csv.stem}-cam.{os.getpid()}")
+        result["cam"] = [Path(f).name for f in draw_cams(run.checkpoint(), run.images_of(pixels), np.arange(len(pick)),
+                                                           probs[pick], None, [paths[i] for i in pick], cfg, drawn)]
+    written = publish(csv, csv_text(rows), explicit=bool(out))  # last: a failure before it leaves no CSV
+    if written != csv:
+        result["note"] = (f"{csv} was written by another call while these images were scored; this scoring went to "
+                          f"{written} (never overwritten)")
+    result["csv"] = shown_path(str(written))
+    if cam:
+        os.rename(drawn, cam_folder(written))
+        result["cam"] = [str(cam_folder(written) / f) for f in result["cam"]]
     return result

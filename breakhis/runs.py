@@ -14,6 +14,9 @@ A run folder is self-describing (results/<name>/):
   plots/            PNG figures
   calibration.json  later, evaluate.py --calibrate --save-temperature: the temperature every later evaluation applies
   exports.json      later, evaluate.py --export: the programs this run wrote (export.py)
+  .owner            {"host", "pid"} of the process that made the folder or continues the run: a folder a
+                    killed process left before its run began (nothing else in it) is taken again by the
+                    same --name, and a fold a killed --folds call left is continued by running that call again
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import dataclasses
 import os
 import platform
 import re
+import shutil
 import subprocess
 import time
 from importlib.metadata import version
@@ -33,7 +37,7 @@ from safetensors.torch import load_file, save
 from .calibration import T_RANGE, is_fitted_temperature
 from .config import FIELDS, TrainConfig, make_config, renamed
 from .errors import UserError
-from .io import atomic_path, read_json, write_bytes, write_json
+from .io import HOST, atomic_path, read_json, write_bytes, write_json
 from .models import Classifier, backbone_of, mismatch, portable_state_dict
 from .stain import StainParams
 from .stain import save as save_stain
@@ -64,11 +68,55 @@ def check_results(results: str | Path) -> None:
         raise UserError(f"--results {p}: cannot write in {existing} (permission denied); give a folder you can write")
 
 
+OWNER = ".owner"
+
+
+def claim(run_dir: Path) -> None:
+    """Record this process as the one making or continuing the run in run_dir (OWNER)."""
+    write_json(run_dir / OWNER, {"host": HOST, "pid": os.getpid()})
+
+
+def owner_alive(run_dir: Path) -> bool | None:
+    """Whether the process recorded in run_dir's OWNER still runs; None when that cannot be told (no or a
+    damaged record, another host)."""
+    try:
+        o = read_json(run_dir / OWNER)
+    except UserError:
+        return None
+    if not isinstance(o, dict) or o.get("host") != HOST or not isinstance(o.get("pid"), int):
+        return None
+    if o["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(o["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
+def unstarted(path: Path) -> bool:
+    """A folder made for a run that has not begun: no config.json, nothing but OWNER and temporary files."""
+    return path.is_dir() and not (path / RUN_MARKER).exists() and all(
+        p.name == OWNER or p.name.startswith(".tmp-") for p in path.iterdir())
+
+
+def abandoned_start(path: Path) -> bool:
+    """A folder a killed train.py made and left before its run began (in the data, feature or model
+    build): no config.json, nothing in it but OWNER and temporary files, its owner gone."""
+    return unstarted(path) and owner_alive(path) is False
+
+
 def check_new(results: str | Path, name: str) -> Path:
-    """results/name, refused if it exists (finished runs are never overwritten); nothing is created."""
+    """results/name, refused if it exists (finished runs are never overwritten); nothing is created. A
+    folder left by a killed start (abandoned_start) does not count: new_run_dir takes it again."""
     check_name(name)
     path = Path(results) / name
-    if path.exists():
+    if path.exists() and not abandoned_start(path):
+        if path.is_dir() and not any(path.iterdir()):
+            raise UserError(f"run folder {path} exists and is empty (made by a run killed before it began, by an "
+                            f"older version?): remove it with `rmdir {path}`, or choose another --name")
         raise UserError(f"run folder {path} already exists; finished runs are never overwritten: "
                         f"choose another --name, or continue it with --resume {path}")
     return path
@@ -85,7 +133,13 @@ def new_run_dir(results: str | Path, name: str | None, backbone: str) -> Path:
     check_name(name)
     if name:
         path = check_new(results, name)
-        path.mkdir(parents=True)
+        if abandoned_start(path):
+            shutil.rmtree(path)  # nothing in it but the killed process's marker
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            raise UserError(f"run folder {path} was just created by another process; choose another --name") from None
+        claim(path)
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
@@ -93,6 +147,7 @@ def new_run_dir(results: str | Path, name: str | None, backbone: str) -> Path:
         path = results / (f"{stamp}-{label}" + (f"-{i}" if i else ""))
         try:
             path.mkdir(parents=True)
+            claim(path)
             return path
         except FileExistsError:
             continue
@@ -157,16 +212,49 @@ def remove_temps(run_dir: Path) -> list[Path]:
 
 
 def abandon(run_dir: Path, error: BaseException) -> None:
-    """After a failure: an empty folder (nothing written yet) is removed, a started run is marked
+    """After a failure: a folder with nothing written yet (unstarted) is removed, a started run is marked
     failed with the error's message, so that no folder is left saying "running"."""
     if not run_dir.is_dir():
         return
-    if not any(run_dir.iterdir()):
-        run_dir.rmdir()
+    if unstarted(run_dir):
+        shutil.rmtree(run_dir)
     elif status_of(run_dir) == RUNNING:
         epoch = (read_json(run_dir / "status.json") or {}).get("epoch", 0)
         text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         set_status(run_dir, FAILED, epoch=epoch, message=text.splitlines()[0] if text.strip() else type(error).__name__)
+
+
+def fold_plan(path: Path) -> str:
+    """What running a --folds call again does with one fold's folder: "new" (absent, or a start killed
+    before the run began), "finished" (kept as it is), "resume" (its last.pt is continued), "restart"
+    (killed or interrupted before its first epoch was saved: nothing to keep, trained from the start).
+    A folder another live process trains, or one that is not a run, is a UserError."""
+    if not path.exists() or abandoned_start(path):
+        return "new"
+    if not is_run(path):
+        raise UserError(f"run folder {path} already exists and holds no run (no config.json): move it away, or "
+                        f"choose another --name")
+    status = status_of(path)
+    if status == FINISHED:
+        return "finished"
+    if owner_alive(path):
+        raise UserError(f"{path} is being trained by another process right now (see {path / OWNER}); wait for it, "
+                        f"or choose another --name")
+    return "resume" if (path / "last.pt").is_file() else "restart"
+
+
+def restart(path: Path) -> Path:
+    """Empty a run folder that holds nothing to keep (fold_plan "restart") so that it is trained from the start."""
+    shutil.rmtree(path)
+    path.mkdir(parents=True)
+    claim(path)
+    return path
+
+
+def settings_differ(path: Path, cfg: TrainConfig) -> str:
+    """The settings in which the run in path differs from cfg, as 'key: theirs vs ours' ('' when none)."""
+    theirs, ours = load_config(path).to_dict(), cfg.to_dict()
+    return ", ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k])
 
 
 def is_run(path: str | Path) -> bool:

@@ -31,3 +31,14 @@ def cache_dir(tmp_path):
     d = tmp_path / "cache"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def he_picture():
+    """The real H&E field ../shared/data/he-field.png (RGB PIL image); the test is skipped when it is absent
+    (it is never downloaded: /work/shared/data/README.md says where it comes from)."""
+    from breakhis.data.demo import HE_FIELD, he_source
+
+    if not HE_FIELD.is_file():
+        pytest.skip(f"the real H&E field {HE_FIELD} is absent (tests on real histology need it; never downloaded)")
+    return he_source(HE_FIELD)

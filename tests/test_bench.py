@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ def test_bench_loader_json_last_line(demo_root, cache_dir, capsys):
                  "--image-size", "32", "--workers", "1", "--cache-dir", str(cache_dir)]) == 0
     out = capsys.readouterr()
     last = json.loads(out.out.strip().splitlines()[-1])
-    assert list(last) == ["ours_img_s", "baseline_img_s", "ratio", "cache_build_s", "stain"]
+    assert list(last) == ["ours_img_s", "baseline_img_s", "ratio", "cache_build_s", "file_kb", "he", "stain"]
     assert last["ours_img_s"] > 0 and last["baseline_img_s"] > 0 and last["cache_build_s"] > 0
     assert last["ratio"] == pytest.approx(last["ours_img_s"] / last["baseline_img_s"], rel=0.02)
     stained = last["stain"]  # ours with each stain normalisation, side by side with ours without
@@ -34,7 +35,20 @@ def test_bench_loader_json_last_line(demo_root, cache_dir, capsys):
     assert list(cache_dir.iterdir())  # --cache-dir kept the cache
 
 
-@pytest.mark.parametrize("argv, match", [([], "choose a benchmark"), (["speed"], "unknown benchmark 'speed'"),
+def test_bench_loader_on_real_he_fields(he_picture, capsys):
+    """--he N: a temporary tree of real-H&E 700x460 PNGs, the archive's file sizes (the synthetic demo's are
+    3-5x smaller, which flatters Pillow's decode); the tree is removed afterwards."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("breakhis-bench-he-*"))
+    assert main(["loader", "--he", "8", "--json", "--batches", "1", "--batch-size", "4", "--image-size", "32",
+                 "--workers", "1", "--no-baseline"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["he"] is True and 300 < last["file_kb"] < 800 and last["ours_img_s"] > 0
+    assert set(Path(tempfile.gettempdir()).glob("breakhis-bench-he-*")) == before
+
+
+@pytest.mark.parametrize("argv, match", [([], "choose a benchmark"), (["loader"], "--data ROOT, or --he N"), (["speed"], "unknown benchmark 'speed'"),
                                          (["loader", "--data", "/no/such/folder"], "not found"),
                                          (["loader", "--data", ".", "--batches", "0"], "--batches 0"),
                                          (["loader", "--data", ".", "--workers", "-1"], "--workers -1"),

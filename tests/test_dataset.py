@@ -199,3 +199,30 @@ def test_full_fraction_errors(tmp_path):
     with pytest.raises(UserError, match="--fraction applies to --full"):
         main([str(tmp_path), "--fraction", "0.5"])
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_content_he_cuts_real_fields_stained_per_patient(he_picture, tmp_path, capsys):
+    """--content he: real H&E texture (the picture's own pixels, re-sampled) at BreakHis' 700x460 with the
+    archive's PNG sizes; one patient's fields share a staining, patients differ (mean optical density per
+    channel, by hand); no two fields are the same cut. A missing picture is one line, nothing written."""
+    from breakhis.data.demo import main
+
+    assert main([str(tmp_path / "t"), "--content", "he", "--patients", "4", "--images-per-patient", "2",
+                 "--size", "700x460"]) == 0
+    assert "real H&E texture" in capsys.readouterr().out
+    files = sorted((tmp_path / "t").rglob("*.png"))
+    assert len(files) == 8 and all(300_000 < f.stat().st_size < 800_000 for f in files)  # the archive: ~500 KB
+    od = {}
+    for f in files:
+        x = np.asarray(Image.open(f).convert("RGB"), np.float64)
+        assert x.shape == (460, 700, 3)
+        od.setdefault(f.parent.parent.name, []).append((-np.log((x + 1) / 256)).reshape(-1, 3).mean(0))
+    within = max(np.abs(a - b).max() for a, b in od.values())
+    means = np.array([np.mean(v, 0) for v in od.values()])
+    between = max(np.abs(means[i] - means[j]).max() for i in range(4) for j in range(i))
+    assert between > within and between > 0.05, (between, within)
+    pixels = [np.asarray(Image.open(f)) for f in files]
+    assert all(not np.array_equal(pixels[i], pixels[j]) for i in range(8) for j in range(i))
+    with pytest.raises(UserError, match="--content he needs the real H&E field /no/such.png"):
+        main([str(tmp_path / "u"), "--content", "he", "--he-field", "/no/such.png"])
+    assert not (tmp_path / "u").exists()

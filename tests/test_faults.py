@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from test_train import tiny
 
 import breakhis.fit
+import breakhis.io
 import evaluate
 import score
 import train
@@ -575,3 +576,183 @@ def test_logbook_over_a_folder_with_a_config_json_list(base_run, tmp_path, capsy
     (tmp_path / "runs" / "b" / "config.json").write_text("[1, 2]\n")  # before: AttributeError from load_run
     assert guard(evaluate.main, [str(tmp_path / "runs")]) == 2
     one_line_error(capsys, str(tmp_path / "runs" / "b" / "config.json"), "not a JSON object")
+
+
+# --- 15 (issue 20 E): nothing lost, nothing stuck ----------------------------------------------------------------
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_two_scorings_of_one_csv_name_keep_both(copy_run, demo_root, tmp_path, capsys, monkeypatch, explicit):
+    """A second call that writes the same --out (or the default name in the same second) while the first one
+    scores. Before: both printed "wrote" and the later write replaced the other's CSV. Now: each result is
+    kept (exclusive creation), the later under <name>-2.csv, with a note saying why."""
+    import breakhis.newimages as N
+
+    imgs = _images(demo_root, 2)
+    out = tmp_path / "s.csv" if explicit else copy_run / "scores" / "20260101-000000.csv"
+    monkeypatch.setattr(N.time, "strftime", lambda fmt: "20260101-000000")  # the same second for both calls
+    flags = ["--out", str(out)] if explicit else []
+    real, other = N.decode_images, {}
+
+    def the_other_call_finishes_meanwhile(paths, size, workers=0):
+        if not other:
+            other["running"] = True
+            assert guard(score.main, [str(copy_run), str(imgs[1]), *flags, "--json"]) == 0
+            other["summary"] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return real(paths, size, workers=workers)
+
+    monkeypatch.setattr(N, "decode_images", the_other_call_finishes_meanwhile)
+    assert guard(score.main, [str(copy_run), str(imgs[0]), *flags, "--json"]) == 0
+    mine = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    second = out.with_name(out.stem + "-2.csv")
+    assert other["summary"]["csv"] == str(out) and mine["csv"] == str(second) and "another call" in mine["note"]
+    assert read_csv(out)[0]["path"] == str(imgs[1]) and read_csv(second)[0]["path"] == str(imgs[0])
+
+
+def test_a_folder_linked_to_itself_and_to_its_parent_lists_each_file_once(tmp_path):
+    """Before: two links of a folder to itself made find_images explore 2^40 paths (it hung); a link to the
+    parent listed files under 40-level paths. Now each real folder is walked once: each file once, under its
+    own path (a folder argument and a ** pattern alike)."""
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    for p in (folder / "a.png", folder / "sub" / "b.png"):
+        p.write_bytes(b"")
+    (folder / "again").symlink_to(folder)
+    (folder / "twice").symlink_to(folder)
+    (folder / "sub" / "up").symlink_to(folder)
+    script = ("import json, sys; from breakhis.data.images import find_images; "
+              "print(json.dumps([find_images([sys.argv[1]]), find_images([sys.argv[1] + '/**/*.png'])]))")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    walked, globbed = json.loads(done.stdout)
+    assert walked == globbed == [str(folder / "a.png"), str(folder / "sub" / "b.png")]
+
+
+FEATURE_PASS = """
+import os, signal, sys, time
+import breakhis.features as F
+real = F.run_features
+def feature_pass(*a, **k):
+    print("in the feature pass", flush=True)
+    {action}
+    return real(*a, **k)
+F.run_features = feature_pass
+import train
+from breakhis.errors import guard
+sys.exit(guard(train.main, sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_in_the_feature_pass_says_truthfully_that_nothing_was_saved(demo_root, cache_dir, tmp_path):
+    """A real SIGINT while a frozen run computes its feature cache. Before: "the last finished epoch is saved,
+    continue with --resume", but the folder was empty and --resume refused it. Now: nothing saved, said so,
+    no folder left, and the same command trains."""
+    args = tiny(demo_root, cache_dir, name="f") + ["--freeze", "--results", str(tmp_path / "res")]
+    script = FEATURE_PASS.format(action="os.kill(os.getpid(), signal.SIGINT)")
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and "in the feature pass" in done.stdout, done.stderr
+    assert "nothing was saved" in done.stderr and "--resume" not in done.stderr, done.stderr
+    assert not (tmp_path / "res" / "f").exists()
+    assert guard(train.main, args) == 0
+
+
+def test_a_run_killed_in_the_feature_pass_does_not_block_its_name(demo_root, cache_dir, tmp_path):
+    """SIGKILL while a frozen run computes its features leaves a folder with nothing but its owner record.
+    Before: that empty folder refused the --name forever. Now the same command takes it again."""
+    args = tiny(demo_root, cache_dir, name="k") + ["--freeze", "--results", str(tmp_path / "res")]
+    script = FEATURE_PASS.format(action="os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL and "in the feature pass" in done.stdout
+    left = tmp_path / "res" / "k"
+    assert sorted(p.name for p in left.iterdir()) == [runs.OWNER]  # nothing of a run in it
+    assert guard(train.main, args) == 0
+    assert read_json(left / "status.json")["status"] == "finished"
+
+
+def test_folds_killed_as_fold_2_starts_continue_with_the_same_command(tmp_path, capsys):
+    """train.py --folds 1-3 SIGKILLed right after fold 2's folder became a run (config.json, status "running", no
+    last.pt). Before: --resume refused it (no last.pt), the --folds command refused the existing names, and each
+    message pointed to the other. Now --resume says to run the --folds call again, and that one command keeps
+    fold 1, trains fold 2 from the start and fold 3, all under the first call's cross-validation record."""
+    from breakhis.data.demo import make_demo, write_folds
+
+    root = make_demo(tmp_path / "tree", patients=8, images_per_patient=8, size=(96, 64))
+    write_folds(root)
+    res = tmp_path / "res"
+    args = tiny(root, tmp_path / "cache", name="cv", folds="1-3") + ["--results", str(res)]
+    script = """
+import os, signal, sys
+from breakhis import runs
+real = runs.start_run
+def start_run(run_dir, *a, **k):
+    real(run_dir, *a, **k)
+    if run_dir.name.endswith("fold2"):
+        os.kill(os.getpid(), signal.SIGKILL)
+runs.start_run = start_run
+import train
+from breakhis.errors import guard
+sys.exit(guard(train.main, sys.argv[1:]))
+"""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    fold1, fold2 = res / "cv-fold1", res / "cv-fold2"
+    assert runs.status_of(fold1) == "finished" and runs.status_of(fold2) == "running"
+    assert not (fold2 / "last.pt").exists() and not (res / "cv-fold3").exists()
+    kept = (fold1 / "model.safetensors").stat().st_mtime_ns
+    assert guard(train.main, ["--resume", str(fold2), "--quiet"]) == 2
+    one_line_error(capsys, "nothing to resume", "run that call again", "--name cv")
+    assert guard(train.main, args) == 0
+    assert "continuing the --folds call cv" in capsys.readouterr().out
+    assert all(runs.status_of(res / f"cv-fold{k}") == "finished" for k in (1, 2, 3))
+    assert (fold1 / "model.safetensors").stat().st_mtime_ns == kept  # fold 1 was not retrained
+    cvs = [read_json(res / f"cv-fold{k}" / "config.json")["_cv"] for k in (1, 2, 3)]
+    assert cvs[0] == cvs[1] == cvs[2]  # one cross-validation row in the logbook
+    assert guard(train.main, args[:-2] + ["--results", str(res), "--lr", "0.5"]) == 2  # other settings: refused
+    one_line_error(capsys, "exists with other settings", "lr")
+
+
+def test_tune_address_with_nothing_listening_says_so_in_seconds_and_leaves_no_folder(demo_root, tmp_path):
+    """Before: Ray's connection warnings for minutes, and a folder that blocked the name. Now: one line within
+    seconds (a TCP probe before ray.init), no experiment folder."""
+    argv = [sys.executable, "tune.py", "--space", str(ROOT / "experiments" / "weights.py"), "--data", str(demo_root),
+            "--results", str(tmp_path), "--address", "127.0.0.1:1"]
+    t0 = time.time()
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and time.time() - t0 < 30, done.stderr[-2000:]
+    err = done.stderr.strip()
+    assert err.count("\n") == 0 and "nothing answers at 127.0.0.1:1" in err and "ray start --head" in err, err
+    assert not (tmp_path / "tune").exists()
+
+
+def test_a_killed_write_leaves_no_temp_file_after_the_next_write(tmp_path):
+    """A SIGKILL in the middle of a calibration.json or CSV write leaves its .tmp-* file. Before: it stayed,
+    even after a later successful write. Now the next write of the same file removes the dead writer's temp
+    file, and keeps a live writer's."""
+    script = """
+import os, signal, sys, time
+from breakhis.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text('{"temperature": ')  # half written
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+    for target in (tmp_path / "calibration.json", tmp_path / "scores.csv"):
+        done = subprocess.run([sys.executable, "-c", script, str(target), "kill"], cwd=ROOT, timeout=60)
+        assert done.returncode == -signal.SIGKILL
+        assert len(list(tmp_path.glob(f".tmp-{target.name}.*"))) == 1 and not target.exists()
+        (runs.save_temperature(tmp_path, {"temperature": 1.5}) if target.suffix == ".json"
+         else breakhis.io.write_csv(target, [{"path": "a.png"}]))
+        assert not list(tmp_path.glob(f".tmp-{target.name}.*")) and target.is_file()
+    live = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "scores.csv"), "live"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "writing"
+        breakhis.io.write_csv(tmp_path / "scores.csv", [{"path": "b.png"}])
+        assert len(list(tmp_path.glob(".tmp-scores.csv.*"))) == 1  # another process is writing it: kept
+    finally:
+        live.kill()
+        live.wait()
+    breakhis.io.write_csv(tmp_path / "scores.csv", [{"path": "c.png"}])
+    assert not list(tmp_path.glob(".tmp-*"))

@@ -57,7 +57,8 @@ def test_cli_report_and_split(demo_root, tmp_path, capsys):
     assert rc == 0 and rep["images"] == 192 and rep["split"]["counts"]["train"]["images"] > 100
     m = S.load_split(tmp_path / "s.json", D.index_tree(demo_root).records)
     assert (m["ratio"], m["seed"], m["task"]) == ([70, 10, 20], 2, "binary")
-    assert m == {**S.make_split(D.index_tree(demo_root).records, (70, 10, 20), 2), "task": "binary", "near_duplicates": []}
+    assert m == {**S.make_split(D.index_tree(demo_root).records, (70, 10, 20), 2), "task": "binary", "near_duplicates": [],
+                 "near_duplicates_linked": False}
     rc, out, _ = run_cli(capsys, demo_root, "--split-file", tmp_path / "s.json", "--magnification", "200",
                          "--cache-dir", tmp_path / "c", "--cache-size", "16x24")
     assert rc == 0 and "magnification 200" in out

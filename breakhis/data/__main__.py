@@ -24,13 +24,12 @@ from ..io import write_json
 from .dataset import HINT, URL
 from .download import download_and_extract
 from .integrity import integrity_report, render_report, render_split
-from .near import cache_pairs
-from .prepare import choose_split, load_tree, usable_records
+from .prepare import choose_split, load_tree, near_pairs, usable_records
 from .splits import split_counts
 
 # flag -> TrainConfig setting (None: the setting's default); the flags train.py takes under the same names
 SETTINGS = ("split_ratio", "split_seed", "group", "fold", "val_fraction", "task", "magnification", "split_file",
-            "skip_bad", "cache_dir", "cache_size", "workers")
+            "skip_bad", "near_duplicates", "cache_dir", "cache_size", "workers")
 
 
 def parse(argv):
@@ -50,6 +49,8 @@ def parse(argv):
     ap.add_argument("--split-file", help="check an existing manifest against this tree")
     ap.add_argument("--skip-bad", action="store_true", default=None,
                     help="skip unreadable images (recorded in the manifest)")
+    ap.add_argument("--near-duplicates", help="link (default): verified near-duplicate fields keep their patients on "
+                                              "one side; report: listed only; off: not searched (docs/data.md)")
     ap.add_argument("--cache-dir", help="decode cache folder (default: ~/.cache/breakhis)")
     ap.add_argument("--cache-size", help="cached field size HxW (default: the size for 224 px inputs)")
     ap.add_argument("--workers", help="decoding processes (0: one per core)")
@@ -70,16 +71,20 @@ def main(argv=None) -> int:
         raise UserError(f"give the data folder (python -m breakhis.data data/BreaKHis_v1), or {HINT}")
     cfg = make_config({"data": str(root)}, base=cfg)
     index, cache = load_tree(cfg, progress=not a.json)
-    near, near_note = cache_pairs(cache, index.records)
-    rep = integrity_report(index, cache.info, cache.paths, skip_bad=cfg.skip_bad, near=near, near_note=near_note)
-    manifest, records = None, []
+    near, near_note = near_pairs(cache, index.records, make_config({"split_file": ""}, base=cfg))
+    rep = integrity_report(index, cache.info, cache.paths, skip_bad=cfg.skip_bad, near=near, near_note=near_note,
+                           near_mode=cfg.near_duplicates)
+    manifest, records, refused = None, [], None
     if not rep["unreadable"] or cfg.skip_bad:
         records, skipped, dropped = usable_records(index, cache, cfg.task, cfg.skip_bad)
         if cfg.split_file or cfg.fold or a.split_ratio or a.out:
             kept = {r.path for r in records}
-            manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped,
-                                    near=[x for x in near if set(x["paths"]) <= kept])
-            if a.out:
+            try:
+                manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped,
+                                        near=[x for x in near if set(x["paths"]) <= kept])
+            except UserError as e:  # the report first (it shows the groups), then the one line
+                refused = e
+            if a.out and manifest is not None:
                 write_json(a.out, manifest)
     if a.json:
         if manifest is not None:
@@ -92,6 +97,8 @@ def main(argv=None) -> int:
             render_split(manifest, records, cfg.magnification)
             if a.out:
                 print(f"wrote {a.out}")
+    if refused is not None:
+        raise refused
     if rep["unreadable"] and not cfg.skip_bad:
         listing = "; ".join(f"{u['path']} ({u['error']})" for u in rep["unreadable"])
         raise UserError(f"{len(rep['unreadable'])} unreadable image(s) under {index.root}: {listing}: "

@@ -4,6 +4,7 @@
     python -m breakhis.data.demo data/demo --folds                 # also a Folds.csv: train.py --folds 1-5 on it
     python -m breakhis.data.demo /tmp/full --full                  # the archive's layout: 82 patients, 7,909 x 700x460
     python -m breakhis.data.demo /tmp/half --full --fraction 0.5   # every patient, half of each one's images
+    python -m breakhis.data.demo /tmp/he --content he --size 700x460   # real H&E texture: real PNG sizes (~500 KB)
 
 --full: the published per-subtype, per-magnification image counts (Spanhol et al. 2016, Table 1;
 they sum to the per-subtype totals and to 7,909) and patients per subtype. The per-PATIENT
@@ -13,7 +14,10 @@ plausible split that sums exactly to the published counts. Patient ids: A 22549A
 As in the archive, SOB_M_LC-14-13412 holds pixel-identical copies of images of SOB_M_DC-14-13412.
 
 The pictures are SYNTHETIC: pink stroma with purple nuclei; malignant fields have denser,
-larger, less regular nuclei. Folder and file naming are exactly the real ones:
+larger, less regular nuclei. With --content he they are real H&E texture instead, cut from one real
+field (../shared/data/he-field.png; see he_field) at random places, scales, angles and flips, and
+re-stained per patient in optical-density space; they carry NO class signal (one picture of one
+carcinoma cannot teach benign from malignant). Folder and file naming are exactly the real ones:
 BreaKHis_v1/histology_slides/breast/<class>/SOB/<subtype>/<patient folder>/<mag>X/<file>.png
 
 --folds (and train.py --demo) also writes OUT/Folds.csv in the official layout (fold,mag,filename,grp,
@@ -71,13 +75,79 @@ def synth_field(rng: np.random.Generator, malignant: bool, size: tuple[int, int]
     return img.filter(ImageFilter.GaussianBlur(0.6))
 
 
+# --- real H&E texture (--content he) -------------------------------------------------------------
+
+CONTENTS = ("synthetic", "he")  # what the fields show: drawn nuclei, or real H&E texture
+HE_FIELD = Path(__file__).resolve().parents[3] / "shared" / "data" / "he-field.png"  # ../shared/data from the repo root
+SCALES = (0.45, 0.9)  # source pixels per output pixel: a 700x460 field covers 315-630 px of the 1000 px picture
+# Ruifrok & Johnston's H&E optical densities per RGB channel (columns H, E), the stains a field is split into
+RUIFROK = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])
+RESTAIN = 0.25  # per-patient spread: stain amounts scaled by exp(N(0, RESTAIN)), vectors tilted by N(0, RESTAIN / 2) OD
+
+
+def he_source(path: str | Path | None = None) -> Image.Image:
+    """The real H&E field the he content is cut from (RGB); a UserError naming it when it is absent."""
+    p = Path(path or os.environ.get("BREAKHIS_HE_FIELD") or HE_FIELD)
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--content he needs the real H&E field {p} ({e}); give its path with --he-field "
+                        f"(see ../shared/data/README.md)") from None
+
+
+def patient_stain(rng: np.random.Generator) -> np.ndarray:
+    """(3, 3) map of one patient's staining in optical-density space: OD' = OD @ map.
+
+    OD is split into H and E amounts with the Ruifrok vectors (least squares; the residual third
+    component is kept as it is), the amounts are scaled and re-stained with slightly tilted vectors."""
+    basis = np.concatenate([RUIFROK / np.linalg.norm(RUIFROK, axis=0), np.zeros((3, 1))], 1)
+    basis[:, 2] = np.cross(basis[:, 0], basis[:, 1])
+    tilted = np.abs(basis[:, :2] + rng.normal(0, RESTAIN / 2, (3, 2)))
+    tilted /= np.linalg.norm(tilted, axis=0)
+    new = np.concatenate([tilted * np.exp(rng.normal(0, RESTAIN, 2)), basis[:, 2:]], 1)
+    return np.linalg.inv(basis).T @ new.T  # OD (row vector) -> amounts -> re-stained OD
+
+
+def he_field(rng: np.random.Generator, source: Image.Image, size: tuple[int, int], stain: np.ndarray) -> Image.Image:
+    """One field of real texture: a rectangle of `source` at a random place, scale (SCALES), angle (any)
+    and flip, resampled to size (W, H), re-stained with `stain` (patient_stain) in optical density.
+    Two such fields share texture only where their rectangles overlap at a similar angle."""
+    w, h = size
+    sw, sh = source.size
+    scale = rng.uniform(*SCALES) * 700 / w  # source pixels per output pixel, whatever the output size
+    angle = rng.uniform(0, 2 * np.pi)
+    half = scale * (abs(np.cos(angle)) * w + abs(np.sin(angle)) * h) / 2, scale * (abs(np.sin(angle)) * w + abs(np.cos(angle)) * h) / 2
+    cx, cy = rng.uniform(half[0], sw - half[0]), rng.uniform(half[1], sh - half[1])
+    c, s = np.cos(angle) * scale, np.sin(angle) * scale
+    # output (x, y) -> source (a x + b y + c0, d x + e y + f0): rotation and scale about the field's centre
+    coeffs = (c, -s, cx - c * w / 2 + s * h / 2, s, c, cy - s * w / 2 - c * h / 2)
+    img = source.transform((w, h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
+    if scale > 1.5:  # a small field (tests): cut at about one source pixel per pixel, then downscale antialiased
+        k = int(scale)
+        coeffs = (c / k, -s / k, coeffs[2], s / k, c / k, coeffs[5])
+        img = source.transform((w * k, h * k), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BICUBIC)
+        img = img.resize((w, h), Image.Resampling.BOX)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    od = -np.log((np.asarray(img, np.float32) + 1) / 256)  # (H, W, 3) optical density
+    out = 256 * np.exp(-np.maximum(od @ stain.astype(np.float32), 0)) - 1
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
 def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
-              size: tuple[int, int] = (350, 230), seed: int = 0) -> Path:
+              size: tuple[int, int] = (350, 230), seed: int = 0, content: str = "synthetic",
+              he_path: str | Path | None = None) -> Path:
     """Write a synthetic tree under OUT/BreaKHis_v1 and return that root.
 
     Patients are spread over the 8 subtypes in turn; each patient's images are spread over
-    the 4 magnifications in turn.
+    the 4 magnifications in turn. content: "synthetic" (synth_field: drawn nuclei, with a class
+    signal) or "he" (he_field: real H&E texture cut from he_path, re-stained per patient; NO class
+    signal: one picture cannot teach benign from malignant, so a model trained on it stays at chance).
     """
+    if content not in CONTENTS:
+        raise UserError(f"--content {content!r}: choose one of {', '.join(CONTENTS)}")
+    source = he_source(he_path) if content == "he" else None
     if patients < 4:
         raise UserError(f"--patients {patients}: need at least 4 (two per class) for a train/val/test split")
     if images_per_patient < 1:
@@ -90,11 +160,15 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
         code = codes[(p % 2) * 4 + (p // 2) % 4]
         slide = f"{10000 + 37 * p}{'AB' if p % 5 == 0 else ''}"
         malignant = SUBTYPE_CODES[code][0] == "malignant"
+        stain = patient_stain(rng) if source is not None else None
         for i in range(images_per_patient):
             mag = MAGNIFICATIONS[i % 4]
             path = image_path(root, code, slide, mag, i // 4 + 1)
             path.parent.mkdir(parents=True, exist_ok=True)
-            synth_field(rng, malignant, size, mag).save(path, compress_level=1)
+            if source is None:
+                synth_field(rng, malignant, size, mag).save(path, compress_level=1)
+            else:  # the archive's PNGs are compressed at the default level: real file sizes
+                he_field(rng, source, size, stain).save(path)
     return root
 
 
@@ -170,18 +244,35 @@ def full_layout(seed: int = 0, fraction: float = 1.0) -> list[tuple[str, int, st
     return layout
 
 
-def _render(job: tuple[str, tuple[int, int], int, bool, int]) -> None:
-    """Write one field; its pixels depend only on (seed, picture number), not on the worker."""
-    path, size, mag, malignant, key = job
+_SOURCE: dict[str, Image.Image] = {}  # the he picture, read once per writer process
+
+
+def _render(job: tuple) -> None:
+    """Write one field; its pixels depend only on (seed, picture number, patient), not on the worker."""
+    path, size, mag, malignant, key, he_path, patient_key = job
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    synth_field(np.random.default_rng(key), malignant, size, mag).save(path, compress_level=1)
+    if he_path is None:
+        synth_field(np.random.default_rng(key), malignant, size, mag).save(path, compress_level=1)
+        return
+    if he_path not in _SOURCE:
+        _SOURCE[he_path] = he_source(he_path)
+    stain = patient_stain(np.random.default_rng(patient_key))
+    he_field(np.random.default_rng(key), _SOURCE[he_path], size, stain).save(path)
 
 
 def make_full(out: str | Path, size: tuple[int, int] = (700, 460), seed: int = 0, fraction: float = 1.0,
-              workers: int = 0) -> Path:
-    """Write the full archive's layout (see the module docstring) under OUT/BreaKHis_v1; return that root."""
+              workers: int = 0, content: str = "synthetic", he_path: str | Path | None = None) -> Path:
+    """Write the full archive's layout (see the module docstring) under OUT/BreaKHis_v1; return that root.
+    content: as make_demo's (he: about 0.3 s and 500 KB per 700x460 field)."""
     if not 0 < fraction <= 1:
         raise UserError(f"--fraction {fraction}: give a share of each patient's images in (0, 1]")
+    if content not in CONTENTS:
+        raise UserError(f"--content {content!r}: choose one of {', '.join(CONTENTS)}")
+    if content == "he":
+        he_source(he_path)  # absent: one line now, not in every worker
+        he_path = str(Path(he_path or os.environ.get("BREAKHIS_HE_FIELD") or HE_FIELD))
+    else:
+        he_path = None
     root = Path(out) / "BreaKHis_v1"
     layout = full_layout(seed, fraction)
     jobs, pictures = [], {}
@@ -195,7 +286,8 @@ def make_full(out: str | Path, size: tuple[int, int] = (700, 460), seed: int = 0
                 owner = DUPLICATED[1] if dup else code
                 key = pictures.setdefault((owner, year, slide, mag, seq), len(pictures))
                 jobs.append((str(image_path(root, code, slide, mag, seq, year)), size, mag, malignant,
-                             seed * 1_000_003 + key))
+                             seed * 1_000_003 + key, he_path,  # the stain of the picture's owner: copies stay identical
+                             [seed, list(FULL_COUNTS).index(owner), year, int("".join(filter(str.isdigit, slide)))]))
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(workers) as pool:
         for _ in pool.map(_render, jobs, chunksize=32):
@@ -214,7 +306,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", type=float, help="with --full: this share of each patient's images (default 1)")
     ap.add_argument("--workers", type=int, default=0, help="with --full: writer processes (0: one per core)")
     ap.add_argument("--folds", action="store_true", help="also write OUT/Folds.csv: 5 seeded 70/30 patient splits")
+    ap.add_argument("--content", default="synthetic", choices=CONTENTS,
+                    help="synthetic: drawn nuclei with a class signal (default); he: real H&E texture cut from "
+                         "--he-field at random places, scales, angles and flips, re-stained per patient, no class signal")
+    ap.add_argument("--he-field", help=f"with --content he: the real H&E picture (default $BREAKHIS_HE_FIELD, else {HE_FIELD})")
     a = ap.parse_args(argv)
+    if a.he_field and a.content != "he":
+        raise UserError("--he-field is the picture --content he cuts fields from; add --content he")
     if a.fraction is not None and not a.full:
         raise UserError("--fraction applies to --full trees only; for a small tree give --patients and --images-per-patient")
     a.size = a.size or ("700x460" if a.full else "350x230")
@@ -222,13 +320,16 @@ def main(argv=None) -> int:
         w, h = (int(v) for v in a.size.lower().split("x"))
     except ValueError:
         raise UserError(f"--size {a.size!r}: give WxH in pixels, e.g. 700x460") from None
+    what = "; real H&E texture re-stained per patient, no class signal" if a.content == "he" else ""
     if a.full:
-        root = make_full(a.out, (w, h), a.seed, 1.0 if a.fraction is None else a.fraction, a.workers)
+        root = make_full(a.out, (w, h), a.seed, 1.0 if a.fraction is None else a.fraction, a.workers, a.content,
+                         a.he_field)
         n = sum(1 for _ in root.rglob("*.png"))
-        print(f"wrote a SYNTHETIC tree in the archive's layout: {root} (82 patients, {n} images)")
+        print(f"wrote a SYNTHETIC tree in the archive's layout: {root} (82 patients, {n} images{what})")
     else:
-        root = make_demo(a.out, a.patients, a.images_per_patient, (w, h), a.seed)
-        print(f"wrote a SYNTHETIC BreakHis-shaped tree: {root} ({a.patients} patients x {a.images_per_patient} images)")
+        root = make_demo(a.out, a.patients, a.images_per_patient, (w, h), a.seed, a.content, a.he_field)
+        print(f"wrote a SYNTHETIC BreakHis-shaped tree: {root} ({a.patients} patients x {a.images_per_patient} "
+              f"images{what})")
     if a.folds:
         print(f"wrote {write_folds(root, a.seed)} (5 SYNTHETIC 70/30 patient splits, in the official layout)")
     return 0

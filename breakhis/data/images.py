@@ -11,8 +11,11 @@ then reported unreadable, not skipped in silence); a folder is searched recursiv
 pattern (`*`, `?`, `[`) is expanded here, with `**` reaching into sub-folders, so that a quoted
 pattern works too; from folders and patterns only files ending in IMAGE_SUFFIXES (any case) are
 taken, hidden files and folders (`.x`, macOS `._x.png` forks) left out. Each argument must yield
-at least one file, else a UserError names it. Paths are de-duplicated by their real path (a file
-reached twice, through two arguments or a symlink, is scored once) and sorted.
+at least one file, else a UserError names it. Folders are walked breadth first, following symbolic
+links to folders but entering each real folder once (a link to itself or to a parent is not walked
+again: no endless or 40-level-deep paths). Paths are de-duplicated by their real path (a file reached
+twice, through two arguments or a symlink, is scored once: under the path that goes through no link
+when one was found, else its shortest) and sorted.
 
 Decoding is cache.decode_resize itself (see breakhis/data/cache.py): Pillow, RGB (transparency
 onto white), then resized with BILINEAR (antialiased) to the run's cache size (H, W), which has
@@ -27,8 +30,10 @@ A multi-page TIFF gives its first page; an image over Pillow's decompression-bom
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,11 +53,30 @@ def _image_file(name: str) -> bool:
 
 
 def _walk(folder: str) -> list[str]:
-    """Image files below a folder, recursively (hidden files and folders left out)."""
-    out = []
-    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out += [os.path.join(dirpath, f) for f in files if _image_file(f)]
+    """Image files below a folder, recursively (hidden files and folders left out): breadth first, each real
+    folder entered once, from the shortest path that reaches it (os.walk(followlinks=True) entered a folder
+    again through every link to it: 2^40 paths for two links to itself)."""
+    out, seen, queue = [], set(), deque([folder])
+    while queue:
+        d = queue.popleft()
+        real = os.path.realpath(d)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:  # unreadable, or vanished: as os.walk, skipped
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    queue.append(e.path)
+                elif e.is_file() and _image_file(e.name):
+                    out.append(e.path)
+            except OSError:  # a broken or looping link
+                continue
     return out
 
 
@@ -65,8 +89,16 @@ def _expand(arg: str) -> list[str]:
         return _walk(p)
     if not any(c in p for c in MAGIC):
         return []
+    if "**" in p:  # glob's ** follows every link again (endless for a link to a parent): walked here instead
+        parts = p.split(os.sep)
+        lead = next(i for i, q in enumerate(parts) if any(c in q for c in MAGIC))
+        root = os.sep.join(parts[:lead]) or ("/" if p.startswith(os.sep) else ".")
+        shallow = p.replace("**" + os.sep, "")  # ** also matches no folder at all
+        return [f for f in (_walk(root) if os.path.isdir(root) else [])
+                if fnmatch.fnmatchcase(f, p) or fnmatch.fnmatchcase(f, shallow)
+                or fnmatch.fnmatchcase(os.path.normpath(f), os.path.normpath(p))]
     out = []
-    for m in glob.glob(p, recursive=True):
+    for m in glob.glob(p):
         if os.path.isdir(m):
             out += _walk(m)
         elif os.path.isfile(m) and _image_file(os.path.basename(m)):
@@ -91,7 +123,9 @@ def find_images(args: Sequence[str]) -> list[str]:
         raise UserError(f"{what}: no image file found (give PNG, JPEG or TIFF files, folders holding "
                         f"them, or glob patterns such as 'new/*.png')")
     unique: dict[str, str] = {}
-    for f in sorted(os.path.normpath(f) for f in found):
+    # a file found under several paths keeps the one that goes through no link, else the shortest
+    for f in sorted({os.path.normpath(f) for f in found},
+                    key=lambda f: (os.path.realpath(f) != os.path.abspath(f), f.count(os.sep), f)):
         unique.setdefault(os.path.realpath(f), f)
     return sorted(unique.values())
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .dataset import CLASSES, FULL, MAGNIFICATIONS, PARTS, SUBTYPES, Index, Record, drop_duplicates, find_duplicates
+from .near import describe, groups, max_group
 from .splits import part_records
 
 
@@ -63,10 +64,13 @@ def pixel_facts(rep: dict, recs: list, paths: list[str], info: list[dict], notes
 
 
 def integrity_report(index: Index, info: list[dict] | None = None, paths: list[str] | None = None,
-                     skip_bad: bool = False, near: list[dict] | None = None, near_note: str = "") -> dict:
+                     skip_bad: bool = False, near: list[dict] | None = None, near_note: str = "",
+                     near_mode: str = "link") -> dict:
     """JSON-able facts about a tree: counts per class x subtype x magnification, patients per subtype,
     strays, and, given the decoder's `info` (aligned with `paths`, default the index's paths),
-    unreadable files, converted modes, odd sizes and pixel-identical duplicates across patients."""
+    unreadable files, converted modes, odd sizes and pixel-identical duplicates across patients.
+    near: verified near-duplicate pairs (near.cache_pairs), listed with the groups of patients they link
+    (near_groups) and whether --near-duplicates (near_mode) links them."""
     recs = index.records
     paths = [r.path for r in recs] if paths is None else paths
     counts = {}
@@ -85,9 +89,18 @@ def integrity_report(index: Index, info: list[dict] | None = None, paths: list[s
     exact = {tuple(sorted(g)) for g in find_duplicates(recs, {p: i["sha1"] for p, i in zip(paths, info) if i["ok"]})} \
         if info is not None else set()
     rep["near_duplicates"] = [x for x in rep["near_duplicates"] if tuple(sorted(x["paths"])) not in exact]
-    notes = [f"{len(rep['near_duplicates'])} near-duplicate field pair(s) across patients (perceptual hash; e.g. "
-             f"{' ~ '.join(rep['near_duplicates'][0]['paths'])}): their patients stay on one side of every split"] \
-        if rep["near_duplicates"] else []
+    rep["near_groups"], rep["near_mode"] = groups(rep["near_duplicates"], recs), near_mode
+    notes = []
+    if rep["near_duplicates"]:
+        g, limit = rep["near_groups"], max_group(len(index.patients))
+        fate = {"link": "their patients stay on one side of every split",
+                "report": "listed only, not kept together (--near-duplicates report)"}[near_mode]
+        notes.append(f"{len(rep['near_duplicates'])} verified near-duplicate field pair(s) across patients (e.g. "
+                     f"{' ~ '.join(rep['near_duplicates'][0]['paths'])}) in {len(g)} group(s) of patients, the largest "
+                     f"{describe(g[0])}: {fate}")
+        if g[0]["size"] > limit and near_mode == "link":
+            notes.append(f"a near-duplicate group joins more than {limit} patients: a split refuses it; pass "
+                         f"--near-duplicates report (listed, not linked) or off")
     notes += [near_note] if near_note else []
     notes += [f"slide id {c['accession']} is filed under {len(c['patients'])} subtypes ({', '.join(c['patients'])}): "
              f"--group accession keeps them on one side of a split" for c in rep["cross_subtype_ids"]]
@@ -136,6 +149,16 @@ def render_report(rep: dict, console=None) -> None:
         for row in rep["duplicate_patients"]:
             d.add_row(" = ".join(row["patients"]), str(row["images"]), ", ".join(row["conflicting_labels"]) or "none")
         con.print(d)
+    if rep.get("near_groups"):
+        g = Table(title=f"patients linked by near-duplicate fields (--near-duplicates {rep.get('near_mode', 'link')})",
+                  box=box.SIMPLE)
+        for col in ("patients", "benign", "malignant", "verified pairs", "members"):
+            g.add_column(col, justify="left" if col == "members" else "right")
+        for row in rep["near_groups"][:10]:
+            members = ", ".join(row["patients"][:6]) + (f", ... {row['size'] - 6} more" if row["size"] > 6 else "")
+            g.add_row(str(row["size"]), str(row["classes"]["benign"]), str(row["classes"]["malignant"]),
+                      f"{row['pairs']:,}", members)
+        con.print(g)
     problems = [("unreadable", [f"{u['path']} ({u['error']})" for u in rep["unreadable"]]),
                 ("converted to RGB", [f"{k}: {v}" for k, v in rep["modes"].items()]),
                 ("other sizes", [f"{o['path']} ({o['size']})" for o in rep["odd_sizes"]]),

@@ -21,7 +21,7 @@ from ..errors import UserError
 from . import splits
 from .cache import Cache, build_cache, default_cache_size
 from .dataset import PARTS, Index, Record, drop_duplicates, find_duplicates, index_tree
-from .near import cache_pairs
+from .near import cache_pairs, check_groups
 
 
 @dataclass
@@ -75,8 +75,13 @@ def usable_records(index: Index, cache: Cache, task: str, skip_bad: bool) -> tup
 def choose_split(root: Path, records: list[Record], cfg: TrainConfig, *, skipped: list[dict],
                  dropped: list[dict], near: list[dict] = ()) -> dict:
     """The manifest: cfg.split_file read back, an official fold, or a seeded patient-level split.
-    near: near-duplicate pairs across patients (near.cache_pairs); their patients stay on one side."""
-    links = [tuple(x["patients"]) for x in near]
+    near: verified near-duplicate pairs across patients (near_pairs); with --near-duplicates link their
+    patients stay on one side, unless they join more patients than near.max_group (a UserError naming the
+    flag); with report they are only listed in the manifest."""
+    linking = cfg.near_duplicates == "link" and not cfg.split_file
+    if linking:
+        check_groups(list(near), records)
+    links = [tuple(x["patients"]) for x in near] if linking else []
     if cfg.split_file:
         manifest = splits.load_split(cfg.split_file, records)
     elif cfg.fold:
@@ -85,7 +90,18 @@ def choose_split(root: Path, records: list[Record], cfg: TrainConfig, *, skipped
     else:
         manifest = splits.make_split(records, cfg.split_percentages(), seed=cfg.split_seed, group=cfg.group,
                                      links=links)
-    return {**manifest, "task": cfg.task, "skipped": skipped, "dropped": dropped, "near_duplicates": list(near)}
+    return {**manifest, "task": cfg.task, "skipped": skipped, "dropped": dropped, "near_duplicates": list(near),
+            "near_duplicates_linked": linking and bool(near)}
+
+
+def near_pairs(cache: Cache, records: list[Record], cfg: TrainConfig) -> tuple[list[dict], str]:
+    """(verified near-duplicate pairs among records, a note): none searched with --near-duplicates off or a
+    --split-file (the split is given)."""
+    if cfg.near_duplicates == "off":
+        return [], "near-duplicates not searched (--near-duplicates off)"
+    if cfg.split_file:
+        return [], ""
+    return cache_pairs(cache, records)
 
 
 def whole_tree(records: list[Record], cfg: TrainConfig, *, skipped: list[dict], dropped: list[dict]) -> dict:
@@ -105,7 +121,7 @@ def prepare(cfg: TrainConfig, progress: bool = True, whole: bool = False) -> Pre
     if whole:
         manifest = whole_tree(records, cfg, skipped=skipped, dropped=dropped)
     else:
-        near = cache_pairs(cache, records)[0] if not cfg.split_file else []
+        near = near_pairs(cache, records, cfg)[0]
         manifest = choose_split(index.root, records, cfg, skipped=skipped, dropped=dropped, near=near)
     parts = {k: splits.part_records(records, manifest, k, cfg.magnification) for k in PARTS}
     for k in () if whole else ("train", "val"):

@@ -63,22 +63,45 @@ def linked_key(group: str, records: list[Record], links=()):
 
 
 def _units(records: list[Record], group: str, key=None):
-    """Split units (patients or accessions) in sorted order: (key fn, keys, images (U,), label (U,), subtype (U,))."""
+    """Split units (patients or accessions) in sorted order: (key fn, keys, images (U,), label (U,), subtype (U,)).
+    A unit that near-duplicate links made of both classes is counted under the class of most of its images."""
     key = key or group_key(group)
-    count, first = Counter(key(r) for r in records), {}
+    count, first, per_class = Counter(key(r) for r in records), {}, Counter((key(r), r.label) for r in records)
     for r in records:
         first.setdefault(key(r), r)
     keys = sorted(count)
+    label = [int(per_class[(k, 1)] > per_class[(k, 0)]) if per_class[(k, 0)] and per_class[(k, 1)] else first[k].label
+             for k in keys]
     return (key, keys, np.array([count[k] for k in keys], np.float64),
-            np.array([first[k].label for k in keys]), np.array([first[k].subtype_index for k in keys]))
+            np.array(label), np.array([first[k].subtype_index for k in keys]))
 
 
-def _require(label: np.ndarray, parts: int, group: str, what: str) -> None:
+def _require(label: np.ndarray, parts: int, group: str, what: str, records: list[Record] = (), key=None) -> None:
+    """A UserError when fewer than `parts` units of a class are left to give every partition both classes;
+    said in terms of the units: where near-duplicate links joined units (key: linked_key), how many
+    patients they joined into how many units, and how many hold both classes."""
     per = np.bincount(label, minlength=2)
-    if per.min() < parts:
-        raise UserError(f"cannot split {what}: {per[0]} benign and {per[1]} malignant {group}s, but both classes in "
-                        f"each of {parts} partitions need at least {parts} {group}s per class; use a bigger tree "
+    if per.min() >= parts:
+        return
+    base, plain = group_key(group), f"{group}s"
+    joined = key is not None and any(key(r) != base(r) for r in records)
+    if not joined:
+        raise UserError(f"cannot split {what}: {per[0]} benign and {per[1]} malignant {plain}, but both classes in "
+                        f"each of {parts} partitions need at least {parts} {plain} per class; use a bigger tree "
                         f"(python -m breakhis.data.demo OUT --patients 8) or fewer partitions (e.g. --split-ratio 80:0:20)")
+    members, classes = defaultdict(set), defaultdict(set)
+    for r in records:
+        members[key(r)].add(r.patient)
+        classes[key(r)].add(r.label)
+    linked = [k for k, m in members.items() if len(m) > 1]
+    both = sum(len(classes[k]) == 2 for k in members)
+    only = [sum(classes[k] == {c} for k in members) for c in (0, 1)]
+    biggest = max(len(members[k]) for k in linked)
+    raise UserError(f"cannot split {what}: near-duplicate links join {sum(len(members[k]) for k in linked)} patients "
+                    f"into {len(linked)} unit(s) (the largest: {biggest} patients), leaving {len(members)} split units "
+                    f"({both} with both classes, {only[0]} benign only, {only[1]} malignant only), but both classes in "
+                    f"each of {parts} partitions need at least {parts} units per class; pass --near-duplicates report "
+                    f"(links listed, not kept together) or off, or use a bigger tree")
 
 
 def _score(assign: np.ndarray, n, label, sub, fracs) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +222,8 @@ def make_split(records: list[Record], ratio=(60, 10, 30), seed: int = 0, group: 
     ratio = parse_split_ratio(ratio)
     key, keys, n, label, sub = _units(records, group, linked_key(group, records, links))
     fracs = np.array(ratio, np.float64) / 100
-    _require(label, int((fracs > 0).sum()), group, f"{len(records)} images by {group} {':'.join(map(str, ratio))}")
+    _require(label, int((fracs > 0).sum()), group, f"{len(records)} images by {group} {':'.join(map(str, ratio))}",
+             records, key)
     assign = _search(n, label, sub, fracs, seed)
     part_of = {k: PARTS[a] for k, a in zip(keys, assign)}
     return _manifest(records, key, part_of, seed=seed, ratio=list(ratio), group=group, fold=0)
@@ -278,8 +302,8 @@ def fold_split(root: str | Path, records: list[Record], fold: int, seed: int = 0
     across = sorted({tuple(sorted((a, b))) for a, b in links if {part_of.get(key(r)) for r in listed
                                                                   if r.patient in (a, b)} == {"train", "test"}})
     if val_fraction > 0:
-        _, keys, n, label, sub = _units(train, group, linked_key(group, train, links))
-        _require(label, 2, group, f"the train side of fold {fold} into train and val")
+        tkey, keys, n, label, sub = _units(train, group, linked_key(group, train, links))
+        _require(label, 2, group, f"the train side of fold {fold} into train and val", train, tkey)
         assign = _search(n, label, sub, np.array([1 - val_fraction, val_fraction]), seed)
         part_of.update({k: ("train", "val")[a] for k, a in zip(keys, assign)})
     known = {PurePosixPath(r.path).name for r in records}

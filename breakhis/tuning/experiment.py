@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,26 @@ def test_scalars(metrics: dict) -> dict[str, float]:
 
 
 # --- running it (the driver) ------------------------------------------------------------------
+
+PROBE_S = 5.0  # seconds to wait for a TCP answer at --address (Ray itself retries for minutes)
+
+
+def probe_address(address: str, timeout_s: float = PROBE_S) -> None:
+    """Refuse an --address where nothing accepts a TCP connection, before any folder is made or data
+    prepared: ray.init would print connection warnings for minutes. "auto" (Ray finds the cluster from
+    RAY_ADDRESS or this machine's session) is left to Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address!r}: give the head's HOST:PORT, e.g. 10.0.0.5:6379, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start the head "
+                        f"there with `ray start --head --port {port}`, or leave --address out to start Ray on this "
+                        f"machine") from None
+
 
 def start_ray(address: str | None, verbose: bool = False) -> None:
     """Start a local Ray (dashboard off) or join the cluster at address; no-op when Ray is up. Not verbose:
