@@ -260,7 +260,7 @@ def test_metrics_json_records_the_selected_checkpoint_and_the_intervals(trained,
     assert m["best_val_acc"] == 0.5 and m["best_epoch"] == int(history[-1]["epoch"]) and m["select"] == "val_acc"
     settings = m["test"]["ci_settings"]
     assert (settings["unit"], settings["resamples"], settings["seed"], settings["level"]) == ("patient", 1000, 0, 0.95)
-    assert settings["method"].startswith("patient-cluster intervals")
+    assert settings["method"].startswith("patient intervals: a per-class patient random-effects model")
     assert guard(evaluate.main, [str(copy), "--n-boot", "50", "--boot-seed", "7", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["test"]["ci_settings"]["resamples"] == 50 and out["test"]["ci_settings"]["seed"] == 7
