@@ -525,11 +525,11 @@ def test_malformed_exports_json(copy_run, tmp_path, content, capsys):
 def test_crafted_near_duplicate_file_is_searched_again(fresh_demo, tmp_path, crafted):
     from breakhis.data.cache import build_cache
     from breakhis.data.dataset import index_tree
-    from breakhis.data.near import cache_pairs
+    from breakhis.data.near import cache_pairs, pairs_file
 
     idx = index_tree(fresh_demo)
     cache = build_cache(idx.root, [r.path for r in idx.records], (16, 24), cache_dir=tmp_path / "c", workers=1, progress=False)
-    path = cache.folder / "near-5.json"
+    path = pairs_file(cache)
     path.write_text(json.dumps(crafted))  # before: TypeError or KeyError from the split
     pairs, note = cache_pairs(cache, idx.records)
     assert isinstance(note, str) and all(isinstance(x, dict) and len(x["paths"]) == 2 for x in pairs)

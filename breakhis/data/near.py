@@ -10,7 +10,8 @@ pixel-identical (dataset.find_duplicates misses it) but shows the same tissue. T
    neighbour pair telling which is brighter). A pair of fields of different patients is a candidate
    when the hash of one is within MAX_DISTANCE bits of the hash of any view of the other. The search
    over views costs 8 popcounts per pair (numpy's bitwise_count; about 4 s for the archive's 7,909
-   fields on 2 cores), so flipped and rotated copies are candidates too.
+   fields on 2 cores, after about 20 s reading the cache into thumbnails), so flipped and rotated
+   copies are candidates too.
 2. Verification. A hash is 64 bits of coarse layout: fields that share an illumination falloff or a
    framing match it by coincidence (on sklearn's digits laid out as a tree, 7,000-20,000 pairs at 5
    bits). A candidate is kept only when the Pearson correlation of the two thumbnails, high-passed
@@ -44,8 +45,9 @@ GRID_W, GRID_H = 9, 8  # dHash: 8 rows x 8 neighbour comparisons = 64 bits
 MAX_DISTANCE = 8  # bits; unrelated fields differ in about 32 of 64, copies in 0-3; candidates only
 # Measured (tests/test_near.py, docs/data.md) on fields cut from ../shared/data/he-field.png at 256x390:
 # copies (grayscale, JPEG q50, rescaled 0.75, all 8 dihedral views) correlate >= 0.989; unrelated fields
-# <= 0.19 (<= 0.40 under a shared 50% vignette); different digits of sklearn's 8x8 set drawn alike: 0.08% of
-# pairs above 0.95. 0.95 keeps the copies with a margin and needs nuclei in the same places.
+# (480 cut from one picture: 114,960 pairs x 8 views) 0.20 at the 99.9th percentile, 0.67 at most (cuts of an
+# overlapping spot), 0.40 under a shared 50% vignette; different digits of sklearn's 8x8 set drawn alike: 0.08%
+# of pairs above 0.95. 0.95 keeps the copies with a margin and needs nuclei in the same places.
 MIN_CORRELATION = 0.95
 FLAT = 2.0  # grey levels: a field whose 9x8 cell means span less than this has no shape to compare (blank)
 PAIRS_PER_FIELD = 20  # more candidate pairs than this per field: the fields all look alike; stop
