@@ -323,7 +323,9 @@ REF_LOSSES = [(0.659979772567749, 0.7263847390810648), (0.6635612487792969, 0.73
               (0.6479551792144775, 0.7313975592454275), (0.6260631561279297, 0.7258389492829641)]  # (train, val)
 REF_TEST = {"accuracy": 0.3333333333333333, "auroc": 0.5416666666666667, "f1": 0.5, "loss": 0.8901022242175208,
             "ece": 0.3757513297928704, "brier": 0.3626061585633834}
-REF_CI_ACCURACY = [0.011329922985203134, 0.9561700770147967]
+# the interval changed with issue 19 (the random-effects model; the old cluster Wilson gave [0.0113, 0.9562]):
+# the training and the point figures above are those of the code before issue 21
+REF_CI_ACCURACY = [0.12599571131572962, 0.6368929605802796]
 
 
 def test_frozen_run_equals_the_reference_and_lean_scoring_the_same_point_figures(tmp_path, capsys):
