@@ -10,6 +10,7 @@
     python evaluate.py results/tune/<name>/runs/<trial> --plots   # a tune trial's plots, drawn on demand
     python evaluate.py results/<run> --calibrate --save-temperature   # temperature scaling fitted on val
     python evaluate.py results/ --sort auroc --markdown logbook.md   # the logbook: all runs compared
+    python evaluate.py results/<protocol run>               # a train.py --protocol eva run: its rows again
 
 The model is rebuilt from model.safetensors and config.json; the split from split.json. New
 image files are scored by score.py (python score.py RUN PATH...). What is safe to load:
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     opts = parse(argv)
     from breakhis import runs
 
+    if len(opts.runs) == 1 and (Path(opts.runs[0]) / "protocol.json").is_file():
+        return show_protocol(Path(opts.runs[0]), opts.json)
     paths = runs.find_runs(opts.runs)
     opts.validate(n_runs=len(paths))
     if len(paths) > 1:
@@ -138,6 +141,21 @@ def main(argv=None) -> int:
         print(json.dumps(out))
     else:
         show(out, opts.by)
+    return 0
+
+
+def show_protocol(run_dir: Path, as_json: bool) -> int:
+    """A --protocol run: the rows it recorded (protocol.json), side by side with their difference."""
+    from breakhis import protocol, report
+    from breakhis.io import read_json
+
+    out = read_json(run_dir / protocol.FILE)
+    if not isinstance(out, dict) or "rows" not in out:
+        raise UserError(f"{run_dir / protocol.FILE}: not a protocol record (no rows); the run did not finish")
+    if as_json:
+        print(json.dumps(out))
+    else:
+        report.console.print(protocol.protocol_table(out))
     return 0
 
 

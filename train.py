@@ -10,6 +10,7 @@
     python train.py --resume results/<run>                   # continue an interrupted run
     python train.py --backbone timm:convnext_tiny --freeze   # any timm model; --list-backbones shows names
     python train.py --backbone timm:hf-hub:MahmoodLab/UNI --weights uni.bin --freeze   # a pathology model
+    python train.py --protocol eva --backbone timm:hf-hub:MahmoodLab/UNI --weights uni.bin   # eva's benchmark, and held out
 
 Precedence: defaults < --demo / --preset / --config < flags. Every setting is a flag
 (see --help); config.json in the run folder holds the resolved settings. Every setting is
@@ -33,6 +34,8 @@ DEMO_DIR = Path("data/demo")
 DEMO = {"data": str(DEMO_DIR / "BreaKHis_v1"), "backbone": "resnet18", "pretrained": False, "image_size": 64,
         "batch_size": 32, "epochs": 6, "lr": 1e-3, "scheduler": "multistep", "milestones": (4,),
         "head": (128,), "dropout": (0.2, 0.2), "class_weights": (0.5, 0.5)}
+EVA_DEMO_DIR = Path("data/demo-eva")  # --demo --protocol eva: a tree with eva's validation patients (data/eva.py)
+EVA_DEMO = {"data": str(EVA_DEMO_DIR / "BreaKHis_v1"), "image_size": 64}
 
 
 def parse(argv):
@@ -69,6 +72,8 @@ def layers_of(a) -> list[dict]:
     layers = []
     if a.demo:
         layers.append(DEMO)
+    if getattr(a, "protocol", None) == "eva":  # the flag brings eva's settings (experiments/eva.py), flags still win
+        layers += [load_preset("eva:protocol")] + ([EVA_DEMO] if a.demo else [])
     if a.preset:
         layers.append(load_preset(a.preset))
     if a.config:
@@ -109,6 +114,8 @@ def main(argv=None) -> int:
                             f"(to train longer or differently, start a new run, e.g. --config {a.resume}/config.json)")
     cfg = None if a.resume else resolve(a)
     seeds = seed_list(a.seeds, cfg.seed if cfg else 0)
+    if cfg and cfg.protocol != "none":
+        return run_protocol(cfg, a, argv)
     if cfg and cfg.folds and (a.seeds or a.resplit):
         raise UserError(f"--folds {cfg.folds} with --seeds/--resplit is not supported: the folds are the repeats "
                         f"(one run per fold); for seed repeats on one fold use --fold N --seeds {a.seeds or '0,1,2'}")
@@ -158,6 +165,35 @@ def main(argv=None) -> int:
     if cfg.folds:
         return train_folds(cfg, a.name, a.results, a.quiet, argv)
     return train_seeds(cfg, seeds, a.name, a.results, a.resplit, a.quiet)
+
+
+def run_protocol(cfg, a, argv: list[str]) -> int:
+    """--protocol eva: the data and splits checked, then one feature pass and the probes (breakhis/protocol.py)."""
+    if a.resplit:
+        raise UserError("--protocol eva already draws one held-out split per seed; drop --resplit")
+    seeds = seed_list(a.seeds, cfg.seed) if a.seeds else [cfg.seed + i for i in range(5)]
+    if len(seeds) < 2:
+        raise UserError(f"--seeds {a.seeds}: the protocol reports a spread over seeds; give at least two (eva: 5)")
+    from breakhis import protocol, report, runs
+    from breakhis.data.demo import make_demo
+    from breakhis.data.eva import DEMO_SLIDES
+    from breakhis.fit import preflight, with_inputs
+
+    runs.check_name(a.name)
+    runs.check_results(a.results)
+    if a.name:
+        runs.check_new(a.results, a.name)
+    device = preflight(cfg)
+    cfg = protocol.eva_inputs(with_inputs(cfg, keep_size=True))
+    if a.demo and Path(cfg.data) == Path(EVA_DEMO["data"]) and not Path(cfg.data).exists():
+        make_demo(EVA_DEMO_DIR, images_per_patient=16, size=(350, 230), slides=DEMO_SLIDES)
+        report.console.print(f"made the SYNTHETIC demo tree {EVA_DEMO_DIR / 'BreaKHis_v1'} (eva's patient ids)")
+    data = protocol.plan(cfg, seeds, progress=not a.quiet)
+    run_dir = runs.new_run_dir(a.results, a.name, f"eva-{cfg.backbone}")
+    report.console.print(f"run folder: {run_dir}")
+    out = protocol.run_eva(cfg, run_dir, seeds, data, device, progress=not a.quiet)
+    report.console.print(protocol.protocol_table(out))
+    return 0
 
 
 def train_folds(cfg, name: str | None, results: str, quiet: bool, argv: list[str]) -> int:

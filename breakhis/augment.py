@@ -6,6 +6,8 @@ MEAN and STD for torchvision, timm's pretrained_cfg for timm models; config.json
 
 * evaluation (train=False), and training with augmentation off: the central square of full
   field height (H x H) resized (bilinear) to image_size x image_size; in order, no randomness.
+  (position 0 or 1 instead of 0.5 takes the left or right square of full height: the linear
+  probe's whole-field view averages the three, breakhis/probe.py.)
 * training: per sample, independently of the others in the batch:
   1. random resized crop: a box of area fraction U(crop_scale) of the whole field and aspect
      ratio (width/height) log-uniform in crop_ratio, clamped inside the field, at a uniform
@@ -87,8 +89,10 @@ def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 
-def draw(u: torch.Tensor, augment: Augment | None, H: int, W: int) -> dict:
+def draw(u: torch.Tensor, augment: Augment | None, H: int, W: int, position: float = 0.5) -> dict:
     """Per-sample parameters from uniforms u (n, NRAND) float64 for an H x W field, on the CPU.
+    position: without augmentation, where the square of full height sits across the field (0 left,
+    0.5 centre, 1 right).
 
     box (n, 4) long y0, x0, h, w; k (n,) dihedral index; rs, coef (colour_maps) and stain_m,
     stain_t (stain_maps), float64, None when that part is off. Every column of u is used
@@ -96,9 +100,10 @@ def draw(u: torch.Tensor, augment: Augment | None, H: int, W: int) -> dict:
     """
     n, a = len(u), augment
     p = dict.fromkeys(["stain_m", "stain_t", "rs", "coef"])
-    if a is None:  # the central square of full field height
+    if a is None:  # the square of full field height, centred unless position says otherwise
         side = min(H, W)
-        p["box"] = torch.tensor([(H - side) // 2, (W - side) // 2, side, side]).repeat(n, 1)
+        x0 = (W - side) // 2 if position == 0.5 else round((W - side) * position)
+        p["box"] = torch.tensor([(H - side) // 2, x0, side, side]).repeat(n, 1)
         p["k"] = torch.zeros(n, dtype=torch.long)
         return p
     area = (a.crop_scale[0] + (a.crop_scale[1] - a.crop_scale[0]) * u[:, 0]) * H * W

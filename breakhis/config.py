@@ -101,6 +101,12 @@ class TrainConfig:
     patience: int = _f(0, "stop after this many epochs without improvement of --select (0: off)")
     seed: int = _f(0, "seed of initialisation, sampling and augmentation")
     tensorboard: bool = _f(True, "write TensorBoard event files beside history.csv (tensorboard --logdir results/)")
+    # --- benchmark protocol (docs/eva.md) ---
+    protocol: str = _f("none", "eva: kaiko-ai eva's BreakHis linear probe (4 subtypes, its 14 validation patients), reproduced "
+                       "and beside it the same probe on held-out patients; use with --preset eva:protocol", choices=("none", "eva"))
+    probe_steps: int = _f(12500, "--protocol: linear-probe optimizer steps at most (eva: 12,500)")
+    probe_view: str = _f("both", "--protocol: the held-out rows' view of a field: centre (eva's centre crop), whole "
+                         "(features of the left, centre and right squares averaged) or both", choices=("centre", "whole", "both"))
     # --- speed ---
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     amp: str = _f("auto", "mixed precision: auto (bf16 if supported, else fp16; off on CPU), bf16, fp16 or off", choices=("auto", "bf16", "fp16", "off"))
@@ -239,9 +245,33 @@ class TrainConfig:
             raise UserError(f"--pct-start {self.pct_start}: must lie strictly between 0 and 1")
         if self.scheduler == "plateau" and not 0 < self.plateau_factor < 1:
             raise UserError(f"--plateau-factor {self.plateau_factor}: must lie strictly between 0 and 1")
+        if self.protocol != "none":
+            self._check_protocol()
         if not _DEVICE.fullmatch(self.device):
             raise UserError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         return self
+
+    def _check_protocol(self) -> None:
+        """The settings a benchmark protocol runs with: a frozen backbone on cached features, a linear head,
+        the protocol's own splits."""
+        need = "--protocol eva trains a linear probe on cached features of a frozen backbone"
+        if not self.cached_features:
+            raise UserError(f"{need}: add --freeze (without --unfreeze-at or --no-feature-cache), or start from "
+                            f"--preset eva:protocol")
+        if self.head or self.dropout:
+            raise UserError(f"{need}: give --head none --dropout none (the probe is one linear layer)")
+        if self.augment:
+            raise UserError(f"{need} on one fixed view per field: add --no-augment")
+        if self.task not in ("binary", "subtype"):
+            raise UserError(f"--task {self.task}: the protocol has subtype (eva's 4 classes) and binary")
+        if self.fold or self.folds or self.split_file:
+            raise UserError("--protocol eva makes its own splits (eva's patients; seeded accession splits): "
+                            "drop --fold, --folds and --split-file")
+        if self.group != "accession":
+            raise UserError("--protocol eva: the held-out variant splits by accession; give --group accession")
+        if self.stain_norm != "none":
+            raise UserError("--protocol eva scores the fields as eva reads them: drop --stain-norm")
+        _at_least("--probe-steps", self.probe_steps, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -40,10 +40,10 @@ PASS_BATCH = 64  # images per forward pass of the one-time feature computation
 
 
 def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False,
-                stain: StainParams | None = None) -> str:
+                stain: StainParams | None = None, position: float = 0.5) -> str:
     """sha256 of everything the features of one partition and view depend on (see the module docstring);
     tta: the 8 dihedral evaluation views; stain: the fitted stain normalisation of the images (it
-    changes the backbone's input)."""
+    changes the backbone's input); position: the evaluation square's place across the field (augment.draw)."""
     train = part == "train" and cfg.augment
     weights = sha256_of(Path(cfg.weights).expanduser()) if cfg.weights else None
     blob = {
@@ -56,6 +56,8 @@ def feature_key(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | 
         "view": {"augment": Augment.from_config(cfg).__dict__, "seed": cfg.seed, "views": cfg.views} if train
         else "evaluation-tta8" if tta and part != "train" else "evaluation",
     }
+    if position != 0.5 and not train:
+        blob["position"] = position  # absent at the centre: the keys of existing caches stay valid
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -161,18 +163,20 @@ def _stored(path: Path, make, lead: tuple[int, int]) -> np.ndarray:
 
 
 def feature_path(prep: Prepared, cfg: TrainConfig, part: str, amp: torch.dtype | None, tta: bool = False,
-                 stain: StainParams | None = None) -> Path:
+                 stain: StainParams | None = None, position: float = 0.5) -> Path:
     """Where the features of one partition (and view) of a run are kept."""
-    key = feature_key(prep, cfg, part, amp, tta, stain)
+    key = feature_key(prep, cfg, part, amp, tta, stain, position)
     return prep.cache.folder.parent / "features" / f"{prep.cache.folder.name}-{part}-{key[:20]}.npy"
 
 
 def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, device: torch.device,
                  amp: torch.dtype | None, images: DeviceImages,
-                 parts: tuple[str, ...] = ("train", "val", "test"), tta: bool = False) -> dict[str, torch.Tensor]:
+                 parts: tuple[str, ...] = ("train", "val", "test"), tta: bool = False,
+                 position: float = 0.5) -> dict[str, torch.Tensor]:
     """The cached features of a run's partitions, computed once: "train" (K, n, F), others (n, F),
     or with tta (8, n, F): the 8 dihedral views of the evaluation view. float16 tensors on the
-    device, rows in partition order (prep.positions[part]).
+    device, rows in partition order (prep.positions[part]). position: where the evaluation square sits
+    across the field (augment.draw; 0.5 the centre), for partitions other than an augmented "train".
     images: prep's fields as the run sees them (DeviceImages.for_run, with its stain normalisation)."""
     stain = images.stain.params if images.stain is not None else None
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -191,14 +195,15 @@ def run_features(backbone: torch.nn.Module, prep: Prepared, cfg: TrainConfig, de
         def make(part=part, pos=pos, labels=labels, rows=rows, views=views, train_view=train_view, dihedral=dihedral):
             loader = Loader(images, pos, labels, batch_size=PASS_BATCH, image_size=cfg.image_size, train=train_view,
                             augment=Augment.from_config(cfg) if train_view else None, drop_last=False, seed=cfg.seed,
-                            dtype=amp or torch.float32, channels_last=cfg.channels_last, mean=cfg.mean, std=cfg.std)
+                            dtype=amp or torch.float32, channels_last=cfg.channels_last, mean=cfg.mean, std=cfg.std,
+                            position=position)
             arrays = []
             for v in range(views):
                 loader.set_epoch(v + 1)  # view v: the draws of the loader's epoch v + 1
                 arrays.append(compute(backbone, loader, rows, len(pos), amp, tta=dihedral))
             return np.concatenate(arrays)  # (K, n, F), or (8, n, F) with tta
 
-        t = _on_device(feature_path(prep, cfg, part, amp, dihedral, stain), make, (8 if dihedral else views, len(pos)),
+        t = _on_device(feature_path(prep, cfg, part, amp, dihedral, stain, position), make, (8 if dihedral else views, len(pos)),
                        device)
         out[part] = t if part == "train" or dihedral else t[0]
     return out

@@ -177,7 +177,8 @@ class Loader:
 
     def __init__(self, data: DeviceImages, indices, labels, *, batch_size: int, image_size: int, train: bool,
                  augment: Augment | None = None, balanced: bool = False, drop_last: bool = False, seed: int = 0,
-                 dtype=torch.float32, channels_last: bool = True, mean=MEAN, std=STD):
+                 dtype=torch.float32, channels_last: bool = True, mean=MEAN, std=STD, position: float = 0.5):
+        self.position = float(position)  # evaluation view: where the square of full height sits (augment.draw)
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.indices) != len(self.labels):
@@ -232,7 +233,7 @@ class Loader:
         """The epoch's per-sample parameters (augment.draw); box and k stay on the CPU, the
         float32 maps go to the device once per epoch, so batches never wait on a copy."""
         H, W = self.data.shape[1:3]
-        p = draw(u, self.augment, H, W)
+        p = draw(u, self.augment, H, W, self.position)
         p["theta"] = crop_thetas(p["box"], p["k"], H, W) if self._geometry == "grid" else None
         dev = self.data.device
         return {key: v if v is None or key in ("box", "k") else v.to(dev, torch.float32) for key, v in p.items()}

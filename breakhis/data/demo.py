@@ -137,17 +137,19 @@ def he_field(rng: np.random.Generator, source: Image.Image, size: tuple[int, int
 
 def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
               size: tuple[int, int] = (350, 230), seed: int = 0, content: str = "synthetic",
-              he_path: str | Path | None = None) -> Path:
+              he_path: str | Path | None = None, slides: list[tuple[str, str]] | None = None) -> Path:
     """Write a synthetic tree under OUT/BreaKHis_v1 and return that root.
 
-    Patients are spread over the 8 subtypes in turn; each patient's images are spread over
-    the 4 magnifications in turn. content: "synthetic" (synth_field: drawn nuclei, with a class
+    Patients are spread over the 8 subtypes in turn (slides: [(subtype code, slide id)] instead, one
+    patient each, e.g. data.eva.DEMO_SLIDES); each patient's images are spread over the 4 magnifications in turn. content: "synthetic" (synth_field: drawn nuclei, with a class
     signal) or "he" (he_field: real H&E texture cut from he_path, re-stained per patient; NO class
     signal: one picture cannot teach benign from malignant, so a model trained on it stays at chance).
     """
     if content not in CONTENTS:
         raise UserError(f"--content {content!r}: choose one of {', '.join(CONTENTS)}")
     source = he_source(he_path) if content == "he" else None
+    if slides:
+        patients = len(slides)
     if patients < 4:
         raise UserError(f"--patients {patients}: need at least 4 (two per class) for a train/val/test split")
     if images_per_patient < 1:
@@ -159,6 +161,8 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
         # alternate benign / malignant subtypes so that both classes grow together
         code = codes[(p % 2) * 4 + (p // 2) % 4]
         slide = f"{10000 + 37 * p}{'AB' if p % 5 == 0 else ''}"
+        if slides:
+            code, slide = slides[p]
         malignant = SUBTYPE_CODES[code][0] == "malignant"
         stain = patient_stain(rng) if source is not None else None
         for i in range(images_per_patient):
