@@ -105,6 +105,8 @@ class TrainConfig:
     protocol: str = _f("none", "eva: kaiko-ai eva's BreakHis linear probe (4 subtypes, its 14 validation patients), reproduced "
                        "and beside it the same probe on held-out patients; use with --preset eva:protocol", choices=("none", "eva"))
     probe_steps: int = _f(12500, "--protocol: linear-probe optimizer steps at most (eva: 12,500)")
+    probe_lrs: tuple[float, ...] = _f((), "--protocol: learning rates the probe sweeps, each chosen on validation patients (empty: --lr)")
+    probe_weight_decays: tuple[float, ...] = _f((), "--protocol: weight decays the probe sweeps with --probe-lrs (empty: --weight-decay)")
     probe_view: str = _f("both", "--protocol: the held-out rows' view of a field: centre (eva's centre crop), whole "
                          "(features of the left, centre and right squares averaged) or both", choices=("centre", "whole", "both"))
     # --- speed ---
@@ -272,6 +274,10 @@ class TrainConfig:
         if self.stain_norm != "none":
             raise UserError("--protocol eva scores the fields as eva reads them: drop --stain-norm")
         _at_least("--probe-steps", self.probe_steps, 1)
+        for lr in self.probe_lrs:
+            _positive_finite("--probe-lrs", lr)
+        if any(not (math.isfinite(w) and w >= 0) for w in self.probe_weight_decays):
+            raise UserError(f"--probe-weight-decays {self.probe_weight_decays}: each must be zero or positive")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -62,56 +62,75 @@ def balanced_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((hits[present] / support[present]).mean())
 
 
-def _adamw(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: float, wd: float,
-           betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-    """One torch.optim.AdamW step of parameter p with gradient g, in place (its single-tensor update, written
-    out: the probe's two tensors make the optimizer's own bookkeeping the larger cost)."""
+def _adamw(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, lr: torch.Tensor,
+           wd: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+    """One torch.optim.AdamW step of parameters p (G, ...) with gradients g, in place: torch's single-tensor
+    update written out, with a learning rate and weight decay per leading index, lr and wd (G, 1, ...)
+    (G probes at once; the optimizer's own bookkeeping would cost more than the probe's arithmetic)."""
     p.mul_(1 - lr * wd)
     m.lerp_(g, 1 - betas[0])
     v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
     denom = (v.sqrt() / math.sqrt(1 - betas[1] ** step)).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / (1 - betas[0] ** step))
+    p.sub_(m / denom * (lr / (1 - betas[0] ** step)))
 
 
-@torch.no_grad()
 def fit_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
               settings: ProbeSettings, num_classes: int, seed: int) -> Probe:
     """Train Linear(F, num_classes) on (train_f (n, F), train_y (n,)), validating on (val_f, val_y) after every
     epoch, and return the checkpoint with the best validation balanced accuracy (the module docstring's recipe).
-    seed: the head's initialisation (torch's nn.Linear default) and the batch order.
+    seed: the head's initialisation (torch's nn.Linear default) and the batch order."""
+    return fit_probes(train_f, train_y, val_f, val_y, [settings], num_classes, seed)[0]
+
+
+@torch.no_grad()
+def fit_probes(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+               grid: list[ProbeSettings], num_classes: int, seed: int) -> list[Probe]:
+    """fit_probe for each of the settings in grid (which may differ in lr and weight_decay only), trained side
+    by side: same initialisation and batch order (same seed), each stopped and selected on its own, so each
+    result is what a run of that setting alone gives.
     The gradient of the mean cross-entropy is written out, (softmax - one-hot) / B: the same numbers as
-    autograd through nn.functional.cross_entropy and torch.optim.AdamW (tests/test_eva.py), 3x faster."""
-    device = train_f.device
+    autograd through nn.functional.cross_entropy and torch.optim.AdamW (tests/test_eva.py)."""
+    first = grid[0]
+    if any((s.steps, s.batch_size, s.patience) != (first.steps, first.batch_size, first.patience) for s in grid):
+        raise ValueError("the settings of one grid may differ in lr and weight_decay only")
+    device, G = train_f.device, len(grid)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     init = nn.Linear(train_f.shape[1], num_classes)
-    w, b = init.weight.detach().to(device).clone(), init.bias.detach().to(device).clone()  # (C, F), (C,)
+    w = init.weight.detach().to(device).repeat(G, 1, 1)  # (G, C, F)
+    b = init.bias.detach().to(device).repeat(G, 1, 1)  # (G, 1, C)
+    lr0 = torch.tensor([s.lr for s in grid], device=device).view(G, 1, 1)
+    wd = torch.tensor([s.weight_decay for s in grid], device=device).view(G, 1, 1)
     state = [(torch.zeros_like(t), torch.zeros_like(t)) for t in (w, b)]
     x, xv = train_f.float(), val_f.float()
-    n, step, epoch, stale = len(x), 0, 0, 0
-    best = Probe(w.clone(), b.clone(), -1.0, 0, 0, 0)
-    while step < settings.steps:
+    n, step, epoch = len(x), 0, 0
+    best = [Probe(w[i].clone(), b[i, 0].clone(), -1.0, 0, 0, 0) for i in range(G)]
+    stale, running = [0] * G, [True] * G
+    while step < first.steps and any(running):
         epoch += 1
-        lr = settings.lr * (WARMUP_FACTOR if epoch <= WARMUP_EPOCHS else 1.0)
+        lr = lr0 * (WARMUP_FACTOR if epoch <= WARMUP_EPOCHS else 1.0)
         order = torch.randperm(n, generator=g).to(device)
-        for s in range(0, n, settings.batch_size):
-            c = order[s:s + settings.batch_size]
+        for s in range(0, n, first.batch_size):
+            c = order[s:s + first.batch_size]
             xb = x[c]  # (B, F)
-            p = torch.addmm(b, xb, w.T).softmax(1)  # (B, C)
-            p[torch.arange(len(c), device=device), train_y[c]] -= 1
+            p = torch.baddbmm(b, xb.expand(G, -1, -1), w.transpose(1, 2)).softmax(2)  # (G, B, C)
+            p[:, torch.arange(len(c), device=device), train_y[c]] -= 1
             p /= len(c)  # d(mean cross-entropy)/d(logits)
             step += 1
-            for t, grad, (m, v) in ((w, p.T @ xb, state[0]), (b, p.sum(0), state[1])):
-                _adamw(t, grad, m, v, step, lr, settings.weight_decay)
-            if step >= settings.steps:  # Lightning stops mid-epoch at max_steps, then validates once more
+            for t, grad, (m, v) in ((w, p.transpose(1, 2) @ xb, state[0]), (b, p.sum(1, keepdim=True), state[1])):
+                _adamw(t, grad, m, v, step, lr, wd)
+            if step >= first.steps:  # Lightning stops mid-epoch at max_steps, then validates once more
                 break
-        score = balanced_accuracy(torch.addmm(b, xv, w.T).argmax(1), val_y)
-        if score > best.val_score:
-            best = Probe(w.clone(), b.clone(), score, epoch, step, step)
-            stale = 0
-        else:
-            stale += 1
-            if settings.patience and stale >= settings.patience:
-                break
-    best.steps = step
+        pred = torch.baddbmm(b, xv.expand(G, -1, -1), w.transpose(1, 2)).argmax(2)  # (G, n_val)
+        for i in range(G):
+            if not running[i]:
+                continue
+            score = balanced_accuracy(pred[i], val_y)
+            best[i].steps = step
+            if score > best[i].val_score:
+                best[i] = Probe(w[i].clone(), b[i, 0].clone(), score, epoch, step, step)
+                stale[i] = 0
+            else:
+                stale[i] += 1
+                running[i] = not (first.patience and stale[i] >= first.patience)
     return best

@@ -40,7 +40,7 @@ from .features import run_features
 from .io import write_json
 from .loader import DeviceImages
 from .models import model_for
-from .probe import ProbeSettings, balanced_accuracy, fit_probe
+from .probe import ProbeSettings, balanced_accuracy, fit_probes
 
 VIEWS = {"centre": (0.5,), "whole": (0.0, 0.5, 1.0)}  # square positions across the field (augment.draw)
 FILE = "protocol.json"
@@ -48,17 +48,22 @@ FILE = "protocol.json"
 
 def eva_inputs(cfg: TrainConfig) -> TrainConfig:
     """cfg with the cached field size that makes the evaluation view eva's ResizeAndCrop: the short side
-    resized to --image-size (460 -> S, 700 -> round(S x 700/460)), so that the central S x S square is eva's
-    centre crop with no second resize; an explicit --cache-size is kept."""
+    resized to --image-size S and the long one to int(S x 700/460) as torchvision's Resize truncates it (224x340),
+    so that the central S x S square is eva's centre crop with no second resize (equal to torchvision's within
+    1e-5 on a real H&E field: tests/test_eva.py); an explicit --cache-size is kept."""
     if cfg.cache_size:
         return cfg
     s = cfg.image_size
-    return dataclasses.replace(cfg, cache_size=f"{s}x{round(s * 700 / 460)}").validate()
+    return dataclasses.replace(cfg, cache_size=f"{s}x{int(s * 700 / 460)}").validate()
 
 
-def settings_of(cfg: TrainConfig) -> ProbeSettings:
-    return ProbeSettings(steps=cfg.probe_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+def grid_of(cfg: TrainConfig) -> list[ProbeSettings]:
+    """The probe settings a protocol run tries: --lr / --weight-decay, or the grid of --probe-lrs x
+    --probe-weight-decays (experiments/eva.py "sweep"), each probe's choice made on its validation side."""
+    base = ProbeSettings(steps=cfg.probe_steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          patience=cfg.patience)
+    return [dataclasses.replace(base, lr=lr, weight_decay=wd) for lr in cfg.probe_lrs or (cfg.lr,)
+            for wd in cfg.probe_weight_decays or (cfg.weight_decay,)]
 
 
 def plan(cfg: TrainConfig, seeds: list[int], progress: bool = True) -> dict:
@@ -103,14 +108,18 @@ def _rows(records, manifest: dict, part: str) -> np.ndarray:
     return np.array([where[p] for p in manifest[part]], dtype=np.int64)
 
 
-def probe_split(f: torch.Tensor, y: torch.Tensor, records, manifest: dict, settings: ProbeSettings,
+def probe_split(f: torch.Tensor, y: torch.Tensor, records, manifest: dict, grid: list[ProbeSettings],
                 num_classes: int, seed: int) -> dict:
-    """One probe on a manifest's train side, its checkpoint chosen on val; scored on test when there is one.
-    The test rows are looked at only after fit_probe has returned."""
+    """One probe per setting of grid on a manifest's train side, each checkpoint chosen on val, then the setting
+    with the best validation figure (the first of equals); scored on test when there is one. The test rows are
+    looked at only after the choice is made."""
     tr, va = (torch.as_tensor(_rows(records, manifest, p), device=f.device) for p in ("train", "val"))
-    probe = fit_probe(f[tr], y[tr], f[va], y[va], settings, num_classes, seed)
+    probes = fit_probes(f[tr], y[tr], f[va], y[va], grid, num_classes, seed)
+    i = max(range(len(probes)), key=lambda j: (probes[j].val_score, -j))
+    probe = probes[i]
     out = {"seed": seed, "val": probe.val_score, "best_epoch": probe.best_epoch, "best_step": probe.best_step,
-           "steps": probe.steps, "train_images": len(tr), "val_images": len(va)}
+           "steps": probe.steps, "train_images": len(tr), "val_images": len(va), "lr": grid[i].lr,
+           "weight_decay": grid[i].weight_decay}
     if manifest["test"]:
         te = torch.as_tensor(_rows(records, manifest, "test"), device=f.device)
         out.update(test=balanced_accuracy(probe.predict(f[te]), y[te]), test_images=len(te))
@@ -158,15 +167,15 @@ def run_eva(cfg: TrainConfig, run_dir: Path, seeds: list[int], data: dict, devic
         feats = features_of(cfg, data, device, need)
         t_feat = time.perf_counter() - t0
         y = torch.as_tensor(eva.labels(data["records"], cfg.task), device=device)
-        settings, k = settings_of(cfg), len(eva.class_names(cfg.task))
+        grid, k = grid_of(cfg), len(eva.class_names(cfg.task))
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
-        eva_runs = [probe_split(feats["centre"], y, data["records"], data["eva"], settings, k, s) for s in seeds]
-        held = {v: [probe_split(feats[v], y, data["records"], m, settings, k, s) for s, m in zip(seeds, data["honest"])]
+        eva_runs = [probe_split(feats["centre"], y, data["records"], data["eva"], grid, k, s) for s in seeds]
+        held = {v: [probe_split(feats[v], y, data["records"], m, grid, k, s) for s, m in zip(seeds, data["honest"])]
                 for v in views}
         t_probe = time.perf_counter() - t0
         out = {"protocol": "eva", "task": cfg.task, "classes": list(eva.class_names(cfg.task)),
-               "magnification": cfg.magnification, "seeds": seeds, "settings": dataclasses.asdict(settings),
+               "magnification": cfg.magnification, "seeds": seeds, "settings": [dataclasses.asdict(g) for g in grid],
                "counts": {"eva": {p: len(data["eva"][p]) for p in ("train", "val")},
                           "held_out": [{p: len(m[p]) for p in PARTS} for m in data["honest"]]},
                "note": data["note"], **summarise(eva_runs, held), "eva_runs": eva_runs, "held_out_runs": held,

@@ -141,7 +141,8 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
     """Write a synthetic tree under OUT/BreaKHis_v1 and return that root.
 
     Patients are spread over the 8 subtypes in turn (slides: [(subtype code, slide id)] instead, one
-    patient each, e.g. data.eva.DEMO_SLIDES); each patient's images are spread over the 4 magnifications in turn. content: "synthetic" (synth_field: drawn nuclei, with a class
+    patient each, e.g. data.eva.DEMO_SLIDES); each patient's images are spread over the 4 magnifications in turn.
+    content: "synthetic" (synth_field: drawn nuclei, with a class
     signal) or "he" (he_field: real H&E texture cut from he_path, re-stained per patient; NO class
     signal: one picture cannot teach benign from malignant, so a model trained on it stays at chance).
     """
