@@ -155,7 +155,7 @@ def show_protocol(run_dir: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps(out))
     else:
-        report.console.print(protocol.protocol_table(out))
+        report.console.print(report.protocol_table(out))
     return 0
 
 

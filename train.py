@@ -192,7 +192,7 @@ def run_protocol(cfg, a, argv: list[str]) -> int:
     run_dir = runs.new_run_dir(a.results, a.name, f"eva-{cfg.backbone}")
     report.console.print(f"run folder: {run_dir}")
     out = protocol.run_eva(cfg, run_dir, seeds, data, device, progress=not a.quiet)
-    report.console.print(protocol.protocol_table(out))
+    report.console.print(report.protocol_table(out))
     return 0
 
 

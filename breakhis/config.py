@@ -103,7 +103,7 @@ class TrainConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files beside history.csv (tensorboard --logdir results/)")
     # --- benchmark protocol (docs/eva.md) ---
     protocol: str = _f("none", "eva: kaiko-ai eva's BreakHis linear probe (4 subtypes, its 14 validation patients), reproduced "
-                       "and beside it the same probe on held-out patients; use with --preset eva:protocol", choices=("none", "eva"))
+                       "and beside it the same probe on held-out patients; brings experiments/eva.py's preset protocol (docs/eva.md)", choices=("none", "eva"))
     probe_steps: int = _f(12500, "--protocol: linear-probe optimizer steps at most (eva: 12,500)")
     probe_lrs: tuple[float, ...] = _f((), "--protocol: learning rates the probe sweeps, each chosen on validation patients (empty: --lr)")
     probe_weight_decays: tuple[float, ...] = _f((), "--protocol: weight decays the probe sweeps with --probe-lrs (empty: --weight-decay)")

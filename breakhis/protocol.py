@@ -1,7 +1,7 @@
 """`train.py --protocol eva`: eva's BreakHis linear probe reproduced, and beside it the same probe on held-out patients.
 
     out = run_eva(cfg, run_dir, seeds=[0, 1, 2, 3, 4])     # writes protocol.json; out["rows"], out["difference"]
-    report.console.print(protocol_table(out))
+    report.console.print(report.protocol_table(out))
 
 Rows (docs/eva.md):
 - "eva protocol": eva's split (data/eva.py), eva's centre crop, one probe per seed (probe.py); the checkpoint is
@@ -21,7 +21,6 @@ run on the cached features (features.run_features), seconds per seed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 import time
 from pathlib import Path
@@ -103,7 +102,8 @@ def features_of(cfg: TrainConfig, data: dict, device: torch.device, views: tuple
     return {v: torch.stack([squares[x] for x in VIEWS[v]]).mean(0) for v in views}
 
 
-def _rows(records, manifest: dict, part: str) -> np.ndarray:
+def rows_of(records, manifest: dict, part: str) -> np.ndarray:
+    """Positions in records (int64, manifest order) of the images one side of a manifest lists, by path."""
     where = {r.path: i for i, r in enumerate(records)}
     return np.array([where[p] for p in manifest[part]], dtype=np.int64)
 
@@ -113,7 +113,7 @@ def probe_split(f: torch.Tensor, y: torch.Tensor, records, manifest: dict, grid:
     """One probe per setting of grid on a manifest's train side, each checkpoint chosen on val, then the setting
     with the best validation figure (the first of equals); scored on test when there is one. The test rows are
     looked at only after the choice is made."""
-    tr, va = (torch.as_tensor(_rows(records, manifest, p), device=f.device) for p in ("train", "val"))
+    tr, va = (torch.as_tensor(rows_of(records, manifest, p), device=f.device) for p in ("train", "val"))
     probes = fit_probes(f[tr], y[tr], f[va], y[va], grid, num_classes, seed)
     i = max(range(len(probes)), key=lambda j: (probes[j].val_score, -j))
     probe = probes[i]
@@ -121,7 +121,7 @@ def probe_split(f: torch.Tensor, y: torch.Tensor, records, manifest: dict, grid:
            "steps": probe.steps, "train_images": len(tr), "val_images": len(va), "lr": grid[i].lr,
            "weight_decay": grid[i].weight_decay}
     if manifest["test"]:
-        te = torch.as_tensor(_rows(records, manifest, "test"), device=f.device)
+        te = torch.as_tensor(rows_of(records, manifest, "test"), device=f.device)
         out.update(test=balanced_accuracy(probe.predict(f[te]), y[te]), test_images=len(te))
     return out
 
@@ -187,28 +187,3 @@ def run_eva(cfg: TrainConfig, run_dir: Path, seeds: list[int], data: dict, devic
         runs.abandon(run_dir, e)
         raise
 
-
-def _pct(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
-def protocol_table(out: dict):
-    """The logbook rows of a protocol run (protocol.json) as a rich Table, in percentage points."""
-    from rich.table import Table
-
-    t = Table(title=f"eva protocol: balanced accuracy (%), {out['task']} task, {out['magnification']}X, "
-                    f"{len(out['seeds'])} seeds", title_style="bold", caption_justify="left",
-              caption=("eva protocol: scored on eva's 14 validation patients, which also chose the checkpoint; std over "
-                       "seeds, as eva reports. held-out patients: per seed an accession split; checkpoint chosen on its "
-                       "val patients, scored on its test patients. Intervals: 95%, Nadeau-Bengio t over the seeds' "
-                       "splits. selection bias: held-out validation figure - test figure. " + (out.get("note") or "")).strip())
-    for c in ("row", "view", "mean", "std", "95% interval", "per seed"):
-        t.add_column(c, justify="left" if c in ("row", "view", "per seed") else "right", no_wrap=c == "95% interval")
-    for r in out["rows"]:
-        ci = f"[{_pct(r['ci'][0])}, {_pct(r['ci'][1])}]" if r["ci"] else "–"
-        t.add_row(r["row"], r["view"], _pct(r["mean"]), _pct(r["std"]), ci, " ".join(_pct(v) for v in r["per_seed"]),
-                  end_section=r is out["rows"][-1])
-    for key, label in (("difference", "difference (eva - held-out)"), ("selection_bias", "selection bias")):
-        d = out[key]
-        t.add_row(label, d.get("view", "centre"), _pct(d["mean"]), "", f"[{_pct(d['ci'][0])}, {_pct(d['ci'][1])}]", "")
-    return t

@@ -248,3 +248,27 @@ def fitted_table(columns: list[str], rows: list[list[str]], title: str, caption:
         dropped.append(name)
         table = build()
     return table
+
+
+def _pct_or_dash(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def protocol_table(out: dict):
+    """The logbook rows of an eva protocol run (protocol.json, protocol.run_eva) as a Table, in percentage points."""
+    t = Table(title=f"eva protocol: balanced accuracy (%), {out['task']} task, {out['magnification']}X, "
+                    f"{len(out['seeds'])} seeds", title_style="bold", caption_justify="left",
+              caption=("eva protocol: scored on eva's 14 validation patients, which also chose the checkpoint; std over "
+                       "seeds, as eva reports. held-out patients: per seed an accession split; checkpoint chosen on its "
+                       "val patients, scored on its test patients. Intervals: 95%, Nadeau-Bengio t over the seeds' "
+                       "splits. selection bias: held-out validation figure - test figure. " + (out.get("note") or "")).strip())
+    for c in ("row", "view", "mean", "std", "95% interval", "per seed"):
+        t.add_column(c, justify="left" if c in ("row", "view", "per seed") else "right", no_wrap=c == "95% interval")
+    for r in out["rows"]:
+        ci = f"[{_pct_or_dash(r['ci'][0])}, {_pct_or_dash(r['ci'][1])}]" if r["ci"] else "–"
+        t.add_row(r["row"], r["view"], _pct_or_dash(r["mean"]), _pct_or_dash(r["std"]), ci, " ".join(_pct_or_dash(v) for v in r["per_seed"]),
+                  end_section=r is out["rows"][-1])
+    for key, label in (("difference", "difference (eva - held-out)"), ("selection_bias", "selection bias")):
+        d = out[key]
+        t.add_row(label, d.get("view", "centre"), _pct_or_dash(d["mean"]), "", f"[{_pct_or_dash(d['ci'][0])}, {_pct_or_dash(d['ci'][1])}]", "")
+    return t

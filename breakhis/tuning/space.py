@@ -116,6 +116,9 @@ def load_space(path: str | Path) -> Space:
     path = Path(path)
     module = _import(path, "space file")
     space = getattr(module, "SPACE", None)
+    if space is None and isinstance(getattr(module, "PRESETS", None), dict):
+        raise UserError(f"{path} holds presets for train.py, not a search space (no SPACE); run one with "
+                        f"python train.py --preset {path.stem}:NAME (its presets: {', '.join(module.PRESETS)})")
     if not isinstance(space, dict) or not space:
         raise UserError(f"space file {path} defines no SPACE dict (or an empty one); write e.g. "
                         f"SPACE = {{'lr': tune.loguniform(1e-5, 1e-2), 'freeze': [True, False]}}")
