@@ -333,3 +333,23 @@ def test_bench_sweep_prints_the_sweep_against_its_epochs_alone(demo_root, cache_
     assert {"driver_setup", "ray_start", "trials", "results"} <= set(figures["phases"])
     assert all(t["overhead"] == pytest.approx(t["seconds"] - t["epoch_seconds"]) for t in figures["per_trial"])
     assert "per-trial overhead, median / max" in out and "limit: the same epochs in one loop" in out
+
+
+def test_bench_eva_times_our_probe_and_torch_optim_and_they_choose_alike(tmp_path, capsys):
+    """The eva bench on a small tree with eva's ids: the counts follow eva's rule (recomputed here from the file
+    names), and the baseline (torch.optim.AdamW + autograd + scikit-learn) picks what our probe picks."""
+    from breakhis.data.demo import make_demo
+    from breakhis.data.eva import DEMO_SLIDES, VAL_SLIDES
+
+    root = make_demo(tmp_path / "tree", images_per_patient=8, size=(70, 46), slides=DEMO_SLIDES)
+    assert main(["eva", "--data", str(root), "--image-size", "32", "--seeds", "2", "--probe-steps", "60",
+                 "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    names = [p.name for p in root.rglob("*-40-*.png") if p.name.split("-")[0].split("_")[-1] in ("TA", "MC", "F", "DC")]
+    val = sum(n.split("-")[2] in VAL_SLIDES for n in names)
+    assert (figures["train"], figures["val"]) == (len(names) - val, val) and val > 0
+    ours, base = figures["picks"]["ours"], figures["picks"]["baseline: torch.optim + autograd"]
+    assert [e for _, e in ours] == [e for _, e in base]
+    assert [v for v, _ in ours] == pytest.approx([v for v, _ in base], abs=1e-6)
+    assert figures["feature_seconds"] > 0 and figures["grid_seconds"] > 0 and "goal: 2 seeds in under 60 s" in out

@@ -226,3 +226,16 @@ def test_demo_content_he_cuts_real_fields_stained_per_patient(he_picture, tmp_pa
     with pytest.raises(UserError, match="--content he needs the real H&E field /no/such.png"):
         main([str(tmp_path / "u"), "--content", "he", "--he-field", "/no/such.png"])
     assert not (tmp_path / "u").exists()
+
+
+def test_demo_counts_per_patient(tmp_path):
+    """images_per_patient as one count per slide: each patient folder holds its own number of images, spread
+    over the magnifications in turn (40X first); a wrong-length list or a zero is a UserError."""
+    slides = [("TA", "111"), ("DC", "222"), ("F", "333"), ("MC", "444")]
+    root = make_demo(tmp_path / "t", images_per_patient=[1, 5, 2, 9], size=(8, 8), slides=slides)
+    got = {s: sorted(p.name.split("-")[3] for p in root.rglob(f"*-{s}-*.png")) for _, s in slides}
+    assert got == {"111": ["40"], "222": sorted(["40", "100", "200", "400", "40"]), "333": sorted(["40", "100"]),
+                   "444": sorted(["40", "100", "200", "400"] * 2 + ["40"])}
+    for bad in ([1, 2, 3], [1, 2, 0, 4]):
+        with pytest.raises(UserError, match="images-per-patient"):
+            make_demo(tmp_path / "u", images_per_patient=bad, size=(8, 8), slides=slides)

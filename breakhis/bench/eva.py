@@ -3,8 +3,8 @@
     python -m breakhis.bench eva                                     # a generated tree of eva's size, frozen resnet18
     python -m breakhis.bench eva --data data/BreaKHis_v1 --backbone resnet50 --pretrained
 
-Without --data it writes a synthetic tree with eva's patient ids (data/eva.py DEMO_SLIDES) and 55 images per
-patient at 40X, about eva's 1,471, into a temporary folder. The feature pass (train.py --protocol eva's one
+Without --data it writes a synthetic tree with eva's patient ids (data/eva.py DEMO_SLIDES) into a temporary
+folder, with as many images per patient as give eva's split its real sizes at 40X (1,132 train, 339 val). The feature pass (train.py --protocol eva's one
 pass through the frozen backbone) is timed once; then, on those features, eva's 5 seeds:
 - ours: probe.fit_probe (the cross-entropy gradient and AdamW written out);
 - baseline: the same recipe with nn.Linear, nn.functional.cross_entropy, torch.optim.AdamW and scikit-learn's
@@ -36,6 +36,17 @@ from ..fit import preflight, with_inputs
 from ..probe import WARMUP_EPOCHS, WARMUP_FACTOR, ProbeSettings, fit_probe, fit_probes
 from ..protocol import eva_inputs, features_of, plan, rows_of
 from ..tuning.space import load_preset
+
+
+def eva_sized(slides=eva.DEMO_SLIDES) -> list[int]:
+    """Images per patient of slides (make_demo's order: every 4th image is 40X) such that eva's split of the tree
+    holds eva.COUNTS at 40X: each side's count shared out evenly over its patients."""
+    per40 = {}
+    for side, on_side in (("val", [s for _, s in slides if s in eva.VAL_SLIDES]),
+                          ("train", [s for _, s in slides if s not in eva.VAL_SLIDES])):
+        q, r = divmod(eva.COUNTS[side], len(on_side))
+        per40.update({s: q + (i < r) for i, s in enumerate(on_side)})
+    return [4 * per40[s] - 3 for _, s in slides]  # images 0, 4, ..., 4(n-1) are the n at 40X
 
 
 def baseline_probe(x, y, xv, yv, s: ProbeSettings, k: int, seed: int) -> tuple[float, int]:
@@ -87,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="breakhis-bench-eva-") as tmp:
         data = args.data
         if not data:
-            with console.status("writing a synthetic tree with eva's patient ids, 55 images each at 40X"):
-                data = str(make_demo(Path(tmp) / "tree", images_per_patient=220, size=(140, 92), slides=eva.DEMO_SLIDES))
+            with console.status("writing a synthetic tree with eva's patient ids and split sizes"):
+                data = str(make_demo(Path(tmp) / "tree", images_per_patient=eva_sized(), size=(140, 92), slides=eva.DEMO_SLIDES))
         cfg = make_config(load_preset("eva:protocol"), {
             "data": data, "backbone": args.backbone, "pretrained": args.pretrained, "image_size": args.image_size,
             "probe_steps": args.probe_steps, "cache_dir": args.cache_dir or str(Path(tmp) / "cache"), "device": args.device})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -135,13 +136,14 @@ def he_field(rng: np.random.Generator, source: Image.Image, size: tuple[int, int
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
 
 
-def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
+def make_demo(out: str | Path, patients: int = 16, images_per_patient: int | Sequence[int] = 12,
               size: tuple[int, int] = (350, 230), seed: int = 0, content: str = "synthetic",
               he_path: str | Path | None = None, slides: list[tuple[str, str]] | None = None) -> Path:
     """Write a synthetic tree under OUT/BreaKHis_v1 and return that root.
 
     Patients are spread over the 8 subtypes in turn (slides: [(subtype code, slide id)] instead, one
     patient each, e.g. data.eva.DEMO_SLIDES); each patient's images are spread over the 4 magnifications in turn.
+    images_per_patient: one count for all, or one per patient (in slides' order).
     content: "synthetic" (synth_field: drawn nuclei, with a class
     signal) or "he" (he_field: real H&E texture cut from he_path, re-stained per patient; NO class
     signal: one picture cannot teach benign from malignant, so a model trained on it stays at chance).
@@ -153,8 +155,9 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
         patients = len(slides)
     if patients < 4:
         raise UserError(f"--patients {patients}: need at least 4 (two per class) for a train/val/test split")
-    if images_per_patient < 1:
-        raise UserError(f"--images-per-patient {images_per_patient}: must be at least 1")
+    counts = [images_per_patient] * patients if isinstance(images_per_patient, int) else list(images_per_patient)
+    if len(counts) != patients or min(counts) < 1:
+        raise UserError(f"--images-per-patient {images_per_patient}: must be at least 1 (one count, or one per patient)")
     root = Path(out) / "BreaKHis_v1"
     rng = np.random.default_rng(seed)
     codes = list(SUBTYPE_CODES)
@@ -166,7 +169,7 @@ def make_demo(out: str | Path, patients: int = 16, images_per_patient: int = 12,
             code, slide = slides[p]
         malignant = SUBTYPE_CODES[code][0] == "malignant"
         stain = patient_stain(rng) if source is not None else None
-        for i in range(images_per_patient):
+        for i in range(counts[p]):
             mag = MAGNIFICATIONS[i % 4]
             path = image_path(root, code, slide, mag, i // 4 + 1)
             path.parent.mkdir(parents=True, exist_ok=True)
