@@ -126,11 +126,11 @@ def caption(book: Logbook) -> str:
     sort, part, n_boot, threshold, seed = book.sort, book.part, book.n_boot, book.threshold, book.seed
     return (f"{part} figures at threshold {threshold} (each run's own), [95% interval over "
             f"patients, {n_boot} resamples, seed {seed}]. Rows are ranked and ★ picked by their validation {sort}, "
-            f"never by {part}; other rows: {part} difference to the pick [95% interval]: between rows of repeats a "
-            f"Welch t-test over their runs (recipes), otherwise a paired bootstrap over the patients of the shared "
+            f"never by {part}; other rows: {part} difference to the pick [95% interval]: between rows of repeats the "
+            f"recipe test (their runs and the test patients), otherwise a paired bootstrap over the patients of the shared "
             f"{part} images (these checkpoints only); p-values Holm-corrected for the rows compared, * where the "
-            f"corrected p <= 0.05. Rows of repeats and of folds (one --folds call; between two of them a paired t over "
-            f"folds, Nadeau-Bengio corrected): mean ± sample std (ddof 1) across runs, interval of the pooled "
+            f"corrected p <= 0.05. Rows of repeats and of folds (one --folds call; between two of them the fold test: "
+            f"test patients resampled over the folds, and the folds' model noise): mean ± sample std (ddof 1) across runs, interval of the pooled "
             f"predictions, patients resampled with their rows of every run. Rows are ranked only "
             f"against rows on the same {part} images (the same letter under 'image set').")
 

@@ -52,7 +52,8 @@ def test_bench_loader_on_real_he_fields(he_picture, capsys):
                                          (["loader", "--data", "/no/such/folder"], "not found"),
                                          (["loader", "--data", ".", "--batches", "0"], "--batches 0"),
                                          (["loader", "--data", ".", "--workers", "-1"], "--workers -1"),
-                                         (["loader", "--data", "DEMO", "--batch-size", "100"], "at most 96")])
+                                         (["loader", "--data", "DEMO", "--batch-size", "100"], "at most 96"),
+                                         (["eva", "--seeds", "0"], "--seeds 0"), (["coverage", "--fold-reps", "0"], "--fold-reps")])
 def test_bench_user_errors(argv, match, capsys, demo_root):
     argv = [str(demo_root) if a == "DEMO" else a for a in argv]
 
@@ -119,7 +120,7 @@ def test_peak_table(monkeypatch):
 
 # ---------------------------------------------------------------------------- python -m breakhis.bench coverage
 def test_bench_coverage_prints_coverage_and_false_positives(capsys):
-    assert main(["coverage", "--reps", "2", "--boot", "40", "--patients", "8,24", "--json"]) == 0
+    assert main(["coverage", "--reps", "2", "--fold-reps", "2", "--boot", "40", "--patients", "8,24", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     regs = out["regimes"]
     assert {(r["accuracy"], r["icc"], r["patients"], r["images"]) for r in regs} >= {(0.97, 0.7, 24, "10-120"),
@@ -135,6 +136,10 @@ def test_bench_coverage_prints_coverage_and_false_positives(capsys):
     assert {(e["runs"], e["recipe_x_patient_sd"], e["true_gain"]) for e in tests} == {
         (n, sd, g) for n in (3, 5) for sd in (0.0, 0.5) for g in (0.0, 0.02)}
     assert all(0 <= e["welch"] <= 1 and 0 <= e["ours"] <= 1 for e in tests)
+    folds = out["fold_tests"]
+    assert {(e["recipe_x_patient_sd"], e["training_set_sd"], e["true_gain"]) for e in folds} == {
+        (sd, t, g) for sd in (0.0, 0.5) for t in (0.0, 0.3, 0.6, 1.0) for g in (0.0, 0.02)}
+    assert all(0 <= e["nadeau_bengio"] <= 1 and 0 <= e["ours"] <= 1 and e["replicates"] == 2 for e in folds)
 
 
 def test_bench_coverage_truth_matches_a_large_sample():
@@ -353,3 +358,16 @@ def test_bench_eva_times_our_probe_and_torch_optim_and_they_choose_alike(tmp_pat
     assert [e for _, e in ours] == [e for _, e in base]
     assert [v for v, _ in ours] == pytest.approx([v for v, _ in base], abs=1e-6)
     assert figures["feature_seconds"] > 0 and figures["grid_seconds"] > 0 and "goal: 2 seeds in under 60 s" in out
+
+
+def test_official_style_folds_overlap_and_keep_each_class_share():
+    """Five folds of 82 patients (24 benign): 7 benign and 17 malignant test patients each, drawn afresh, so the
+    test sides overlap (a patient in several, or none) as BreakHis's Folds.csv does."""
+    from breakhis.bench.coverage import official_folds
+
+    cls = np.r_[np.zeros(24, int), np.ones(58, int)]
+    folds = official_folds(np.random.default_rng(0), cls)
+    assert len(folds) == 5 and all(((~cls.astype(bool)) & t).sum() == 7 and (cls.astype(bool) & t).sum() == 17
+                                   for t in folds)
+    times = np.sum(folds, axis=0)
+    assert times.max() > 1 and (times == 0).any()

@@ -395,4 +395,4 @@ def test_the_verdict_label_survives_rich_markup(tmp_path):
     out = io.StringIO()
     Console(file=out, width=400).print(T.render(C.logbook([perfect, coin], n_boot=50), width=400))
     text = out.getvalue()
-    assert "(these checkpoints only)" in text and "(recipes)" in text
+    assert "(these checkpoints only)" in text and "the recipe test (their" in text

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from scipy import stats
 from sklearn.metrics import accuracy_score, roc_auc_score
 from test_compare import cases, run_json, write_run
+from test_intervals import fold_test_by_hand
 
 import evaluate
 import train
@@ -168,31 +168,31 @@ def test_a_taken_fold_name_is_refused_before_the_first_fold(cv_tree, tmp_path, c
 # --- the logbook's test between two cross-validations ------------------------------------------
 
 def test_two_cross_validations_are_compared_fold_for_fold(tmp_path, capsys):
-    """Two --folds calls on the same three folds: one image set, a paired t over folds with the
-    Nadeau-Bengio variance (1/k + n_test/n_train) computed here by hand; a single run is apart."""
+    """Two --folds calls on the same three folds: one image set, the fold test (test patients jointly resampled
+    over the folds, the folds' model noise apart) computed here by hand, and a single run apart."""
     k, rng = 3, np.random.default_rng(5)
-    folders, accs = [], {"a": [], "b": []}
+    folders, pairs = [], []
     for f in range(1, k + 1):
         paths, patients, y = cases(n_patients=20, start=5 * f)  # overlapping test sides
+        fold = {}
         for name, noise in (("a", 0.45), ("b", 0.6)):
             p = np.clip(np.where(y == 1, 0.75, 0.25) + rng.uniform(-noise, noise, y.size), 0, 1)
-            accs[name].append(accuracy_score(y, p >= 0.5))
+            fold[name] = (y, p, patients, 0.5)
             run = write_run(tmp_path / f"{name}-fold{f}", p, paths, patients, y, fold=f, lr=0.1 if name == "a" else 0.2,
                             best_val_acc=0.9 if name == "a" else 0.8, _cv={"id": name, "folds": [1, 2, 3], "name": name})
             (run / "split.json").write_text(json.dumps({"train": ["x"] * 2 * len(paths), "val": [], "test": list(paths)}))
             folders.append(run)
+        pairs.append((fold["b"], fold["a"]))
     paths, patients, y = cases()
     single = write_run(tmp_path / "single", np.where(y == 1, 0.9, 0.1), lr=0.3)
     rows = {r["run"]: r for r in run_json([*folders, single], capsys)["rows"]}
     a, b = rows["a (3 folds)"], rows["b (3 folds)"]
     assert a["best"] and b["image_set"] == a["image_set"] != rows["single"]["image_set"]
-    d = np.array(accs["b"]) - np.array(accs["a"])
-    se = math.sqrt(d.var(ddof=1) * (1 / k + 0.5))  # n_test / n_train = 1/2 in every fold
-    assert b["vs_best_diff"] == pytest.approx(d.mean())
-    assert b["vs_best_p"] == pytest.approx(2 * stats.t.sf(abs(d.mean()) / se, k - 1))
-    half = stats.t.ppf(0.975, k - 1) * se
-    assert (b["vs_best_lo"], b["vs_best_hi"]) == pytest.approx((d.mean() - half, d.mean() + half))
-    assert "paired t over 3 folds, Nadeau-Bengio" in b["vs_best_test"]
+    diff, p, half = fold_test_by_hand(pairs, 0.5, n_boot=300, seed=0)  # n_test / n_train = 1/2 in every fold
+    assert b["vs_best_diff"] == pytest.approx(diff)
+    assert b["vs_best_p"] == pytest.approx(p)
+    assert (b["vs_best_lo"], b["vs_best_hi"]) == pytest.approx((diff - half, diff + half))
+    assert "3 folds, test patients and models (test/train 0.50)" in b["vs_best_test"]
 
 
 def test_a_run_made_before_folds_existed_still_groups_with_its_repeats(tmp_path, capsys):

@@ -295,6 +295,76 @@ def test_nadeau_bengio_is_the_paired_t_with_a_wider_variance():
     assert math.isnan(one["p_value"]) and one["significant"] is False and one["diff"] == pytest.approx(d[0])
 
 
+def fold_test_by_hand(pairs, test_train, n_boot, seed):
+    """intervals.fold_test's rule written out with loops: the joint patient draws default_rng(seed).integers(0, U,
+    (B, U)) over the sorted patient names, each run's accuracy at those weights, the patient variance of the mean
+    fold difference, the across-fold variance of each draw's deviations, the model part scaled for folds whose
+    training sides overlap by f = 1 / (1 + test_train), Satterthwaite's df and scipy's t. -> (diff, p, half-width)"""
+    names = sorted({str(q) for pair in pairs for run in pair for q in run[2]})
+    u, k = len(names), len(pairs)
+    w = np.zeros((n_boot, u))
+    draws = np.random.default_rng(seed).integers(0, u, (n_boot, u))
+    for b in range(n_boot):
+        np.add.at(w[b], draws[b], 1)
+
+    def acc(run, weights):
+        yy, p, pats, t = run
+        pats = pats.astype(str)
+        right = np.array([((p[pats == q] >= t) == (yy[pats == q] == 1)).sum() for q in names])
+        size = np.array([(pats == q).sum() for q in names])
+        return weights @ right / (weights @ size)
+
+    d = np.array([acc(a, np.ones(u)) - acc(b, np.ones(u)) for a, b in pairs])
+    dd = np.array([acc(a, w) - acc(b, w) for a, b in pairs])  # (k, B)
+    v_pat = dd.mean(0).var(ddof=1)
+    dev = dd - dd.mean(1, keepdims=True)
+    within = np.mean([dev[:, b].var(ddof=1) for b in range(n_boot)])
+    f = 1 / (1 + test_train)
+    v_model = max(0.0, d.var(ddof=1) - within) * (1 / k + (1 - 1 / k) * f) / (1 - f)
+    var = v_pat + v_model
+    df = var ** 2 / (v_pat ** 2 / (u - 1) + v_model ** 2 / (k - 1))
+    se = math.sqrt(var)
+    return d.mean(), 2 * student_t.sf(abs(d.mean()) / se, df), student_t.ppf(0.975, df) * se
+
+
+def folds_case(seed: int, k: int = 4, gain: float = 0.0):
+    """k overlapping test sides of 10-14 of 20 patients (string ids), two recipes' runs on each."""
+    rng = np.random.default_rng(seed)
+    names = np.array([f"P{i:02d}" for i in range(20)])
+    sizes, cls = rng.integers(3, 20, 20), np.r_[[0] * 6, [1] * 14]
+    pairs = []
+    for _ in range(k):
+        on = np.sort(rng.choice(20, rng.integers(10, 15), replace=False))
+        pats, y = np.repeat(names[on], sizes[on]), np.repeat(cls[on], sizes[on])
+        pairs.append(tuple((y, np.clip(0.3 + 0.4 * y + rng.normal(g, 0.3, y.size), 0, 1), pats, 0.5)
+                           for g in (gain, 0.0)))
+    return pairs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fold_test_by_hand(seed):
+    pairs = folds_case(seed)
+    got = intervals.fold_test("accuracy", pairs, 0.42, n_boot=300, seed=seed + 3)
+    diff, p, half = fold_test_by_hand(pairs, 0.42, 300, seed + 3)
+    assert got["diff"] == pytest.approx(diff)
+    assert got["p_value"] == pytest.approx(p)
+    assert got["ci"] == pytest.approx((diff - half, diff + half))
+
+
+def test_fold_test_counts_what_nadeau_bengio_counts_twice():
+    """Two recipes whose fold models differ by per-image noise only (no shift of a fold's model as a whole): the
+    spread of the fold differences is mostly the test patients each fold scores, which Nadeau-Bengio scales up
+    by (1/k + n_test/n_train) over 4 df; fold_test measures the patients jointly, and its interval is narrower."""
+    pairs = folds_case(5, k=5, gain=0.03)
+    ours = intervals.fold_test("accuracy", pairs, 0.42, n_boot=400, seed=0)
+    d = [((a[1] >= 0.5) == (a[0] == 1)).mean() - ((b[1] >= 0.5) == (b[0] == 1)).mean() for a, b in pairs]
+    nb = intervals.nadeau_bengio("accuracy", d, 0.42)
+    assert ours["diff"] == pytest.approx(nb["diff"])
+    assert ours["ci"][1] - ours["ci"][0] < nb["ci"][1] - nb["ci"][0]
+    one = intervals.fold_test("accuracy", pairs[:1], 0.42)
+    assert math.isnan(one["p_value"]) and one["significant"] is False
+
+
 @pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.5], [0.2, 0.01, 0.2], [0.3, 0.6, 0.9], [0.001]])
 def test_holm_equals_the_textbook_step_down(p):
     """adjusted p of the i-th smallest: max over j <= i of min(1, (m - j + 1) p_(j)), in the given order."""

@@ -32,6 +32,7 @@ from torch import nn
 from ..config import make_config
 from ..data import eva
 from ..data.demo import make_demo
+from ..errors import UserError
 from ..fit import preflight, with_inputs
 from ..probe import WARMUP_EPOCHS, WARMUP_FACTOR, ProbeSettings, fit_probe, fit_probes
 from ..protocol import eva_inputs, features_of, plan, rows_of
@@ -94,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = parser.parse_args(argv)
+    if args.seeds < 1 or args.probe_steps < 1:
+        raise UserError(f"--seeds {args.seeds} / --probe-steps {args.probe_steps}: both must be at least 1")
     console = Console()
     with tempfile.TemporaryDirectory(prefix="breakhis-bench-eva-") as tmp:
         data = args.data
