@@ -421,8 +421,8 @@ def fold_test(metric: str, pairs: list[tuple[tuple, tuple]], test_train: float, 
     The difference is the mean over the k folds of d_j = figure_a,j - figure_b,j, as Nadeau-Bengio's. The official
     folds are overlapping random splits of one set of patients: a patient sits in several test folds, and most of
     the fold-to-fold spread of d_j is test-patient sampling (each fold scores ~25 patients), which the
-    Nadeau-Bengio t scales by (1/k + n_test/n_train) over k - 1 = 4 degrees of freedom: power 5-11% at +2 points
-    (bench coverage). Here the two sources are measured apart:
+    Nadeau-Bengio t scales by (1/k + n_test/n_train) over k - 1 = 4 degrees of freedom. Here the two sources are
+    measured apart:
     - patients: every test patient of every fold resampled jointly (a patient's images in all its folds move
       together) and the mean difference recomputed at each draw: V_p, over patients - 1 df;
     - models: what the spread of d_j holds beyond the patient sampling (the across-fold variance of the draws'

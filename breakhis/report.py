@@ -251,7 +251,7 @@ def fitted_table(columns: list[str], rows: list[list[str]], title: str, caption:
 
 
 def _pct_or_dash(v) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+    return fmt(None if v is None else 100 * float(v), 1)
 
 
 def protocol_table(out: dict):
